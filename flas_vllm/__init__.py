@@ -1,0 +1,16 @@
+"""flas-vllm: FLAS activation steering as a first-class vLLM model."""
+
+from flas_vllm.errors import FlasCheckpointError, FlasError, SteeringParamError
+from flas_vllm.steering import steering
+
+__version__ = "0.1.0"
+
+__all__ = ["FlasLLM", "steering", "FlasError", "FlasCheckpointError", "SteeringParamError", "__version__"]
+
+
+def __getattr__(name):
+    if name == "FlasLLM":  # imports vLLM: only when asked for
+        from flas_vllm.llm import FlasLLM
+
+        return FlasLLM
+    raise AttributeError(name)

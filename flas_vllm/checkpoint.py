@@ -1,0 +1,208 @@
+"""Loading released FLAS checkpoints unchanged: a file, a directory, or a Hub repo id.
+
+A checkpoint is validated against the base model before anything runs, so a
+wrong layer, a missing tensor or a shape mismatch fails at load time with the
+name of the culprit instead of deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from flas_vllm.config import FlasConfig, FlowGeometry, check_against_base
+from flas_vllm.errors import FlasCheckpointError
+from flas_vllm.flow import FlowFunction
+
+logger = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["*.safetensors", "*.pt", "config.json"]
+
+
+@dataclass
+class FlasCheckpoint:
+    """A loaded, validated checkpoint: config, flow tensors (own dtype), optional encoder."""
+
+    config: FlasConfig
+    tensors: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    path: Path
+    concept_encoder: dict[str, torch.Tensor] | None = None
+    ignored: list[str] = field(default_factory=list)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the flow weights: part of every steered prefix-cache key."""
+        if self._fingerprint is None:
+            self._fingerprint = file_sha256(self.path)[:16]
+        return self._fingerprint
+
+    def build_flow(self, geometry: FlowGeometry, device: torch.device | str = "cpu") -> FlowFunction:
+        flow = FlowFunction(geometry, self.config)
+        flow.load_state_dict(self.tensors, strict=True)
+        return flow.to(device=device, dtype=self.dtype).eval()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_tensor_shapes(geometry: FlowGeometry, cfg: FlasConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a checkpoint must hold, derived from the one flow definition."""
+    with torch.device("meta"):
+        flow = FlowFunction(geometry, cfg)
+    return {name: tuple(p.shape) for name, p in flow.state_dict().items()}
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A local checkpoint file (.safetensors/.pt), a directory, or a Hub repo id -> the weights file."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if isinstance(spec, str) and _REPO_ID.match(spec):
+            path = _download_from_hub(spec)
+        else:
+            raise FlasCheckpointError(f"flas checkpoint: {spec!s} does not exist (file, directory or Hub repo id)")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".pt"):
+            raise FlasCheckpointError(f"flas checkpoint: {path} is neither a .safetensors nor a .pt file")
+        return path
+    candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pt"))
+    if not candidates:
+        raise FlasCheckpointError(f"flas checkpoint: no .safetensors or .pt file in directory {path}")
+    if len(candidates) > 1:
+        names = ", ".join(c.name for c in candidates)
+        raise FlasCheckpointError(
+            f"flas checkpoint: directory {path} holds several weight files ({names}); pass one file"
+        )
+    return candidates[0]
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # offline, missing repo, no network: all reported the same way
+        raise FlasCheckpointError(
+            f"flas checkpoint: could not fetch {repo_id!r} from the Hugging Face Hub "
+            f"({type(exc).__name__}: {exc}). Download it where the Hub is reachable, e.g. "
+            f"`huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`, "
+            f"copy that directory here and pass its path instead."
+        ) from exc
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), None, None
+        except Exception as exc:
+            raise FlasCheckpointError(f"flas checkpoint: cannot read {path}: {exc}") from exc
+    try:
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FlasCheckpointError(f"flas checkpoint: cannot read {path}: {exc}") from exc
+    if not isinstance(blob, dict) or "flow_fn" not in blob:
+        raise FlasCheckpointError(f"flas checkpoint: {path} is a .pt file without a 'flow_fn' state dict")
+    embedded_cfg = blob.get("config") or blob.get("args")
+    return dict(blob["flow_fn"]), blob.get("concept_enc"), embedded_cfg if isinstance(embedded_cfg, dict) else None
+
+
+def _read_config(weights: Path, embedded: dict | None) -> FlasConfig:
+    cfg_path = weights.parent / "config.json"
+    if cfg_path.exists():
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FlasCheckpointError(f"flas checkpoint: {cfg_path} is not valid JSON: {exc}") from exc
+        return FlasConfig.from_dict(raw, source=str(cfg_path))
+    if embedded is not None:
+        return FlasConfig.from_dict(embedded, source=f"{weights.name}['config']")
+    raise FlasCheckpointError(f"flas checkpoint: config.json not found next to {weights}")
+
+
+def load_checkpoint(spec: str | Path, base_config: Any) -> FlasCheckpoint:
+    """Load and validate a checkpoint against the base model's config (HF config or dict)."""
+    weights = resolve_checkpoint(spec)
+    tensors, concept_enc, embedded_cfg = _read_weights(weights)
+    cfg = _read_config(weights, embedded_cfg)
+    geometry = FlowGeometry.from_base_config(base_config)
+    check_against_base(cfg, geometry)
+    expected = expected_tensor_shapes(geometry, cfg)
+
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise FlasCheckpointError(
+            f"flas checkpoint {weights.name}: missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f"; config: num_blocks={cfg.num_blocks}, disable_self_attn={cfg.disable_self_attn}, "
+            f"disable_cross_attn={cfg.disable_cross_attn}, disable_mlp={cfg.disable_mlp}"
+        )
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise FlasCheckpointError(
+                f"flas checkpoint {weights.name}: tensor {name!r} has shape {list(got)}, "
+                f"expected {list(shape)} for this base model"
+            )
+    ignored = sorted(n for n in tensors if n not in expected)
+    if ignored:
+        logger.warning(
+            "flas checkpoint %s: ignoring %d tensor(s) the flow does not use: %s",
+            weights.name, len(ignored), ", ".join(ignored[:8]) + (" ..." if len(ignored) > 8 else ""),
+        )
+    kept = {n: tensors[n] for n in expected}
+    dtype = _flow_dtype(kept, weights.name)
+    return FlasCheckpoint(
+        config=cfg, tensors=kept, dtype=dtype, path=weights, concept_encoder=concept_enc, ignored=ignored
+    )
+
+
+def _flow_dtype(tensors: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise FlasCheckpointError(
+            f"flas checkpoint {name}: tensors must share one floating dtype, found {sorted(map(str, dtypes))}"
+        )
+    return dtypes.pop()
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    flow: FlowFunction,
+    *,
+    fmt: str = "safetensors",
+    name: str = "flas",
+    extra_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint in the official layout (used by fixtures and conversions)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {**flow.cfg.to_dict(), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous().cpu() for k, v in flow.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = out / f"{name}.safetensors"
+        save_file(state, str(path))
+    elif fmt == "pt":
+        path = out / f"{name}.pt"
+        torch.save({"flow_fn": state, "step": 0, "val_loss": float("nan")}, str(path))
+    else:
+        raise ValueError(f"fmt must be 'safetensors' or 'pt', got {fmt!r}")
+    return path

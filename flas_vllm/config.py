@@ -1,0 +1,219 @@
+"""FLAS checkpoint configuration (`config.json`) and the base-model geometry it must fit.
+
+The training arguments saved next to a checkpoint decide the flow's shape; the
+base model's config decides the tensor sizes. Both are read here, once, so that
+every path (vLLM model, transformers path, checkpoint validation) agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from flas_vllm.errors import FlasCheckpointError
+
+# Defaults the original code applies when a key is missing (spec section 1).
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "model_id": "google/gemma-2-2b-it",
+    "layer": 20,
+    "num_blocks": 2,
+    "n_steps": 2,
+    "concept_max_len": 64,
+    "disable_cross_attn": False,
+    "disable_self_attn": False,
+    "disable_mlp": False,
+    "prompt_format": "chat",
+    "T_min": 0.5,
+    "T_max": 2.0,
+}
+
+SUPPORTED_MODEL_TYPES = ("gemma2",)
+PROMPT_FORMATS = ("chat", "alpaca")
+
+
+@dataclass(frozen=True)
+class FlasConfig:
+    """The inference-relevant part of a FLAS checkpoint's training arguments."""
+
+    model_id: str = CONFIG_DEFAULTS["model_id"]
+    layer: int = CONFIG_DEFAULTS["layer"]
+    num_blocks: int = CONFIG_DEFAULTS["num_blocks"]
+    n_steps: int = CONFIG_DEFAULTS["n_steps"]
+    concept_max_len: int = CONFIG_DEFAULTS["concept_max_len"]
+    disable_cross_attn: bool = False
+    disable_self_attn: bool = False
+    disable_mlp: bool = False
+    prompt_format: str = "chat"
+    T_min: float = 0.5
+    T_max: float = 2.0
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config.json") -> "FlasConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values: dict[str, Any] = {}
+        for key in known:
+            value = raw.get(key, CONFIG_DEFAULTS[key])
+            values[key] = _coerce(key, value, source)
+        extra = {k: v for k, v in raw.items() if k not in known}
+        cfg = cls(**values, extra=extra)
+        cfg._check_self(source)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    def _check_self(self, source: str) -> None:
+        if self.num_blocks < 1:
+            raise FlasCheckpointError(f"{source}: 'num_blocks' must be >= 1, got {self.num_blocks}")
+        if self.n_steps < 1:
+            raise FlasCheckpointError(f"{source}: 'n_steps' must be >= 1, got {self.n_steps}")
+        if self.concept_max_len < 1:
+            raise FlasCheckpointError(
+                f"{source}: 'concept_max_len' must be >= 1, got {self.concept_max_len}"
+            )
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise FlasCheckpointError(
+                f"{source}: 'prompt_format' must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
+            )
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    expected = type(CONFIG_DEFAULTS[key])
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise FlasCheckpointError(f"{source}: {key!r} must be a boolean, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FlasCheckpointError(f"{source}: {key!r} must be an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FlasCheckpointError(f"{source}: {key!r} must be a finite number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise FlasCheckpointError(f"{source}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FlowGeometry:
+    """Sizes and constants the flow inherits from its base model's config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_hidden_layers: int
+    rms_norm_eps: float
+    rope_theta: float
+    query_pre_attn_scalar: float
+    attn_logit_softcapping: float | None
+    hidden_activation: str
+    attention_bias: bool
+
+    @classmethod
+    def from_base_config(cls, base: Any) -> "FlowGeometry":
+        get = base.get if isinstance(base, Mapping) else lambda k, d=None: getattr(base, k, d)
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise FlasCheckpointError(
+                f"base model config: model_type {model_type!r} is not supported; "
+                f"flas-vllm steers {', '.join(SUPPORTED_MODEL_TYPES)} models"
+            )
+        hidden = int(get("hidden_size"))
+        heads = int(get("num_attention_heads"))
+        head_dim = int(get("head_dim", None) or hidden // heads)
+        rope_theta = get("rope_theta", None)
+        if rope_theta is None:
+            params = get("rope_parameters", None) or {}
+            rope_theta = params.get("rope_theta", 10000.0)
+        softcap = get("attn_logit_softcapping", None)
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size")),
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            num_hidden_layers=int(get("num_hidden_layers")),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            query_pre_attn_scalar=float(get("query_pre_attn_scalar", None) or head_dim),
+            attn_logit_softcapping=None if softcap is None else float(softcap),
+            hidden_activation=str(
+                get("hidden_activation", None) or get("hidden_act", None) or "gelu_pytorch_tanh"
+            ),
+            attention_bias=bool(get("attention_bias", False)),
+        )
+
+
+def check_against_base(cfg: FlasConfig, geometry: FlowGeometry) -> None:
+    """Refuse a checkpoint whose layer cannot exist in this base model."""
+    n = geometry.num_hidden_layers
+    if not 0 <= cfg.layer < n:
+        raise FlasCheckpointError(
+            f"config.json: 'layer' = {cfg.layer} is out of range for a base model with "
+            f"{n} decoder layers (valid: 0..{n - 1})"
+        )
+    if n < 2:
+        raise FlasCheckpointError(
+            "base model config: the concept encoder needs decoder layers 0 and 1, "
+            f"but num_hidden_layers = {n}"
+        )
+
+
+ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
+    "n_steps": None,
+    "max_concepts": 64,
+    "max_flowtime": 8.0,
+    "max_concept_bytes": 2048,
+}
+
+
+@dataclass(frozen=True)
+class FlasEngineOptions:
+    """Engine-wide FLAS options, carried to every vLLM process as `hf_overrides["flas"]`."""
+
+    checkpoint: str
+    n_steps: int | None = None
+    max_concepts: int = 64
+    max_flowtime: float = 8.0
+    max_concept_bytes: int = 2048
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "FlasEngineOptions":
+        if not isinstance(raw, Mapping) or not raw.get("checkpoint"):
+            raise FlasCheckpointError(
+                "hf_overrides['flas']['checkpoint'] is required: the FLAS checkpoint "
+                "(file, directory or Hub repo id) to steer with"
+            )
+        unknown = sorted(set(raw) - set(ENGINE_OPTION_DEFAULTS) - {"checkpoint"})
+        if unknown:
+            raise FlasCheckpointError(
+                f"hf_overrides['flas']: unknown option {unknown[0]!r}; accepted: "
+                f"checkpoint, {', '.join(ENGINE_OPTION_DEFAULTS)}"
+            )
+        opts = cls(checkpoint=str(raw["checkpoint"]), **{k: raw.get(k, v) for k, v in ENGINE_OPTION_DEFAULTS.items()})
+        if opts.n_steps is not None and (not isinstance(opts.n_steps, int) or opts.n_steps < 1):
+            raise FlasCheckpointError(f"flas option n_steps must be an integer >= 1, got {opts.n_steps!r}")
+        if not isinstance(opts.max_concepts, int) or opts.max_concepts < 1:
+            raise FlasCheckpointError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
+        if not isinstance(opts.max_flowtime, (int, float)) or not 0 < opts.max_flowtime < math.inf:
+            raise FlasCheckpointError(f"flas option max_flowtime must be a finite number > 0, got {opts.max_flowtime!r}")
+        return opts
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "FlasEngineOptions":
+        raw = getattr(hf_config, "flas", None)
+        if raw is not None and not isinstance(raw, Mapping):
+            raw = vars(raw)
+        return cls.from_mapping(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,63 @@
+"""FlasLLM: `vllm.LLM` with a FLAS checkpoint attached; everything else is plain vLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flas_vllm.plugin import ARCHITECTURE
+
+
+def flas_engine_kwargs(
+    model: str,
+    flas_checkpoint: str,
+    *,
+    n_steps: int | None = None,
+    max_concepts: int | None = None,
+    max_flowtime: float | None = None,
+    **vllm_kwargs: Any,
+) -> dict[str, Any]:
+    """vLLM engine arguments that load `model` (a plain Gemma-2) as FlasGemma2ForCausalLM."""
+    flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
+    for key, value in (("n_steps", n_steps), ("max_concepts", max_concepts), ("max_flowtime", max_flowtime)):
+        if value is not None:
+            flas[key] = value
+    overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
+    overrides["architectures"] = [ARCHITECTURE]
+    overrides["flas"] = {**overrides.get("flas", {}), **flas}
+    return {"model": str(model), "hf_overrides": overrides, **vllm_kwargs}
+
+
+class FlasLLM:
+    """A thin layer over `vllm.LLM`: same generate/chat API, plus concept management."""
+
+    def __init__(self, model: str, flas_checkpoint: str, *, n_steps: int | None = None,
+                 max_concepts: int | None = None, max_flowtime: float | None = None, **vllm_kwargs: Any):
+        from vllm import LLM
+
+        from flas_vllm.plugin import register
+
+        register()
+        kwargs = flas_engine_kwargs(model, flas_checkpoint, n_steps=n_steps, max_concepts=max_concepts,
+                                    max_flowtime=max_flowtime, **vllm_kwargs)
+        kwargs.setdefault("worker_extension_cls", "flas_vllm.worker_ext.FlasWorkerExtension")
+        self.llm = LLM(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.llm, name)
+
+    def generate(self, *args, **kwargs):
+        return self.llm.generate(*args, **kwargs)
+
+    def chat(self, *args, **kwargs):
+        return self.llm.chat(*args, **kwargs)
+
+    # -- concept management (runs in every worker) -------------------------------------
+
+    def preload_concepts(self, concepts: list[str]) -> list:
+        return self.llm.collective_rpc("flas_preload", args=(list(concepts),))[0]
+
+    def evict_concepts(self, concepts: list[str]) -> list:
+        return self.llm.collective_rpc("flas_evict", args=(list(concepts),))[0]
+
+    def concept_stats(self) -> dict:
+        return self.llm.collective_rpc("flas_stats")[0]

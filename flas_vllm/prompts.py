@@ -1,0 +1,21 @@
+"""Prompt formatting as the original evaluates (spec section 6)."""
+
+from __future__ import annotations
+
+ALPACA_TEMPLATE = "<bos>### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def format_prompt_text(tokenizer, prompt: str, prompt_format: str = "chat") -> str:
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    if prompt_format == "alpaca":
+        return ALPACA_TEMPLATE.format(prompt=prompt)
+    raise ValueError(f"prompt_format must be 'chat' or 'alpaca', got {prompt_format!r}")
+
+
+def format_prompt(tokenizer, prompt: str, prompt_format: str = "chat") -> list[int]:
+    """Token ids of one user turn; the template already holds `<bos>`, so none is added again."""
+    text = format_prompt_text(tokenizer, prompt, prompt_format)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

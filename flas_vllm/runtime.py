@@ -1,0 +1,248 @@
+"""Per-step plumbing between vLLM's model runner and the steered forward pass.
+
+Before each forward, the runner hook (patches/runner_hook.py) hands us the
+step's requests in batch order. We resolve each request's steering, make sure
+its concept is encoded in the slot table, and write per-token data (steered
+mask, dt, concept slot) IN PLACE into persistent buffers, which is what a
+trace-once compiled graph (and, on GPUs, a captured CUDA graph) reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from flas_vllm.concept import tokenize_concept
+from flas_vllm.concept_cache import ConceptSlotTable
+from flas_vllm.config import FlasEngineOptions, FlowGeometry
+from flas_vllm.flow import FlowFunction, cross_attend, dense_causal_attention, euler_dt
+from flas_vllm.steering import Steering, parse_steering
+
+logger = logging.getLogger(__name__)
+
+
+class SlotTableKV(nn.Module):
+    """Per-block concept keys/values in a fixed table; each token reads its own slot."""
+
+    def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device):
+        super().__init__()
+        shape = (num_blocks, capacity + 1, max_len, g.num_kv_heads, g.head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        valid = torch.zeros(capacity + 1, max_len, dtype=torch.bool, device=device)
+        valid[0, 0] = True  # the null slot attends to one zero key: finite, and never used
+        self.register_buffer("valid", valid, persistent=False)
+        self.cap = g.attn_logit_softcapping
+        self.token_slots: torch.Tensor | None = None
+
+    def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
+        slots = self.token_slots[: q.shape[0]]
+        k = self.keys[block].index_select(0, slots)  # [N, Lc, nKV, D]
+        v = self.values[block].index_select(0, slots)
+        valid = self.valid.index_select(0, slots)
+        return cross_attend(q[:, None], k, v, valid, self.cap)[:, 0]
+
+    @torch.inference_mode()
+    def write(self, slot: int, per_block_kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        n = None
+        for b, kv in enumerate(per_block_kv):
+            if kv is None:
+                continue
+            k, v = kv
+            n = k.shape[0]
+            self.keys[b, slot].zero_()
+            self.values[b, slot].zero_()
+            self.keys[b, slot, :n] = k
+            self.values[b, slot, :n] = v
+        self.valid[slot].zero_()
+        self.valid[slot, : (n or 1)] = True
+
+
+class StepBuffers(nn.Module):
+    """Per-token steering data, preallocated at max_num_batched_tokens and updated in place."""
+
+    def __init__(self, max_tokens: int, flow_dtype, device):
+        super().__init__()
+        self.register_buffer("steered", torch.zeros(max_tokens, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("dt", torch.zeros(max_tokens, dtype=flow_dtype, device=device), persistent=False)
+        self.register_buffer("slot", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
+        pin = device is not None and torch.device(device).type == "cuda"
+        # Host staging: on GPUs the copies are non-blocking from pinned memory (async scheduling safe).
+        self._host_steered = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pin)
+        self._host_dt = torch.zeros(max_tokens, dtype=flow_dtype, pin_memory=pin)
+        self._host_slot = torch.zeros(max_tokens, dtype=torch.long, pin_memory=pin)
+        self.max_tokens = max_tokens
+
+    def publish(self, steered: np.ndarray, dt: torch.Tensor, slot: np.ndarray) -> None:
+        n = len(steered)
+        if n > self.max_tokens:
+            raise RuntimeError(f"step has {n} tokens, more than max_num_batched_tokens={self.max_tokens}")
+        self._host_steered[:n] = torch.from_numpy(steered)
+        self._host_steered[n:] = False
+        self._host_dt[:n] = dt
+        self._host_slot[:n] = torch.from_numpy(slot)
+        self._host_slot[n:] = 0
+        self.steered.copy_(self._host_steered, non_blocking=True)
+        self.dt.copy_(self._host_dt, non_blocking=True)
+        self.slot.copy_(self._host_slot, non_blocking=True)
+
+
+class FlasRuntime:
+    """Request -> steering -> concept slot bookkeeping for one model instance (one worker)."""
+
+    def __init__(self, model, options: FlasEngineOptions, flow: FlowFunction, n_steps: int,
+                 concept_max_len: int, table: SlotTableKV, buffers: StepBuffers, tokenizer_name: str,
+                 tokenizer_kwargs: Mapping[str, Any]):
+        self.model = model  # the FlasGemma2Model whose layers 0-1 encode concepts
+        self.options = options
+        self.flow = flow
+        self.n_steps = n_steps
+        self.concept_max_len = concept_max_len
+        self.table = table
+        self.buffers = buffers
+        self.slots = ConceptSlotTable(options.max_concepts)
+        self._tokenizer_name = tokenizer_name
+        self._tokenizer_kwargs = dict(tokenizer_kwargs)
+        self._tokenizer = None
+        self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
+        self._dt_cache: dict[float, torch.Tensor] = {}
+        self.steered_requests = 0
+
+    # -- concepts ---------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_name, **self._tokenizer_kwargs)
+        return self._tokenizer
+
+    def _ensure_encoded(self, concept: str, pin: bool = False) -> int:
+        slot, fresh = self.slots.pin(concept) if pin else self.slots.acquire(concept)
+        if fresh:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                c = encode_concept(self.model, tokenize_concept(self.tokenizer, concept, self.concept_max_len))
+                self.table.write(slot, self.flow.project_concept(c.to(self.flow.dtype)))
+            self.slots.stats.encode_seconds += time.perf_counter() - start
+            self.slots.stats.encoded += 1
+        return slot
+
+    def preload(self, concepts: Sequence[str]) -> list[int]:
+        return [self._ensure_encoded(c, pin=True) for c in concepts]
+
+    def evict(self, concepts: Sequence[str]) -> list[bool]:
+        return [self.slots.evict(c) for c in concepts]
+
+    def stats(self) -> dict:
+        out = self.slots.snapshot()
+        out["steered_requests"] = self.steered_requests
+        out["concepts"] = self.slots.entries()
+        return out
+
+    # -- per step -----------------------------------------------------------------
+
+    def prepare_step(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray,
+                     requests: Mapping[str, Any]) -> None:
+        for gone in [r for r in self._req if r not in requests]:
+            steer, slot = self._req.pop(gone)
+            if steer is not None:
+                self.slots.release(slot)
+        n_reqs = len(req_ids)
+        steered = np.zeros(n_reqs, dtype=bool)
+        slots = np.zeros(n_reqs, dtype=np.int64)
+        dts = []
+        zero = self._dt(0.0)
+        for i, rid in enumerate(req_ids):
+            entry = self._req.get(rid)
+            if entry is None:
+                entry = self._admit(rid, requests[rid])
+            steer, slot = entry
+            if steer is not None and self.slots.slot_of(steer.concept) != slot:
+                # evicted while preempted: encode again before it runs
+                slot = self._ensure_encoded(steer.concept)
+                self._req[rid] = (steer, slot)
+            steered[i] = steer is not None
+            slots[i] = slot
+            dts.append(self._dt(steer.flowtime) if steer is not None else zero)
+        counts = np.asarray(num_scheduled_tokens[:n_reqs])
+        dt_tok = torch.repeat_interleave(torch.stack(dts), torch.from_numpy(counts)) if n_reqs else zero[:0]
+        self.buffers.publish(np.repeat(steered, counts), dt_tok, np.repeat(slots, counts))
+        self.table.token_slots = self.buffers.slot
+
+    def _admit(self, rid: str, request_state: Any) -> tuple[Steering | None, int]:
+        params = getattr(request_state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None) if params is not None else None
+        steer = parse_steering(extra, max_flowtime=self.options.max_flowtime,
+                               max_concept_bytes=self.options.max_concept_bytes)
+        slot = 0
+        if steer is not None:
+            slot = self._ensure_encoded(steer.concept)
+            self.steered_requests += 1
+        self._req[rid] = (steer, slot)
+        return steer, slot
+
+    def _dt(self, flowtime: float) -> torch.Tensor:
+        dt = self._dt_cache.get(flowtime)
+        if dt is None:
+            dt = euler_dt(flowtime, self.n_steps, self.flow.dtype)
+            if len(self._dt_cache) < 4096:
+                self._dt_cache[flowtime] = dt
+        return dt
+
+
+# ---------------------------------------------------------------------------
+# concept encoder on vLLM's own layers
+
+
+class _DenseCausal(nn.Module):
+    """Stands in for a layer's paged `Attention` while a concept is encoded outside the engine step."""
+
+    def __init__(self, self_attn, cap: float | None):
+        super().__init__()
+        self.num_heads = self_attn.num_heads
+        self.num_kv_heads = self_attn.num_kv_heads
+        self.head_dim = self_attn.head_dim
+        self.scale = self_attn.scaling
+        self.cap = cap
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        q = q.view(1, n, self.num_heads, self.head_dim)
+        k = k.view(1, n, self.num_kv_heads, self.head_dim)
+        v = v.view(1, n, self.num_kv_heads, self.head_dim)
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None]
+        return dense_causal_attention(q, k, v, allowed, self.scale, self.cap).reshape(n, -1)
+
+
+@contextlib.contextmanager
+def _dense_attention(layers, cap: float | None):
+    saved = [layer.self_attn.attn for layer in layers]
+    try:
+        for layer in layers:
+            layer.self_attn.attn = _DenseCausal(layer.self_attn, cap)
+        yield
+    finally:
+        for layer, attn in zip(layers, saved):
+            layer.self_attn.attn = attn
+
+
+def encode_concept(model, ids: Sequence[int]) -> torch.Tensor:
+    """Embedding + decoder layers 0-1 (plain causal, softcap on) + final norm -> [Lc, H], model dtype."""
+    device = model.embed_tokens.weight.device
+    x = torch.tensor(list(ids), dtype=torch.long, device=device)
+    positions = torch.arange(len(ids), device=device)
+    layers = [model.layers[0], model.layers[1]]
+    hidden, residual = model.embed_input_ids(x), None
+    with _dense_attention(layers, getattr(model.config, "attn_logit_softcapping", None)):
+        for layer in layers:
+            hidden, residual = layer(positions, hidden, residual)
+    out, _ = model.norm(hidden, residual)
+    return out

@@ -1,0 +1,99 @@
+"""Front end: validate steering fields and salt the prefix cache, before the engine sees a request.
+
+Wraps `InputProcessor.process_inputs` (and its async twin), which the offline
+`LLM`, `AsyncLLM` and the OpenAI server all go through. A bad flas_* field
+raises vLLM's own `VLLMValidationError` naming the field, so the server answers
+HTTP 400 and the engine never receives the request. A steered request's
+`cache_salt` gets a digest of (concept, flowtime, n_steps, checkpoint
+fingerprint), combined with any salt the user set.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from . import wrap_once
+
+_FINGERPRINTS: dict[str, tuple[str, int]] = {}
+
+
+def _flas_context(input_processor):
+    """(options, n_steps, fingerprint) for a FLAS model, None for any other model."""
+    hf_config = input_processor.model_config.hf_config
+    if getattr(hf_config, "flas", None) is None:
+        return None
+    from flas_vllm.checkpoint import load_checkpoint
+    from flas_vllm.config import FlasEngineOptions
+
+    options = FlasEngineOptions.from_hf_config(hf_config)
+    cached = _FINGERPRINTS.get(options.checkpoint)
+    if cached is None:
+        ckpt = load_checkpoint(options.checkpoint, hf_config)
+        cached = (ckpt.fingerprint, ckpt.config.n_steps)
+        _FINGERPRINTS[options.checkpoint] = cached
+    fingerprint, ckpt_steps = cached
+    return options, options.n_steps or ckpt_steps, fingerprint
+
+
+def _check(input_processor, params):
+    from vllm.exceptions import VLLMValidationError
+
+    from flas_vllm.errors import SteeringParamError
+    from flas_vllm.steering import parse_steering
+
+    ctx = _flas_context(input_processor)
+    extra = getattr(params, "extra_args", None)
+    if ctx is None:
+        if extra and any(str(k).startswith("flas_") for k in extra):
+            raise VLLMValidationError(
+                "flas_* steering fields were sent to a model that is not a FLAS model "
+                "(start it with a FLAS checkpoint)", parameter=next(k for k in extra if str(k).startswith("flas_")),
+            )
+        return None, None
+    options, n_steps, fingerprint = ctx
+    try:
+        steer = parse_steering(extra, max_flowtime=options.max_flowtime,
+                               max_concept_bytes=options.max_concept_bytes)
+    except SteeringParamError as exc:
+        raise VLLMValidationError(str(exc), parameter=exc.field, value=None) from None
+    return steer, (n_steps, fingerprint)
+
+
+def _salt(request, steer, ctx) -> None:
+    if steer is None:
+        return
+    from flas_vllm.steering import cache_salt
+
+    n_steps, fingerprint = ctx
+    request.cache_salt = cache_salt(steer, n_steps=n_steps, fingerprint=fingerprint, user_salt=request.cache_salt)
+
+
+def _make_sync(original):
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        steer, ctx = _check(self, params)
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        _salt(request, steer, ctx)
+        return request
+
+    return process_inputs
+
+
+def _make_async(original):
+    @functools.wraps(original)
+    async def process_inputs_async(self, request_id, prompt, params, *args, **kwargs):
+        steer, ctx = _check(self, params)
+        request = await original(self, request_id, prompt, params, *args, **kwargs)
+        _salt(request, steer, ctx)
+        return request
+
+    return process_inputs_async
+
+
+def install() -> bool:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    done = wrap_once(InputProcessor, "process_inputs", _make_sync)
+    if hasattr(InputProcessor, "process_inputs_async"):
+        done |= wrap_once(InputProcessor, "process_inputs_async", _make_async)
+    return done
