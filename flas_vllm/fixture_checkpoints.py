@@ -1,0 +1,87 @@
+"""Random FLAS checkpoints in the official layout, for tests, the demo and benchmarks.
+
+They are built from the one flow definition (`flas_vllm.flow.FlowFunction`),
+so their tensor names are exactly the ones released checkpoints use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+def make_random_flas_checkpoint(
+    out_dir: str | Path,
+    base_model_dir: str | Path,
+    *,
+    num_blocks: int = 1,
+    layer: int = 2,
+    n_steps: int = 3,
+    disable_self_attn: bool = False,
+    disable_cross_attn: bool = False,
+    disable_mlp: bool = False,
+    dtype: str = "float32",
+    fmt: str = "safetensors",
+    seed: int = 0,
+    gate_scale: float = 0.6,
+    legacy_extra_tensors: bool = False,
+) -> Path:
+    """A random flow whose gates and norms are large enough to change greedy output visibly.
+
+    Returns the checkpoint directory (config.json + one weights file).
+    """
+    import torch
+    from transformers import AutoConfig
+
+    from flas_vllm.checkpoint import save_checkpoint
+    from flas_vllm.config import FlasConfig, FlowGeometry
+    from flas_vllm.flow import FlowFunction
+
+    base = AutoConfig.from_pretrained(str(base_model_dir))
+    geometry = FlowGeometry.from_base_config(base)
+    cfg = FlasConfig(
+        model_id=str(base_model_dir), layer=layer, num_blocks=num_blocks, n_steps=n_steps,
+        disable_self_attn=disable_self_attn, disable_cross_attn=disable_cross_attn, disable_mlp=disable_mlp,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    flow = FlowFunction(geometry, cfg)
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if name.endswith("_gate"):
+                p.copy_(gate_scale * (0.5 + torch.rand(p.shape, generator=gen)))
+            elif "norm" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    flow = flow.to(getattr(torch, dtype))
+    out = Path(out_dir)
+    path = save_checkpoint(out, flow, fmt=fmt, extra_config={"T_min": 0.5, "T_max": 2.0, "seed": seed})
+    if legacy_extra_tensors:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path))
+        tensors["blocks.0.legacy_unused.weight"] = torch.zeros(4, dtype=flow.dtype)
+        save_file(tensors, str(path))
+    return out
+
+
+def ensure_flas_checkpoint(base_model_dir: str | Path, **variant) -> Path:
+    """A cached random checkpoint for `base_model_dir`, one directory per variant."""
+    from flas_vllm.fixtures import fixture_cache_dir
+
+    key = "-".join(f"{k}={variant[k]}" for k in sorted(variant)) or "default"
+    out = fixture_cache_dir() / "flas-checkpoints" / Path(base_model_dir).name / key
+    marker = out / ".complete"
+    if not marker.exists():
+        import shutil
+        import tempfile
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
+        make_random_flas_checkpoint(tmp, base_model_dir, **variant)
+        (tmp / ".complete").write_text(json.dumps(variant, sort_keys=True))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
