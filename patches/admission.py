@@ -1,6 +1,6 @@
 """Front end: validate steering fields and salt the prefix cache, before the engine sees a request.
 
-Wraps `InputProcessor.process_inputs` (and its async twin), which the offline
+Wraps `InputProcessor.process_inputs` (its async twin calls it), which the offline
 `LLM`, `AsyncLLM` and the OpenAI server all go through. A bad flas_* field
 raises vLLM's own `VLLMValidationError` naming the field, so the server answers
 HTTP 400 and the engine never receives the request. A steered request's
@@ -79,21 +79,8 @@ def _make_sync(original):
     return process_inputs
 
 
-def _make_async(original):
-    @functools.wraps(original)
-    async def process_inputs_async(self, request_id, prompt, params, *args, **kwargs):
-        steer, ctx = _check(self, params)
-        request = await original(self, request_id, prompt, params, *args, **kwargs)
-        _salt(request, steer, ctx)
-        return request
-
-    return process_inputs_async
-
-
 def install() -> bool:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    done = wrap_once(InputProcessor, "process_inputs", _make_sync)
-    if hasattr(InputProcessor, "process_inputs_async"):
-        done |= wrap_once(InputProcessor, "process_inputs_async", _make_async)
-    return done
+    # process_inputs_async is built per instance from self.process_inputs, so it sees this wrapper.
+    return wrap_once(InputProcessor, "process_inputs", _make_sync)

@@ -1,0 +1,61 @@
+"""Concept slot table: refcounts, LRU eviction of unreferenced slots only, pins, counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from flas_vllm.concept_cache import ConceptSlotTable, ConceptTableFull
+
+
+def test_hits_misses_and_slot_reuse():
+    t = ConceptSlotTable(2)
+    s1, fresh1 = t.acquire("a")
+    s2, fresh2 = t.acquire("a")
+    assert (s1, fresh1, fresh2) == (s2, True, False)
+    assert 1 <= s1 <= 2  # slot 0 is reserved for "no concept"
+    assert t.stats.hits == 1 and t.stats.misses == 1
+
+
+def test_lru_evicts_only_unreferenced_and_oldest():
+    t = ConceptSlotTable(2)
+    sa, _ = t.acquire("a")
+    sb, _ = t.acquire("b")
+    t.release(sa)
+    t.release(sb)
+    sa2, fresh = t.acquire("a")  # touch a: b is now the least recently used
+    assert not fresh and sa2 == sa
+    t.release(sa2)
+    sc, fresh = t.acquire("c")
+    assert fresh and sc == sb and t.slot_of("b") is None and t.slot_of("a") == sa
+    assert t.stats.evictions == 1
+
+
+def test_full_table_with_all_slots_held_raises_instead_of_corrupting():
+    t = ConceptSlotTable(1)
+    t.acquire("a")
+    with pytest.raises(ConceptTableFull, match="max_concepts"):
+        t.acquire("b")
+    assert t.slot_of("a") == 1  # the held concept is untouched
+
+
+def test_pin_and_evict():
+    t = ConceptSlotTable(1)
+    slot, fresh = t.pin("a")
+    assert fresh and t.stats.misses == 0  # a preload is not a request miss
+    with pytest.raises(ConceptTableFull):
+        t.acquire("b")  # pinned concepts are never evicted by traffic
+    s, fresh = t.acquire("a")
+    assert not fresh and t.stats.hits == 1
+    assert not t.evict("a")  # still referenced
+    t.release(s)
+    assert t.evict("a") and t.slot_of("a") is None
+    assert t.acquire("b")[1]
+
+
+def test_snapshot_counts_slots_in_use():
+    t = ConceptSlotTable(3)
+    t.acquire("a")
+    t.acquire("b")
+    snap = t.snapshot()
+    assert snap["slots_in_use"] == 2 and snap["capacity"] == 3
+    assert [e["concept"] for e in t.entries()] == ["a", "b"]

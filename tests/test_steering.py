@@ -1,0 +1,65 @@
+"""Steering fields: validation names the field and the limit; the salt separates steering."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flas_vllm.errors import SteeringParamError
+from flas_vllm.steering import Steering, cache_salt, parse_steering, steering
+
+
+def test_helper_builds_extra_args():
+    assert steering("pirates", 1.5) == {"flas_concept": "pirates", "flas_flowtime": 1.5}
+
+
+def test_unsteered_forms():
+    assert parse_steering(None) is None
+    assert parse_steering({}) is None
+    assert parse_steering({"other_key": 1}) is None
+    assert parse_steering(steering("pirates", 0.0)) is None  # T = 0 is served as unsteered
+    assert parse_steering(steering("pirates", 2)) == Steering("pirates", 2.0)
+
+
+@pytest.mark.parametrize(
+    "extra, field, words",
+    [
+        (steering("x", math.nan), "flas_flowtime", "finite"),
+        (steering("x", math.inf), "flas_flowtime", "finite"),
+        (steering("x", -0.5), "flas_flowtime", "[0, 8.0]"),
+        (steering("x", 8.5), "flas_flowtime", "max_flowtime"),
+        (steering("x", "1.0"), "flas_flowtime", "number"),
+        (steering("x", True), "flas_flowtime", "number"),
+        (steering("", 1.0), "flas_concept", "non-empty"),
+        (steering("   ", 1.0), "flas_concept", "non-empty"),
+        (steering(42, 1.0), "flas_concept", "string"),
+        (steering("é" * 1025, 1.0), "flas_concept", "2048 bytes"),
+        ({"flas_concept": "x", "flas_flowtime": 1.0, "flas_strength": 2}, "flas_strength", "unknown"),
+        ({"flas_concept": "x"}, "flas_flowtime", "required"),
+        ({"flas_flowtime": 1.0}, "flas_concept", "required"),
+    ],
+)
+def test_invalid_fields_name_the_field_and_limit(extra, field, words):
+    with pytest.raises(SteeringParamError) as info:
+        parse_steering(extra)
+    assert info.value.field == field
+    assert field in str(info.value) and words in str(info.value)
+
+
+def test_limits_are_configurable():
+    assert parse_steering(steering("x", 11.0), max_flowtime=12.0) == Steering("x", 11.0)
+    with pytest.raises(SteeringParamError, match="10 bytes"):
+        parse_steering(steering("x" * 11, 1.0), max_concept_bytes=10)
+
+
+def test_cache_salt_separates_everything_that_changes_kv():
+    base = dict(n_steps=3, fingerprint="abc", user_salt=None)
+    s = cache_salt(Steering("a", 1.0), **base)
+    assert s == cache_salt(Steering("a", 1.0), **base)
+    assert s != cache_salt(Steering("b", 1.0), **base)
+    assert s != cache_salt(Steering("a", 1.5), **base)
+    assert s != cache_salt(Steering("a", 1.0), **{**base, "n_steps": 2})
+    assert s != cache_salt(Steering("a", 1.0), **{**base, "fingerprint": "abd"})
+    salted = cache_salt(Steering("a", 1.0), **{**base, "user_salt": "tenant-A"})
+    assert salted.startswith("tenant-A|") and salted != s
