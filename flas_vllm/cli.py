@@ -47,6 +47,43 @@ def make_fixture(
             typer.echo(f"checkpoint: {path}")
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="flas-vllm serve MODEL --flas-checkpoint CKPT [--n-steps N] [--max-concepts N] "
+    "[--max-flowtime T], plus any vLLM server flag: the OpenAI-compatible steering server.",
+)
+def serve(ctx: typer.Context) -> None:
+    from flas_vllm.server import serve as run_server
+
+    run_server(list(ctx.args))
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="a plain Gemma-2 model: directory or Hugging Face id"),
+    flas_checkpoint: str = typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id"),
+    n_steps: Optional[int] = typer.Option(None, min=1, help="Euler steps (default: the checkpoint's)"),
+    max_tokens: int = typer.Option(128, min=1, help="tokens per reply"),
+    temperature: float = typer.Option(0.0, min=0.0, help="sampling temperature (0 = greedy)"),
+    dtype: str = typer.Option("auto", help="model dtype (auto, float32, bfloat16, ...)"),
+    max_model_len: Optional[int] = typer.Option(None, min=16, help="context length"),
+    eager: bool = typer.Option(False, "--eager", help="skip vLLM compilation (faster start)"),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="KV cache size in bytes"),
+) -> None:
+    """Interactive steering REPL: /concept TEXT, /flowtime T, /off, /on, /compare, /quit."""
+    from flas_vllm.chat import run_repl
+    from flas_vllm.llm import FlasLLM
+
+    typer.echo("loading the model ...")
+    kwargs = {"dtype": dtype, "enforce_eager": eager}
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    if kv_cache_memory_bytes:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    llm = FlasLLM(model, flas_checkpoint, n_steps=n_steps, **kwargs)
+    run_repl(llm, max_tokens=max_tokens, temperature=temperature)
+
+
 @app.command()
 def version() -> None:
     """Print versions of flas-vllm, vLLM and torch."""

