@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -82,6 +83,160 @@ def chat(
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     llm = FlasLLM(model, flas_checkpoint, n_steps=n_steps, **kwargs)
     run_repl(llm, max_tokens=max_tokens, temperature=temperature)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("fixture", help="fixture (tiny trained Gemma-2) or bench-2b-shape "
+                              "(Gemma-2-2B proportions, narrow, random weights)"),
+    ks: str = typer.Option("1,8,64,256,1024", help="numbers of distinct concepts K, comma-separated"),
+    num_prompts: Optional[int] = typer.Option(None, min=1, help="requests per run (default: the largest K)"),
+    output_len: int = typer.Option(32, min=1, help="output tokens per request (ignore_eos, greedy)"),
+    out: Path = typer.Option(Path("benchmarks/results"), help="directory for bench_<model>.{json,md,png}"),
+    compile: bool = typer.Option(False, "--compile/--eager", help="use vLLM's default compilation"),
+    dtype: str = typer.Option("float32", help="model dtype for every path"),
+    kv_cache_mib: int = typer.Option(512, min=16, help="KV cache size in MiB (same for every engine)"),
+    max_model_len: int = typer.Option(1024, min=64, help="context length of the vLLM engines"),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="also run the transformers path (one concept per batch)"),
+    hf_max_prompts: Optional[int] = typer.Option(None, min=1, help="cap the transformers path's prompts"),
+) -> None:
+    """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
+    from flas_vllm.bench import MODELS, BenchConfig, parse_ks, run_benchmark
+
+    if model not in MODELS:
+        raise typer.BadParameter(f"must be one of {', '.join(MODELS)}", param_hint="--model")
+    try:
+        k_list = parse_ks(ks)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ks") from exc
+    cfg = BenchConfig(model=model, ks=k_list, num_prompts=num_prompts, output_len=output_len, out_dir=out,
+                      enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
+                      max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts)
+    run_benchmark(cfg, log=typer.echo)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers separated by commas, got {text!r}", param_hint=option)
+    if not values:
+        raise typer.BadParameter("give at least one value", param_hint=option)
+    return values
+
+
+def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max_tokens, temperature, top_p,
+          seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts):
+    from flas_vllm.eval import GenerateSpec
+    from flas_vllm.offline import GenerationSettings
+
+    engine = {"dtype": dtype, "enforce_eager": eager}
+    if max_model_len:
+        engine["max_model_len"] = max_model_len
+    if kv_cache_memory_bytes:
+        engine["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    return GenerateSpec(
+        model=model, checkpoint=flas_checkpoint, concepts=str(concepts), prompts=str(prompts),
+        num_prompts=num_prompts, flowtimes=_floats(flowtimes, "--flowtimes"),
+        settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed),
+        engine_kwargs=engine, max_concepts=max_concepts,
+    )
+
+
+_GEN_OPTS = dict(
+    model=typer.Option(..., help="a plain Gemma-2 model: directory or Hugging Face id"),
+    flas_checkpoint=typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id"),
+    concepts=typer.Option(..., help="AxBench metadata.jsonl, parquet, CSV or a text list"),
+    prompts=typer.Option(None, help="AlpacaEval JSON, JSONL or parquet (default: the bundled AlpacaEval)"),
+)
+
+
+def _default_prompts(prompts: Optional[Path]) -> Path:
+    if prompts is not None:
+        return prompts
+    from importlib import resources
+
+    return Path(str(resources.files("flas_vllm.data").joinpath("alpaca_eval.json")))
+
+
+@app.command()
+def generate(
+    out: Path = typer.Option(..., help="output directory (parts/ and generations.parquet); re-run to resume"),
+    model: str = _GEN_OPTS["model"],
+    flas_checkpoint: str = _GEN_OPTS["flas_checkpoint"],
+    concepts: Path = _GEN_OPTS["concepts"],
+    prompts: Optional[Path] = _GEN_OPTS["prompts"],
+    num_prompts: int = typer.Option(10, min=1, help="prompts per concept (AxBench's sampling rule)"),
+    flowtimes: str = typer.Option("0.5,1,2", help="comma-separated flowtimes (0 = unsteered)"),
+    max_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(1.0, min=0.0),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("auto"),
+    max_model_len: Optional[int] = typer.Option(None, min=16),
+    eager: bool = typer.Option(False, "--eager", help="skip vLLM compilation"),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None),
+    max_concepts: Optional[int] = typer.Option(None, min=1, help="concept slots"),
+) -> None:
+    """Bulk generation over concepts x prompts x flowtimes into parquet, resumable."""
+    from flas_vllm.eval import run_generate
+
+    spec = _spec(model, flas_checkpoint, concepts, _default_prompts(prompts), num_prompts, flowtimes, max_tokens,
+                 temperature, top_p, seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts)
+    try:
+        table = run_generate(spec, out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc))
+    typer.echo(f"{table.num_rows} rows in {out / 'generations.parquet'}")
+
+
+@app.command()
+def judge(
+    generations: Path = typer.Option(..., help="generations.parquet (or a parts directory)"),
+    out: Path = typer.Option(..., help="judge output directory; re-run to retry failures"),
+    base_url: str = typer.Option(..., help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1"),
+    judge_model: str = typer.Option(..., help="judge model name"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the API key"),
+    concurrency: int = typer.Option(16, min=1, max=1024),
+    max_attempts: int = typer.Option(5, min=1, max=20),
+    timeout: float = typer.Option(60.0, min=1.0),
+) -> None:
+    """Rate generations with AxBench's three judge templates; failures are kept and retried on resume."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from flas_vllm.judge import JudgeSettings, judge as run_judge
+    from flas_vllm.offline import GENERATION_SCHEMA, read_parts
+
+    rows = (read_parts(generations, GENERATION_SCHEMA) if generations.is_dir() else pq.read_table(generations)).to_pylist()
+    key = os.environ.get(api_key_env, "EMPTY")
+    stats = run_judge(rows, out, JudgeSettings(base_url=base_url, model=judge_model, api_key=key,
+                                               concurrency=concurrency, max_attempts=max_attempts,
+                                               timeout_seconds=timeout))
+    typer.echo(json.dumps(stats))
+
+
+@app.command()
+def score(
+    judgements: Path = typer.Option(..., help="judge output directory"),
+    out: Path = typer.Option(..., help="report directory (summary.json, report.md, plot PNG)"),
+    seed: int = typer.Option(0, help="bootstrap seed"),
+) -> None:
+    """Held-out AxBench scores: per-concept best flowtime, HMean/C/I/F, bootstrap CI, report and plot."""
+    from flas_vllm.judge import latest_judgements
+    from flas_vllm.score import samples_from_rows, score as run_score, write_reports
+
+    rows = list(latest_judgements(judgements).values())
+    if not rows:
+        raise typer.BadParameter(f"no judgements found in {judgements}", param_hint="--judgements")
+    samples, failures = samples_from_rows(rows)
+    result = run_score(samples, failures=failures, seed=seed)
+    names = {r["concept_id"]: r["concept"] for r in rows}
+    paths = write_reports(result, out, names)
+    s = result["summary"]
+    typer.echo(f"HMean {s['hmean']:.3f} (95% CI {s['hmean_ci95'][0]:.3f}..{s['hmean_ci95'][1]:.3f}) over "
+               f"{s['n_concepts_scored']} concepts; {failures} judge failures; report: {paths['markdown']}")
 
 
 @app.command()
