@@ -1,0 +1,60 @@
+"""The judge against a scripted local OpenAI-compatible server: parsing, retries, failures kept and retried."""
+
+from __future__ import annotations
+
+import pytest
+
+from flas_vllm.judge import JudgeSettings, judge, latest_judgements, parse_rating
+from tests.judge_server import ScriptedJudge
+
+
+def _row(i, text, concept="pirates"):
+    return {"concept_id": i // 2, "concept": concept, "prompt_id": i, "prompt": "Say hi", "flowtime": 1.0,
+            "generation": text, "finish_reason": "length", "n_tokens": 3, "seed": i, "checkpoint": "ck"}
+
+
+def test_parse_rating():
+    assert parse_rating("blah Rating: [[2]]") == 2.0
+    assert parse_rating("Rating: [[ 1 ]] then Rating: [[0]]") == 0.0  # the last one counts
+    assert parse_rating("Rating: [[1.5]]") == 1.5
+    assert parse_rating("Rating: [[3]]") is None  # outside 0..2
+    assert parse_rating("Rating: 2") is None and parse_rating(None) is None
+
+
+def test_judge_retries_keeps_failures_and_retries_them_on_resume(tmp_path):
+    rows = [_row(0, "GOOD text"), _row(1, "OKAY text"), _row(2, "FLAKY text"), _row(3, "SLOW text"),
+            _row(4, "MALFORMED text"), _row(5, "DOWN text")]
+    with ScriptedJudge() as server:
+        settings = JudgeSettings(base_url=server.base_url, model="judge", concurrency=4, max_attempts=3,
+                                 backoff_seconds=0.01, timeout_seconds=10)
+        stats = judge(rows, tmp_path, settings, progress=False)
+        assert stats == {"judged": 6, "failed": 2, "skipped": 0}
+        got = latest_judgements(tmp_path)
+        assert len(got) == 6  # nothing dropped
+        by_pid = {k[1]: v for k, v in got.items()}
+        assert by_pid[0]["concept_score"] == 2 and not by_pid[0]["judge_failed"]
+        assert by_pid[1]["fluency_score"] == 1
+        assert not by_pid[2]["judge_failed"]  # 429s were retried
+        assert server.calls["FLAKY"] == 3 + 2  # three aspects, two 429s first
+        assert by_pid[4]["judge_failed"] and "unparseable" in by_pid[4]["judge_error"]
+        assert by_pid[4]["concept_score"] is None  # a failure is never a silent 0
+        assert by_pid[5]["judge_failed"] and "InternalServerError" in by_pid[5]["judge_error"]
+        assert server.calls["MALFORMED"] == 3 * 3  # every aspect tried max_attempts times
+
+        before = dict(server.calls)
+        server.heal()
+        stats = judge(rows, tmp_path, settings, progress=False)
+        assert stats == {"judged": 2, "failed": 0, "skipped": 4}  # only the failures are judged again
+        assert server.calls["GOOD"] == before["GOOD"]
+        got = latest_judgements(tmp_path)
+        assert len(got) == 6 and not any(r["judge_failed"] for r in got.values())
+
+
+def test_client_errors_are_not_retried(tmp_path):
+    with ScriptedJudge() as server:
+        settings = JudgeSettings(base_url=server.base_url.replace("/v1", "/nope"), model="judge",
+                                 max_attempts=4, backoff_seconds=0.01)
+        stats = judge([_row(0, "GOOD")], tmp_path, settings, progress=False)
+        assert stats["failed"] == 1
+        row = next(iter(latest_judgements(tmp_path).values()))
+        assert row["judge_failed"] and "HTTP" in row["judge_error"]
