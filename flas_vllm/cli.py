@@ -126,7 +126,7 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max_tokens, temperature, top_p,
-          seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts):
+          seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256):
     from flas_vllm.eval import GenerateSpec
     from flas_vllm.offline import GenerationSettings
 
@@ -138,7 +138,8 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
     return GenerateSpec(
         model=model, checkpoint=flas_checkpoint, concepts=str(concepts), prompts=str(prompts),
         num_prompts=num_prompts, flowtimes=_floats(flowtimes, "--flowtimes"),
-        settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed),
+        settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                    flush_rows=flush_rows),
         engine_kwargs=engine, max_concepts=max_concepts,
     )
 
@@ -177,14 +178,22 @@ def generate(
     eager: bool = typer.Option(False, "--eager", help="skip vLLM compilation"),
     kv_cache_memory_bytes: Optional[int] = typer.Option(None),
     max_concepts: Optional[int] = typer.Option(None, min=1, help="concept slots"),
+    flush_rows: int = typer.Option(256, min=1, help="finished rows per durable parquet part"),
+    ray: bool = typer.Option(False, "--ray", help="shard concepts over a local Ray cluster"),
+    ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster (implies --ray)"),
+    num_actors: int = typer.Option(2, min=1, help="Ray actors, one engine each"),
 ) -> None:
     """Bulk generation over concepts x prompts x flowtimes into parquet, resumable."""
-    from flas_vllm.eval import run_generate
+    from flas_vllm.eval import run_generate, run_generate_ray
 
     spec = _spec(model, flas_checkpoint, concepts, _default_prompts(prompts), num_prompts, flowtimes, max_tokens,
-                 temperature, top_p, seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts)
+                 temperature, top_p, seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts,
+                 flush_rows)
     try:
-        table = run_generate(spec, out)
+        if ray or ray_address:
+            table = run_generate_ray(spec, out, num_actors=num_actors, ray_address=ray_address)
+        else:
+            table = run_generate(spec, out)
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc))
     typer.echo(f"{table.num_rows} rows in {out / 'generations.parquet'}")
@@ -237,6 +246,41 @@ def score(
     s = result["summary"]
     typer.echo(f"HMean {s['hmean']:.3f} (95% CI {s['hmean_ci95'][0]:.3f}..{s['hmean_ci95'][1]:.3f}) over "
                f"{s['n_concepts_scored']} concepts; {failures} judge failures; report: {paths['markdown']}")
+
+
+@app.command("eval")
+def eval_command(
+    out: Path = typer.Option(..., help="run directory: generate/, judge/, report/"),
+    model: str = _GEN_OPTS["model"],
+    flas_checkpoint: str = _GEN_OPTS["flas_checkpoint"],
+    concepts: Path = _GEN_OPTS["concepts"],
+    base_url: str = typer.Option(..., help="judge: OpenAI-compatible endpoint"),
+    judge_model: str = typer.Option(..., help="judge model name"),
+    prompts: Optional[Path] = _GEN_OPTS["prompts"],
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the judge API key"),
+    num_prompts: int = typer.Option(10, min=1),
+    flowtimes: str = typer.Option("0.5,1,2"),
+    max_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(1.0, min=0.0),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("auto"),
+    max_model_len: Optional[int] = typer.Option(None, min=16),
+    eager: bool = typer.Option(False, "--eager"),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None),
+    ray: bool = typer.Option(False, "--ray", help="shard concepts over a local Ray cluster"),
+    ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster"),
+    num_actors: int = typer.Option(2, min=1),
+    concurrency: int = typer.Option(16, min=1, max=1024, help="judge calls in flight"),
+) -> None:
+    """generate -> judge -> score in one command (each stage resumes where it stopped)."""
+    generate(out=out / "generate", model=model, flas_checkpoint=flas_checkpoint, concepts=concepts,
+             prompts=prompts, num_prompts=num_prompts, flowtimes=flowtimes, max_tokens=max_tokens,
+             temperature=temperature, top_p=1.0, seed=seed, dtype=dtype, max_model_len=max_model_len, eager=eager,
+             kv_cache_memory_bytes=kv_cache_memory_bytes, max_concepts=None, flush_rows=256, ray=ray,
+             ray_address=ray_address, num_actors=num_actors)
+    judge(generations=out / "generate" / "generations.parquet", out=out / "judge", base_url=base_url,
+          judge_model=judge_model, api_key_env=api_key_env, concurrency=concurrency, max_attempts=5, timeout=60.0)
+    score(judgements=out / "judge", out=out / "report", seed=seed)
 
 
 @app.command()
