@@ -148,7 +148,9 @@ class SelfAttentionCore(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
-class ConceptCrossAttention(nn.Module):
+class _Projections(nn.Module):
+    """q/k/v/o projections with the base model's attention geometry (both attentions use them)."""
+
     def __init__(self, g: FlowGeometry):
         super().__init__()
         self.g = g
@@ -157,8 +159,13 @@ class ConceptCrossAttention(nn.Module):
         self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(g.num_heads * d, g.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(d, g.rms_norm_eps)
-        self.k_norm = RMSNorm(d, g.rms_norm_eps)
+
+
+class ConceptCrossAttention(_Projections):
+    def __init__(self, g: FlowGeometry):
+        super().__init__(g)
+        self.q_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
+        self.k_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
 
     def project_concept(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of an encoded concept c [Lc, H]; RoPE positions 0..Lc-1 (quirk)."""
@@ -176,17 +183,8 @@ class ConceptCrossAttention(nn.Module):
         return apply_rope(self.q_norm(q), cos, sin)  # q norm BEFORE RoPE (quirk)
 
 
-class FlowSelfAttention(nn.Module):
+class FlowSelfAttention(_Projections):
     """The base model's attention math; the KV handling is the pluggable core."""
-
-    def __init__(self, g: FlowGeometry):
-        super().__init__()
-        self.g = g
-        d, bias = g.head_dim, g.attention_bias
-        self.q_proj = nn.Linear(g.hidden_size, g.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(g.num_heads * d, g.hidden_size, bias=bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, core: SelfAttentionCore
