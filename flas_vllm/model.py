@@ -32,6 +32,27 @@ from flas_vllm.runtime import FlasRuntime, SlotTableKV, StepBuffers
 
 logger = logging.getLogger(__name__)
 
+# Models that take the eager "skip when nothing is steered" path, by key (one per process, normally).
+_STEER_TARGETS: dict[str, "FlasGemma2Model"] = {}
+
+
+def _flas_steer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
+    """Opaque to the compiler, so it may look at the data: no steered token, no flow work at all."""
+    _STEER_TARGETS[target]._steer_in_place(positions, hidden, residual)
+
+
+def _flas_steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
+    return None
+
+
+def _register_steer_op() -> None:
+    if hasattr(torch.ops.vllm, "flas_steer"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("flas_steer", _flas_steer, mutates_args=["hidden", "residual"],
+                              fake_impl=_flas_steer_fake)
+
 
 class PagedFlowAttention(nn.Module):
     """The flow's self-attention core for one (Euler step, block): paged, full (no window)."""
@@ -115,6 +136,17 @@ class FlasGemma2Model(Gemma2Model):
             self.flas_table, self.flas_buffers, tokenizer_name=mc.tokenizer,
             tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
         )
+        # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
+        # work in steps where no token is steered. Captured graphs cannot branch on data, so there
+        # the flow stays in the graph and torch.where keeps unsteered tokens untouched.
+        from vllm.config import CUDAGraphMode
+
+        mode = vllm_config.compilation_config.cudagraph_mode
+        self._flas_skip_unsteered = mode is None or mode == CUDAGraphMode.NONE
+        self._flas_target = f"{prefix}@{id(self)}"
+        if self._flas_skip_unsteered:
+            _register_steer_op()
+            _STEER_TARGETS[self._flas_target] = self
         logger.info(
             "FLAS: checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d, %d concept slots, "
             "%d extra KV layers", ckpt.path, ckpt.fingerprint, self.flas_layer, num_blocks, self.flas_n_steps,
@@ -136,9 +168,20 @@ class FlasGemma2Model(Gemma2Model):
         for idx, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer)):
             hidden_states, residual = layer(positions, hidden_states, residual)
             if idx == self.flas_layer:
-                hidden_states, residual = self._steer(positions, hidden_states, residual)
+                if self._flas_skip_unsteered:
+                    torch.ops.vllm.flas_steer(hidden_states, residual, positions, self._flas_target)
+                else:
+                    hidden_states, residual = self._steer(positions, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+    def _steer_in_place(self, positions, hidden, residual) -> None:
+        n = hidden.shape[0]
+        if not bool(self.flas_buffers.steered[:n].any()):
+            return  # unsteered requests never read their flow KV, so nothing needs writing
+        new_hidden, new_residual = self._steer(positions, hidden, residual)
+        hidden.copy_(new_hidden)
+        residual.copy_(new_residual)
 
     def _steer(self, positions, hidden, residual):
         """Replace the residual stream (hidden + residual) of steered tokens with the flow's output."""
