@@ -44,9 +44,17 @@ class _Slot:
 
 
 class ConceptSlotTable:
-    def __init__(self, capacity: int):
+    """`capacity` slots for in-flight concepts plus `max_pinned` for preloaded ones.
+
+    The scheduler admits at most `capacity` distinct concepts in flight; pins
+    have their own budget, so a full set of pins can never starve traffic.
+    """
+
+    def __init__(self, capacity: int, max_pinned: int = 0):
         if capacity < 1:
             raise ValueError(f"max_concepts must be >= 1, got {capacity}")
+        self.max_pinned = max_pinned
+        capacity = capacity + max_pinned
         self.capacity = capacity
         self._by_concept: dict[str, int] = {}
         self._slots: dict[int, _Slot] = {}
@@ -80,6 +88,12 @@ class ConceptSlotTable:
 
     def pin(self, concept: str) -> tuple[int, bool]:
         """Keep a concept resident regardless of traffic (preloading)."""
+        slot = self._by_concept.get(concept)
+        if (slot is None or not self._slots[slot].pinned) and self.pinned_count >= self.max_pinned:
+            raise ConceptTableFull(
+                f"cannot pin {concept!r}: {self.pinned_count} concepts are pinned, the limit is "
+                f"max_pinned={self.max_pinned}; evict some first"
+            )
         slot, fresh = self.acquire(concept)
         entry = self._slots[slot]
         entry.pinned = True
@@ -92,12 +106,20 @@ class ConceptSlotTable:
         return slot, fresh
 
     def evict(self, concept: str) -> bool:
-        """Drop an unreferenced concept now; False if absent or still in use."""
+        """Unpin a concept and drop it if no request holds it; False if absent or still in use."""
         slot = self._by_concept.get(concept)
-        if slot is None or self._slots[slot].refs > 0:
+        if slot is None:
+            return False
+        entry = self._slots[slot]
+        entry.pinned = False
+        if entry.refs > 0:
             return False
         self._drop(slot)
         return True
+
+    @property
+    def pinned_count(self) -> int:
+        return sum(1 for e in self._slots.values() if e.pinned)
 
     def _take_slot(self) -> int:
         if self._free:

@@ -171,6 +171,7 @@ def check_against_base(cfg: FlasConfig, geometry: FlowGeometry) -> None:
 ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     "n_steps": None,
     "max_concepts": 64,
+    "max_pinned": 16,
     "max_flowtime": 8.0,
     "max_concept_bytes": 2048,
 }
@@ -182,7 +183,8 @@ class FlasEngineOptions:
 
     checkpoint: str
     n_steps: int | None = None
-    max_concepts: int = 64
+    max_concepts: int = 64  # distinct concepts in flight at once; more wait for admission
+    max_pinned: int = 16  # preloaded concepts, held in slots of their own
     max_flowtime: float = 8.0
     max_concept_bytes: int = 2048
 
@@ -204,6 +206,8 @@ class FlasEngineOptions:
             raise FlasCheckpointError(f"flas option n_steps must be an integer >= 1, got {opts.n_steps!r}")
         if not isinstance(opts.max_concepts, int) or opts.max_concepts < 1:
             raise FlasCheckpointError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
+        if not isinstance(opts.max_pinned, int) or opts.max_pinned < 0:
+            raise FlasCheckpointError(f"flas option max_pinned must be an integer >= 0, got {opts.max_pinned!r}")
         if not isinstance(opts.max_flowtime, (int, float)) or not 0 < opts.max_flowtime < math.inf:
             raise FlasCheckpointError(f"flas option max_flowtime must be a finite number > 0, got {opts.max_flowtime!r}")
         return opts

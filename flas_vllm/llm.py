@@ -14,11 +14,13 @@ def flas_engine_kwargs(
     n_steps: int | None = None,
     max_concepts: int | None = None,
     max_flowtime: float | None = None,
+    max_pinned: int | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """vLLM engine arguments that load `model` (a plain Gemma-2) as FlasGemma2ForCausalLM."""
     flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
-    for key, value in (("n_steps", n_steps), ("max_concepts", max_concepts), ("max_flowtime", max_flowtime)):
+    for key, value in (("n_steps", n_steps), ("max_concepts", max_concepts), ("max_flowtime", max_flowtime),
+                       ("max_pinned", max_pinned)):
         if value is not None:
             flas[key] = value
     overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
@@ -31,14 +33,15 @@ class FlasLLM:
     """A thin layer over `vllm.LLM`: same generate/chat API, plus concept management."""
 
     def __init__(self, model: str, flas_checkpoint: str, *, n_steps: int | None = None,
-                 max_concepts: int | None = None, max_flowtime: float | None = None, **vllm_kwargs: Any):
+                 max_concepts: int | None = None, max_flowtime: float | None = None,
+                 max_pinned: int | None = None, **vllm_kwargs: Any):
         from vllm import LLM
 
         from flas_vllm.plugin import register
 
         register()
         kwargs = flas_engine_kwargs(model, flas_checkpoint, n_steps=n_steps, max_concepts=max_concepts,
-                                    max_flowtime=max_flowtime, **vllm_kwargs)
+                                    max_flowtime=max_flowtime, max_pinned=max_pinned, **vllm_kwargs)
         kwargs.setdefault("worker_extension_cls", "flas_vllm.worker_ext.FlasWorkerExtension")
         self.llm = LLM(**kwargs)
 

@@ -127,7 +127,8 @@ class FlasGemma2Model(Gemma2Model):
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.flas_buffers = StepBuffers(max_tokens, ckpt.dtype, device)
         self.flas_table = SlotTableKV(
-            geometry, num_blocks, self.flas_options.max_concepts, ckpt.config.concept_max_len, ckpt.dtype, device
+            geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
+            ckpt.config.concept_max_len, ckpt.dtype, device
         )
         self.flas_table.token_slots = self.flas_buffers.slot
         mc = vllm_config.model_config

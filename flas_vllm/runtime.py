@@ -106,7 +106,7 @@ class FlasRuntime:
         self.concept_max_len = concept_max_len
         self.table = table
         self.buffers = buffers
-        self.slots = ConceptSlotTable(options.max_concepts)
+        self.slots = ConceptSlotTable(options.max_concepts, options.max_pinned)
         self._tokenizer_name = tokenizer_name
         self._tokenizer_kwargs = dict(tokenizer_kwargs)
         self._tokenizer = None
@@ -136,6 +136,13 @@ class FlasRuntime:
         return slot
 
     def preload(self, concepts: Sequence[str]) -> list[int]:
+        """Encode and pin concepts; all or nothing when the pin budget (max_pinned) would overflow."""
+        new = {c for c in concepts if not any(e["concept"] == c and e["pinned"] for e in self.slots.entries())}
+        if self.slots.pinned_count + len(new) > self.slots.max_pinned:
+            raise ValueError(
+                f"concepts: pinning {len(new)} more would exceed max_pinned={self.slots.max_pinned} "
+                f"({self.slots.pinned_count} pinned now); evict some first"
+            )
         return [self._ensure_encoded(c, pin=True) for c in concepts]
 
     def evict(self, concepts: Sequence[str]) -> list[bool]:

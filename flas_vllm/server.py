@@ -27,6 +27,7 @@ def _flas_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=int, default=None, help="Euler steps (default: the checkpoint config's)")
     p.add_argument("--max-concepts", type=int, default=None, help="concept slots held at once (default 64)")
     p.add_argument("--max-flowtime", type=float, default=None, help="largest flowtime accepted (default 8)")
+    p.add_argument("--max-pinned", type=int, default=None, help="preloaded (pinned) concept slots (default 16)")
     return p
 
 
@@ -44,7 +45,8 @@ def build_args(argv: list[str]):
     user_overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
     kwargs = flas_engine_kwargs(
         flas_args.model, flas_args.flas_checkpoint, n_steps=flas_args.n_steps,
-        max_concepts=flas_args.max_concepts, max_flowtime=flas_args.max_flowtime, hf_overrides=user_overrides,
+        max_concepts=flas_args.max_concepts, max_flowtime=flas_args.max_flowtime,
+        max_pinned=flas_args.max_pinned, hf_overrides=user_overrides,
     )
     args.model = kwargs["model"]
     args.hf_overrides = kwargs["hf_overrides"]

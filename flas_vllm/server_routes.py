@@ -53,9 +53,6 @@ async def _concept_list(request: Request) -> list[str] | JSONResponse:
                            max_concept_bytes=opts.max_concept_bytes)
         except SteeringParamError as exc:
             return _error(400, f"concepts[{i}]: {exc}".replace("flas_concept: ", ""), "concepts")
-    if len(set(concepts)) > opts.max_concepts:
-        return _error(400, f"concepts: {len(set(concepts))} distinct concepts exceed max_concepts="
-                           f"{opts.max_concepts}", "concepts")
     return concepts
 
 
@@ -126,7 +123,12 @@ def build_router() -> APIRouter:
         concepts = await _concept_list(request)
         if isinstance(concepts, JSONResponse):
             return concepts
-        slots = (await request.app.state.engine_client.collective_rpc("flas_preload", args=(concepts,)))[0]
+        try:
+            slots = (await request.app.state.engine_client.collective_rpc("flas_preload", args=(concepts,)))[0]
+        except Exception as exc:  # the worker refuses a pin budget overflow; the engine keeps serving
+            if "max_pinned" in str(exc):
+                return _error(400, str(exc).split("ValueError: ")[-1].strip(), "concepts")
+            raise
         return {"preloaded": [{"concept": c, "slot": s} for c, s in zip(concepts, slots)]}
 
     @router.post("/v1/flas/concepts/evict")

@@ -38,18 +38,23 @@ def test_full_table_with_all_slots_held_raises_instead_of_corrupting():
     assert t.slot_of("a") == 1  # the held concept is untouched
 
 
-def test_pin_and_evict():
-    t = ConceptSlotTable(1)
+def test_pins_have_their_own_budget_and_evict_unpins():
+    t = ConceptSlotTable(1, max_pinned=1)
     slot, fresh = t.pin("a")
     assert fresh and t.stats.misses == 0  # a preload is not a request miss
+    with pytest.raises(ConceptTableFull, match="max_pinned=1"):
+        t.pin("b")
+    sb, _ = t.acquire("b")  # traffic still has its max_concepts slot
     with pytest.raises(ConceptTableFull):
-        t.acquire("b")  # pinned concepts are never evicted by traffic
+        t.acquire("c")  # b is held, a is pinned: nothing may be evicted
+    t.release(sb)
+    assert t.acquire("c")[1] and t.slot_of("b") is None and t.slot_of("a") == slot
     s, fresh = t.acquire("a")
     assert not fresh and t.stats.hits == 1
-    assert not t.evict("a")  # still referenced
+    assert not t.evict("a")  # still referenced: unpinned, dropped once released
     t.release(s)
-    assert t.evict("a") and t.slot_of("a") is None
-    assert t.acquire("b")[1]
+    assert t.slot_of("a") == slot and t.evict("a") and t.slot_of("a") is None
+    assert t.pin("d")[1]  # the pin budget is free again
 
 
 def test_snapshot_counts_slots_in_use():
