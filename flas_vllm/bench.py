@@ -112,7 +112,9 @@ class BenchConfig:
     # torch threads for the transformers path on CPU; None = what vLLM's CPU worker binds
     # (all cores but one it reserves, at least 1), so both paths get the same cores
     hf_threads: int | None = None
-    warmup_requests: int = 4
+    # untimed warm-up batch per engine, 2 output tokens each: None = every prompt of the workload
+    # (covers the batch shapes of the timed runs)
+    warmup_requests: int | None = None
     encode_probe_concepts: int = 8
     seed: int = 0
     plot: bool = True
@@ -138,9 +140,9 @@ def parse_ks(text: str) -> list[int]:
     try:
         ks = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
-        raise ValueError(f"--ks: expected comma-separated integers, got {text!r}") from exc
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from exc
     if not ks or min(ks) < 1:
-        raise ValueError(f"--ks: expected positive integers, got {text!r}")
+        raise ValueError(f"expected positive integers, got {text!r}")
     return ks
 
 
@@ -431,6 +433,16 @@ def _sampling(cfg: BenchConfig, extra=None):
     return SamplingParams(temperature=0.0, max_tokens=cfg.output_len, ignore_eos=True, extra_args=extra)
 
 
+def _warm_prompts(cfg: BenchConfig, wl: Workload) -> list[list[int]]:
+    return wl.prompts if cfg.warmup_requests is None else wl.prompts[: cfg.warmup_requests]
+
+
+def _warm_sampling(cfg: BenchConfig, extra=None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=min(2, cfg.output_len), ignore_eos=True, extra_args=extra)
+
+
 def _vllm_run(name, kind, k, concepts_used, llm, wl: Workload, params, encode_s_fn=None) -> RunResult:
     before = encode_s_fn() if encode_s_fn else 0.0
     outs, wall = _timed_generate(llm, wl.prompts, params)
@@ -442,7 +454,10 @@ def _vllm_run(name, kind, k, concepts_used, llm, wl: Workload, params, encode_s_
                      wall_s=wall, ttft_ms=ttft, tpot_ms=tpot, encode_s=encode_s, notes=notes)
 
 
-def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable[[str], None]) -> tuple[RunResult, dict]:
+Log = Callable[[str], None]
+
+
+def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[RunResult, dict]:
     from vllm import LLM
 
     t0 = time.perf_counter()
@@ -450,9 +465,9 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable
     startup = time.perf_counter() - t0
     try:
         info = {"startup_s": round(startup, 2), "kv": _kv_capacity(llm), "scheduler": _sched_info(llm)}
-        warm = wl.prompts[: cfg.warmup_requests]
+        warm = _warm_prompts(cfg, wl)
         if warm:
-            _timed_generate(llm, warm, [_sampling(cfg)] * len(warm))
+            _timed_generate(llm, warm, [_warm_sampling(cfg)] * len(warm))
         log("vanilla vLLM: timed run ...")
         res = _vllm_run("vanilla vLLM", "vanilla", None, 0, llm, wl, [_sampling(cfg)] * len(wl.prompts))
     finally:
@@ -460,7 +475,7 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable
     return res, info
 
 
-def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable[[str], None]) -> tuple[list[RunResult], dict]:
+def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[list[RunResult], dict]:
     from flas_vllm.llm import FlasLLM
     from flas_vllm.steering import steering
 
@@ -479,10 +494,10 @@ def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable[[s
         n = len(wl.prompts)
         flowtimes = make_flowtimes(n, cfg.seed)
         # warm-up: both code paths (unsteered and steered), concepts never used again
-        warm = wl.prompts[: cfg.warmup_requests]
+        warm = _warm_prompts(cfg, wl)
         if warm:
             wc = make_concepts(2, "warmup")
-            params = [_sampling(cfg, steering(wc[i % 2], 1.0) if i % 2 else None) for i in range(len(warm))]
+            params = [_warm_sampling(cfg, steering(wc[i % 2], 1.0) if i % 2 else None) for i in range(len(warm))]
             _timed_generate(llm, warm, params)
 
         log("flas-vllm unsteered: timed run ...")
@@ -556,7 +571,7 @@ def hf_batches(concepts: Sequence[str], batch_size: int) -> list[tuple[str, list
     return out
 
 
-def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable[[str], None]) -> tuple[list[RunResult], dict]:
+def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[list[RunResult], dict]:
     import torch
 
     from flas_vllm.hf import HFSteerer
@@ -586,8 +601,8 @@ def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Callable[[str
     results: list[RunResult] = []
     seen: dict[tuple[int, ...], RunResult] = {}
     try:
-        warm = prompts[: max(1, min(cfg.warmup_requests, n))]
-        steerer.generate(warm, make_concepts(1, "hf-warmup")[0], 1.0, max_new_tokens=cfg.output_len,
+        warm = prompts[: max(1, min(cfg.warmup_requests or cfg.hf_batch_size, cfg.hf_batch_size, n))]
+        steerer.generate(warm, make_concepts(1, "hf-warmup")[0], 1.0, max_new_tokens=min(2, cfg.output_len),
                          ignore_eos=True)
         for k in cfg.ks:
             concepts = assign_round_robin(n, make_concepts(k, f"hf-k{k}"))
@@ -953,12 +968,13 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     env = _environment(cfg)
     not_measured: list[str] = []
     notes: list[str] = [
-        "vanilla vLLM runs with the flas-vllm plugin installed (its patches are active but inert for "
-        "non-FLAS models)",
+        "vanilla vLLM runs with the flas-vllm plugin installed: its patches are active but return early "
+        "for a model without FLAS",
         "prefix caching is off in every engine so repeated prompts favour none of them",
         "steered runs encode K fresh concepts inside the timed run (as a new workload would); "
         "'encode s' is that time and output_tok_s_excl_encode in the JSON excludes it",
-        "each engine gets a short warm-up batch before its timed runs",
+        "each vLLM engine first runs an untimed warm-up batch (the workload's prompts, 2 output tokens; "
+        "half of them steered on the FLAS engine); the transformers path warms up on one batch",
     ]
     if max(cfg.ks) > cfg.num_prompts:
         notes.append(f"num_prompts={cfg.num_prompts} < max K={max(cfg.ks)}: larger K have fewer concepts in flight")

@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark: every section present, every number finite and positive (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+SECTIONS = ("config", "environment", "model", "workload", "engines", "runs", "ratios", "flops",
+            "kv_capacity", "concept_encoding", "not_measured", "notes", "files")
+
+
+def _positive(x, what):
+    assert isinstance(x, (int, float)) and not isinstance(x, bool), f"{what}: {x!r} is not a number"
+    assert math.isfinite(x) and x > 0, f"{what}: {x!r} is not finite and positive"
+
+
+def test_bench_smoke_on_fixture(tmp_path, tiny_model):
+    from flas_vllm.bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(model="fixture", ks=[1, 2], num_prompts=4, output_len=4, out_dir=tmp_path,
+                      kv_cache_memory_bytes=256 * 1024 * 1024, encode_probe_concepts=2)
+    report = run_benchmark(cfg, log=lambda s: None)
+
+    on_disk = json.loads((tmp_path / "bench_fixture.json").read_text())
+    assert (tmp_path / "bench_fixture.md").read_text().startswith("# flas-vllm benchmark")
+    for section in SECTIONS:
+        assert section in on_disk, section
+    assert on_disk["runs"] == report["runs"]
+
+    kinds = [r["kind"] for r in on_disk["runs"]]
+    assert kinds == ["vanilla", "flas-unsteered", "flas-steered", "flas-steered", "hf", "hf"]
+    for r in on_disk["runs"]:
+        what = r["name"]
+        assert r["num_requests"] == 4 and r["output_tokens"] == 4 * 4, what
+        for key in ("wall_s", "output_tok_s", "total_tok_s", "ratio_output_to_vanilla", "ratio_total_to_vanilla"):
+            _positive(r[key], f"{what} {key}")
+        for key in ("ttft_ms", "tpot_ms"):
+            assert r[key] is not None, f"{what} {key} not measured"
+            for p in ("p50", "p90", "p99"):
+                _positive(r[key][p], f"{what} {key} {p}")
+    assert [r["concepts_used"] for r in on_disk["runs"] if r["kind"] == "flas-steered"] == [1, 2]
+    for r in on_disk["runs"]:
+        if r["kind"] == "flas-steered":
+            _positive(r["encode_s"], f"{r['name']} encode_s")
+
+    for name, ratio in on_disk["ratios"].items():
+        _positive(ratio["output_tok_s"], name)
+        _positive(ratio["total_tok_s"], name)
+
+    for key in ("at_mean_context", "weights_only", "reference_gemma_2_2b_dims"):
+        c = on_disk["flops"][key]
+        for field in ("base_flops_per_token", "flow_flops_per_token", "throughput_ceiling"):
+            _positive(c[field], f"flops {key} {field}")
+        assert c["throughput_ceiling"] < 1
+
+    kv = on_disk["kv_capacity"]
+    for engine in ("vanilla", "flas"):
+        _positive(kv[engine]["blocks_x_block_size_tokens"], f"kv {engine}")
+    for key, ratio in kv["ratio_flas_to_vanilla"].items():
+        _positive(ratio, f"kv ratio {key}")
+
+    enc = on_disk["concept_encoding"]
+    for key in ("engine_mean_encode_ms", "preload_one_concept_mean_ms", "hf_encode_one_concept_mean_ms"):
+        _positive(enc[key], key)
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert any("matplotlib" in x for x in on_disk["not_measured"])
+    else:
+        assert (tmp_path / "bench_fixture.png").stat().st_size > 0
