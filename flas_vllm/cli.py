@@ -126,7 +126,8 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max_tokens, temperature, top_p,
-          seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256):
+          seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256,
+          max_num_seqs=None):
     from flas_vllm.eval import GenerateSpec
     from flas_vllm.offline import GenerationSettings
 
@@ -135,6 +136,8 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
         engine["max_model_len"] = max_model_len
     if kv_cache_memory_bytes:
         engine["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    if max_num_seqs:
+        engine["max_num_seqs"] = max_num_seqs
     return GenerateSpec(
         model=model, checkpoint=flas_checkpoint, concepts=str(concepts), prompts=str(prompts),
         num_prompts=num_prompts, flowtimes=_floats(flowtimes, "--flowtimes"),
@@ -179,6 +182,7 @@ def generate(
     kv_cache_memory_bytes: Optional[int] = typer.Option(None),
     max_concepts: Optional[int] = typer.Option(None, min=1, help="concept slots"),
     flush_rows: int = typer.Option(256, min=1, help="finished rows per durable parquet part"),
+    max_num_seqs: Optional[int] = typer.Option(None, min=1, help="requests decoded at once (vLLM default)"),
     ray: bool = typer.Option(False, "--ray", help="shard concepts over a local Ray cluster"),
     ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster (implies --ray)"),
     num_actors: int = typer.Option(2, min=1, help="Ray actors, one engine each"),
@@ -188,7 +192,7 @@ def generate(
 
     spec = _spec(model, flas_checkpoint, concepts, _default_prompts(prompts), num_prompts, flowtimes, max_tokens,
                  temperature, top_p, seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts,
-                 flush_rows)
+                 flush_rows, max_num_seqs)
     try:
         if ray or ray_address:
             table = run_generate_ray(spec, out, num_actors=num_actors, ray_address=ray_address)
@@ -276,7 +280,8 @@ def eval_command(
     generate(out=out / "generate", model=model, flas_checkpoint=flas_checkpoint, concepts=concepts,
              prompts=prompts, num_prompts=num_prompts, flowtimes=flowtimes, max_tokens=max_tokens,
              temperature=temperature, top_p=1.0, seed=seed, dtype=dtype, max_model_len=max_model_len, eager=eager,
-             kv_cache_memory_bytes=kv_cache_memory_bytes, max_concepts=None, flush_rows=256, ray=ray,
+             kv_cache_memory_bytes=kv_cache_memory_bytes, max_concepts=None, flush_rows=256, max_num_seqs=None,
+             ray=ray,
              ray_address=ray_address, num_actors=num_actors)
     judge(generations=out / "generate" / "generations.parquet", out=out / "judge", base_url=base_url,
           judge_model=judge_model, api_key_env=api_key_env, concurrency=concurrency, max_attempts=5, timeout=60.0)

@@ -27,6 +27,7 @@ from typing import Iterator
 __all__ = [
     "FIXTURE_VERSION",
     "TINY_GEMMA2_CONFIG",
+    "TRAIN_ROWS",
     "GEMMA2_CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "build_tiny_gemma2",
@@ -92,15 +93,23 @@ TINY_GEMMA2_CONFIG: dict = {
 }
 
 # Training recipe (part of the cache identity, see _recipe_key).
-DEFAULT_TRAIN_STEPS = 320
+#
+# The model memorizes (instruction -> first 30-40 words of the answer) for the
+# first TRAIN_ROWS AlpacaEval rows, in file order: the same rows the AxBench
+# protocol walks through first, so tests using those prompts get confident,
+# text-like greedy continuations (top1-top2 logprob margin ~6 nats). Rows whose
+# chat prompt is longer than _MAX_LEN - _MIN_RESPONSE_TOKENS are skipped.
+# Training on all 805 rows with the same budget was tried: the model stays
+# near ties (mean margin < 1 nat) and babbles, which defeats the purpose.
+TRAIN_ROWS = 128
+DEFAULT_TRAIN_STEPS = 300
 _BATCH_SIZE = 16
 _MAX_LEN = 96
 _LR = 3e-3
 _WARMUP = 30
 _RESPONSE_WORDS = (30, 40)
-_LOSS_ON_PROMPT = False
+_LOSS_ON_PROMPT = False  # loss on answer tokens only: capacity goes to what gets generated
 _MIN_RESPONSE_TOKENS = 24
-_TRAIN_ROWS = 256
 
 
 def fixture_cache_dir() -> pathlib.Path:
@@ -132,7 +141,7 @@ def _recipe_key(seed: int, train_steps: int) -> str:
             "seed": seed,
             "train_steps": train_steps,
             "recipe": [_BATCH_SIZE, _MAX_LEN, _LR, _WARMUP, list(_RESPONSE_WORDS), _LOSS_ON_PROMPT,
-                       _MIN_RESPONSE_TOKENS, _TRAIN_ROWS],
+                       _MIN_RESPONSE_TOKENS, TRAIN_ROWS],
         },
         sort_keys=True,
     )
@@ -221,7 +230,7 @@ def _build_tokenizer(rows: list[dict], out_dir: pathlib.Path):
 
 
 def _training_sequences(rows: list[dict], tok) -> list[tuple[list[int], int]]:
-    """Chat-formatted (instruction, truncated answer) pairs as token ids.
+    """Chat-formatted (instruction, truncated answer) pairs: (token ids, prompt length).
 
     Answers are cut to 30-40 words. A cut answer is not closed with
     ``<end_of_turn>`` (the cut is artificial), so the model learns to keep
@@ -230,7 +239,7 @@ def _training_sequences(rows: list[dict], tok) -> list[tuple[list[int], int]]:
     """
     lo, hi = _RESPONSE_WORDS
     seqs = []
-    for i, row in enumerate(rows[:_TRAIN_ROWS]):
+    for i, row in enumerate(rows[:TRAIN_ROWS]):
         words = row["output"].split()
         n = lo + i % (hi - lo + 1)
         response = " ".join(words[:n])
@@ -257,7 +266,7 @@ def _training_sequences(rows: list[dict], tok) -> list[tuple[list[int], int]]:
 
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    """Use all cores for the build without leaving the global setting changed."""
+    """Set torch threads for the build only; callers keep their own setting."""
     import torch
 
     old = torch.get_num_threads()
@@ -268,7 +277,16 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _cpu_count() -> int:
+def _build_threads() -> int:
+    """Torch threads for training: all usable cores unless $FLAS_VLLM_FIXTURE_THREADS says otherwise.
+
+    The thread count changes float rounding, so weights are bit-identical only
+    between builds with the same count. On a CPU shared with other busy
+    processes, 1 thread is also faster (measured 1.7x) than oversubscribed 2.
+    """
+    env = os.environ.get("FLAS_VLLM_FIXTURE_THREADS")
+    if env:
+        return max(1, int(env))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -372,7 +390,8 @@ def _build_into(out_dir: pathlib.Path, *, seed: int, train_steps: int) -> dict:
     assert len(tok) == VOCAB_SIZE
 
     config = Gemma2Config(**TINY_GEMMA2_CONFIG)
-    with _torch_threads(_cpu_count()):
+    threads = _build_threads()
+    with _torch_threads(threads):
         torch.manual_seed(seed)
         model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
         seqs = _training_sequences(rows, tok)
@@ -391,6 +410,7 @@ def _build_into(out_dir: pathlib.Path, *, seed: int, train_steps: int) -> dict:
         "final_loss": sum(tail) / len(tail),
         "loss_curve_per_20_steps": curve,
         "build_seconds": round(time.perf_counter() - t0, 2),
+        "torch_threads": threads,
     }
     # Written last: its presence means the directory is complete.
     (out_dir / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -404,7 +424,7 @@ def build_tiny_gemma2(
     train_steps: int = DEFAULT_TRAIN_STEPS,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Build the tiny chat model into ``out_dir`` (about a minute on 2 cores).
+    """Build the tiny chat model into ``out_dir`` (about a minute on 2 idle cores, far longer on a busy CPU).
 
     The build happens in a sibling temp directory that is renamed into place
     at the end, so an interrupted build never leaves a half-written model
@@ -418,7 +438,11 @@ def build_tiny_gemma2(
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         _build_into(tmp, seed=seed, train_steps=train_steps)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        # mkdtemp makes the dir 0700 and safetensors writes 0600: make the
+        # shared cache readable by other users' test runs.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -479,6 +503,9 @@ def ensure_tiny_gemma2(name: str = "tiny-gemma2") -> pathlib.Path:
         return path
     with _file_lock(cache / f".{name}.lock"):
         if not _is_complete(path, key):  # somebody else may have built it meanwhile
+            # Holding the lock, any leftover build dir belongs to a killed process.
+            for stale in [*cache.glob(f".{name}.build-*"), *cache.glob(f".{name}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
             build_tiny_gemma2(path, seed=0, train_steps=DEFAULT_TRAIN_STEPS, overwrite=True)
     return path
 
@@ -495,22 +522,37 @@ if __name__ == "__main__":  # manual check that vLLM loads and runs the fixture
     if not args.no_vllm:
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+        # On CPU the default gpu_memory_utilization sizes the KV cache from free RAM
+        # and fails on a busy machine; a fixed small cache is plenty here.
+        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                  kv_cache_memory_bytes=256 * 1024 * 1024)
         tok = llm.get_tokenizer()
+        rows = _load_alpaca()
+        questions = [rows[0]["instruction"], rows[2]["instruction"], "What is the capital of France?"]
         prompts = [
             tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-            for q in ["What is the capital of France?", "Give me three tips for staying healthy.", "Write a haiku."]
+            for q in questions
         ]
         # The chat text already starts with <bos>; vLLM must not add a second one.
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         outs = llm.generate(
-            [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts],
+            [{"prompt_token_ids": ids} for ids in prompt_ids],
             SamplingParams(temperature=0.0, max_tokens=40, logprobs=2),
         )
-        for p, o in zip(prompts, outs):
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        for q, ids, o in zip(questions, prompt_ids, outs):
             c = o.outputs[0]
-            margins = [
-                sorted((lp.logprob for lp in step.values()), reverse=True) for step in (c.logprobs or [])
-            ]
-            m = [x[0] - x[1] for x in margins if len(x) >= 2]
-            print(repr(p[-60:]), "->", repr(c.text), "| finish:", c.finish_reason,
-                  "| mean margin: %.2f" % (sum(m) / len(m) if m else float("nan")))
+            steps = [sorted((lp.logprob for lp in step.values()), reverse=True) for step in (c.logprobs or [])]
+            m = [x[0] - x[1] for x in steps if len(x) >= 2]
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([ids]), max_new_tokens=len(c.token_ids), do_sample=False,
+                                  eos_token_id=[EOS_ID, EOT_ID], pad_token_id=PAD_ID)[0, len(ids):].tolist()
+            pairs = list(zip(ref, c.token_ids))
+            same = next((k for k, (a, b) in enumerate(pairs) if a != b), len(pairs))
+            print(f"[{len(ids)} prompt tokens] {q[:50]!r}\n  vllm: {c.text!r} ({c.finish_reason})\n"
+                  f"  mean top1-top2 margin {sum(m) / max(1, len(m)):.2f};"
+                  f" HF greedy agrees on {same}/{len(c.token_ids)} tokens")

@@ -218,6 +218,7 @@ class GenerationSettings:
     seed: int = 0
     flush_rows: int = 256
     flush_seconds: float = 30.0
+    prompt_format: str = "chat"  # "alpaca" for FLAS checkpoints trained on base models
 
 
 def generate_rows(llm, jobs: Iterable[Job], settings: GenerationSettings, writer: PartWriter,
@@ -225,6 +226,7 @@ def generate_rows(llm, jobs: Iterable[Job], settings: GenerationSettings, writer
     """Run every job through one engine; flush finished rows durably as they complete."""
     from vllm import SamplingParams
 
+    from flas_vllm.prompts import format_prompt
     from flas_vllm.steering import steering
 
     engine = llm.llm_engine if hasattr(llm, "llm_engine") else llm.llm.llm_engine
@@ -236,10 +238,7 @@ def generate_rows(llm, jobs: Iterable[Job], settings: GenerationSettings, writer
             max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
             seed=job.seed, extra_args=steering(job.concept, job.flowtime) if job.flowtime > 0 else None,
         )
-        prompt_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": job.prompt}], add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_ids, dict):
-            prompt_ids = prompt_ids["input_ids"]
+        prompt_ids = format_prompt(tokenizer, job.prompt, settings.prompt_format)
         rid = f"flas-gen-{i}"
         by_id[rid] = job
         engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, params)

@@ -102,7 +102,8 @@ def reference_rows(tiny_model, make_ckpt, concepts_file, tmp_path_factory):
 def test_sigkill_mid_run_then_resume_completes_without_duplicates(tiny_model, make_ckpt, concepts_file,
                                                                    reference_rows, tmp_path):
     ckpt = make_ckpt(num_blocks=1)
-    cmd = _generate_cmd(tiny_model, ckpt, concepts_file, tmp_path, "--flush-rows", "2")
+    # small waves (4 requests decoded at once) so that parts land while work remains
+    cmd = _generate_cmd(tiny_model, ckpt, concepts_file, tmp_path, "--flush-rows", "2", "--max-num-seqs", "4")
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not list((tmp_path / "parts").glob("part-*.parquet")):
