@@ -302,6 +302,6 @@ def test_playground_screenshot_shows_both_columns(server, tmp_path):
         shot = page.screenshot(tmp_path / "playground.png")
     assert unsteered.strip() and steered.strip()
     assert shot.stat().st_size > 10_000
-    out = Path(os.environ.get("FLAS_VLLM_ARTIFACTS", tmp_path))
+    out = Path(os.environ.get("FLAS_VLLM_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "playground.png").write_bytes(shot.read_bytes())
