@@ -216,6 +216,10 @@ class FlasGemma2ForCausalLM(Gemma2ForCausalLM):
     def flas_prepare_step(self, req_ids, num_scheduled_tokens, requests) -> None:
         self.model.flas_runtime.prepare_step(req_ids, num_scheduled_tokens, requests)
 
+    # Called by patches/runner_hook.py when the runner drops a finished or aborted request.
+    def flas_request_finished(self, req_id: str) -> None:
+        self.model.flas_runtime.finish(req_id)
+
     @property
     def flas_runtime(self) -> FlasRuntime:
         return self.model.flas_runtime
@@ -229,4 +233,34 @@ class FlasGemma2ForCausalLM(Gemma2ForCausalLM):
                 param.copy_(tensors[name].to(param.dtype))
         loaded |= {f"model.flas_flow.{name}" for name, _ in flow.named_parameters()}
         self.model.flas_checkpoint.tensors = {}  # the flow module owns the weights now
+        _use_platform_gemm(flow)
         return loaded
+
+
+class _PlatformLinear(nn.Linear):
+    """nn.Linear whose matmul is the one vLLM uses for its own unquantized layers on this platform."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cpu_linear(x, self.weight, self.bias)
+
+
+def _use_platform_gemm(flow: nn.Module) -> None:
+    """Run the flow's linear layers through vLLM's CPU GEMM dispatch (oneDNN), after weights are loaded.
+
+    torch's default CPU linear (MKL) picks different kernels for different row
+    counts (M=1 vs M>1 already differs in the last bits), so a steered
+    request's output would depend on what else is in its batch. vLLM's own
+    layers go through oneDNN, whose per-row results do not depend on M; using
+    the same path keeps fp32 mixed batches bit-identical to solo runs, as
+    they are for unsteered requests. Other platforms keep torch's linear.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for module in flow.modules():
+        if type(module) is nn.Linear:
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            module.__class__ = _PlatformLinear

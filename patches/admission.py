@@ -2,8 +2,9 @@
 
 Wraps `InputProcessor.process_inputs` (its async twin calls it), which the offline
 `LLM`, `AsyncLLM` and the OpenAI server all go through. A bad flas_* field
-raises vLLM's own `VLLMValidationError` naming the field, so the server answers
-HTTP 400 and the engine never receives the request. A steered request's
+raises an error that is both vLLM's own `VLLMValidationError` naming the field
+(so the server answers HTTP 400) and a `SteeringParamError` (a ValueError), and
+the engine never receives the request. A steered request's
 `cache_salt` gets a digest of (concept, flowtime, n_steps, checkpoint
 fingerprint), combined with any salt the user set.
 """
@@ -36,8 +37,6 @@ def _flas_context(input_processor):
 
 
 def _check(input_processor, params):
-    from vllm.exceptions import VLLMValidationError
-
     from flas_vllm.errors import SteeringParamError
     from flas_vllm.steering import parse_steering
 
@@ -45,9 +44,10 @@ def _check(input_processor, params):
     extra = getattr(params, "extra_args", None)
     if ctx is None:
         if extra and any(str(k).startswith("flas_") for k in extra):
-            raise VLLMValidationError(
-                "flas_* steering fields were sent to a model that is not a FLAS model "
-                "(start it with a FLAS checkpoint)", parameter=next(k for k in extra if str(k).startswith("flas_")),
+            key = next(k for k in extra if str(k).startswith("flas_"))
+            raise _validation_error_cls()(
+                key, f"{key}: flas_* steering fields were sent to a model that is not a FLAS model "
+                "(start it with a FLAS checkpoint)",
             )
         return None, None
     options, n_steps, fingerprint = ctx
@@ -55,8 +55,38 @@ def _check(input_processor, params):
         steer = parse_steering(extra, max_flowtime=options.max_flowtime,
                                max_concept_bytes=options.max_concept_bytes)
     except SteeringParamError as exc:
-        raise VLLMValidationError(str(exc), parameter=exc.field, value=None) from None
+        raise _validation_error_cls()(exc.field, str(exc)) from None
     return steer, (n_steps, fingerprint)
+
+
+_VALIDATION_ERROR = None
+
+
+def _validation_error_cls():
+    """`SteeringValidationError`: vLLM's VLLMValidationError AND flas-vllm's SteeringParamError.
+
+    VLLMValidationError (HTTP 400 naming the parameter on the server) is not a
+    ValueError in vLLM 0.32, while offline users catch ValueError /
+    SteeringParamError. One class serves both. Built lazily: vLLM is imported
+    only once the patches install.
+    """
+    global _VALIDATION_ERROR
+    if _VALIDATION_ERROR is None:
+        from vllm.exceptions import VLLMValidationError
+
+        from flas_vllm.errors import SteeringParamError
+
+        class SteeringValidationError(VLLMValidationError, SteeringParamError):
+            def __init__(self, field: str, message: str):
+                # Both bases' __init__ chain through super(); set their state directly instead.
+                Exception.__init__(self, message)
+                self.field = field
+                self.parameter = field
+                self.value = None
+
+        SteeringValidationError.__module__ = __name__
+        _VALIDATION_ERROR = SteeringValidationError
+    return _VALIDATION_ERROR
 
 
 def _salt(request, steer, ctx) -> None:

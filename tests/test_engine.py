@@ -1,0 +1,559 @@
+"""End-to-end checks of FLAS steering on real vLLM engines (slow: `-m engine`).
+
+Engines (never more than two alive at once):
+
+- MAIN: fp32, num_blocks=2 checkpoint, vLLM's DEFAULT compilation (not eager),
+  max_concepts=4. Alive for the whole module; its solo results are the reference
+  for the other engines of the same compile mode.
+- VANILLA: plain `vllm.LLM` on the same Gemma-2 (same dtype/compile mode), for
+  the "unsteered and T=0 are bit-identical to plain Gemma-2" check.
+- STRESS: like MAIN but with a 32-token step budget (chunked prefill) and a tiny
+  KV pool (forced preemption).
+- SLOTS: max_concepts=2 (eager), for concept-slot eviction under load.
+
+Every prompt is fed as token ids from `format_prompt`, so vLLM and the
+transformers reference see the same ids. Exactness is asserted in fp32.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+KV_BYTES = 256 * 1024 * 1024  # vLLM's CPU backend only sees NUMA node 0: never size the cache by utilization
+MAX_TOKENS = 24
+MAX_CONCEPTS = 4
+TIMINGS: dict[str, float] = {}
+
+# ---------------------------------------------------------------------------
+# prompts and concepts
+
+SHORT_A = "Give three tips for staying healthy."
+SHORT_B = "Write a short story about a robot."
+MID = (
+    "Describe the water cycle in simple terms for a child who has never heard of evaporation, "
+    "condensation or precipitation, and explain why rain falls from clouds."
+)
+LONG = (
+    "You are helping a small town library plan its summer reading program. The library has a limited "
+    "budget, two part-time staff members and a large group of volunteers who are mostly retired teachers. "
+    "Children between six and twelve years old should be encouraged to read at least ten books over the "
+    "summer, while teenagers need activities that feel less like school and more like a club. Write a "
+    "plan that lists the weekly events, explains how progress will be tracked, and suggests three cheap "
+    "prizes that would motivate young readers to finish the program."
+)
+# > 128 prompt tokens, so that at least one full 128-token KV block is cacheable (CPU default block size).
+PREFIX_LONG = LONG + (
+    " Then compare the plan with a program for adults, describe what the volunteers should do each week, "
+    "and explain how the library could measure whether the program was a success at the end of the summer, "
+    "using simple numbers that the town council would understand."
+)
+
+LOVE = "love"
+OCEAN = "the ocean and sailing ships"
+# Far more than 64 tokens: exercises the concept_max_len truncation.
+LONG_CONCEPT = (
+    "a quiet mountain village in winter, where the snow covers every roof and the people gather in the old "
+    "wooden hall to share warm bread, tell stories about the summer, sing songs about the rivers and the "
+    "forests, and wait for the spring to return to the valley below the high and silent peaks, while the "
+    "children build snowmen and the dogs sleep near the fire"
+)
+
+
+@dataclass(frozen=True)
+class Req:
+    name: str
+    text: str
+    concept: str | None = None
+    flowtime: float | None = None
+    salt: str | None = None
+
+    @property
+    def steered(self) -> bool:
+        return self.concept is not None and bool(self.flowtime)
+
+    def extra_args(self):
+        from flas_vllm.steering import steering
+
+        if self.concept is None:
+            return None
+        return steering(self.concept, self.flowtime)
+
+
+@dataclass
+class Result:
+    token_ids: tuple[int, ...]
+    logprobs: tuple[tuple[tuple[int, float], ...], ...]  # per step: sorted (token, logprob) pairs returned
+    cumulative_logprob: float
+    num_cached_tokens: int | None
+    chosen_logprobs: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, out) -> "Result":
+        c = out.outputs[0]
+        steps = tuple(tuple(sorted((int(t), float(lp.logprob)) for t, lp in d.items())) for d in c.logprobs)
+        chosen = [float(d[t].logprob) for t, d in zip(c.token_ids, c.logprobs)]
+        return cls(tuple(c.token_ids), steps, float(c.cumulative_logprob), out.num_cached_tokens, chosen)
+
+
+MIXED = [
+    Req("unsteered-short", SHORT_A),
+    Req("T0-ocean", SHORT_B, OCEAN, 0.0),
+    Req("love-1.0", MID, LOVE, 1.0),
+    Req("love-2.5", SHORT_A, LOVE, 2.5),
+    Req("ocean-0.5", LONG, OCEAN, 0.5),
+    Req("ocean-1.5", SHORT_B, OCEAN, 1.5),
+    Req("longconcept-4.0", MID, LONG_CONCEPT, 4.0),
+    Req("longconcept-1.0", LONG, LONG_CONCEPT, 1.0),
+    Req("love-8.0", LONG, LOVE, 8.0),
+    Req("unsteered-long", LONG),
+    Req("T0-love", MID, LOVE, 0),
+]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def prompt_ids(model_dir, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from flas_vllm.prompts import format_prompt
+
+    key = str(model_dir)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(key)
+    return format_prompt(_TOKENIZERS[key], text)
+
+
+def sampling(req: Req | None = None, *, max_tokens: int = MAX_TOKENS, logprobs: int = 1, extra=None):
+    from vllm import SamplingParams
+
+    if req is not None:
+        extra = req.extra_args()
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs,
+                          extra_args=extra)
+
+
+def prompt_of(model_dir, req: Req) -> dict:
+    p = {"prompt_token_ids": prompt_ids(model_dir, req.text)}
+    if req.salt is not None:
+        p["cache_salt"] = req.salt
+    return p
+
+
+def run(llm, model_dir, reqs, *, unsteered: bool = False, **kw) -> list[Result]:
+    prompts = [prompt_of(model_dir, r) for r in reqs]
+    params = [sampling(None if unsteered else r, **kw) for r in reqs]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.request_id for o in outs] == sorted((o.request_id for o in outs), key=int)
+    return [Result.of(o) for o in outs]
+
+
+def assert_same(got: Result, want: Result, what: str) -> None:
+    """Bit-identical tokens and logprobs, with a readable first difference."""
+    if got.token_ids != want.token_ids:
+        i = next(i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b)
+        pytest.fail(f"{what}: tokens differ from step {i}: {got.token_ids[i:i + 6]} vs {want.token_ids[i:i + 6]}")
+    for i, (a, b) in enumerate(zip(got.logprobs, want.logprobs)):
+        assert a == b, f"{what}: logprobs differ at step {i}: {a} vs {b}"
+    assert got.cumulative_logprob == want.cumulative_logprob, what
+
+
+def start_flas(model_dir, ckpt, label: str, **kw):
+    from flas_vllm.llm import FlasLLM
+
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("kv_cache_memory_bytes", KV_BYTES)
+    kw.setdefault("seed", 0)
+    t0 = time.perf_counter()
+    llm = FlasLLM(str(model_dir), str(ckpt), **kw)
+    TIMINGS[f"{label} start"] = time.perf_counter() - t0
+    return llm
+
+
+def stop(llm) -> None:
+    inner = getattr(llm, "llm", llm)
+    try:
+        inner.llm_engine.engine_core.shutdown()
+    except Exception:  # already gone
+        pass
+    gc.collect()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_timings():
+    yield
+    if TIMINGS:
+        print("\nengine timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in TIMINGS.items()))
+
+
+# ---------------------------------------------------------------------------
+# MAIN engine and its reference results
+
+
+@pytest.fixture(scope="module")
+def ckpt2(make_ckpt):
+    return make_ckpt(num_blocks=2)
+
+
+@pytest.fixture(scope="module")
+def main_llm(tiny_model, ckpt2):
+    t0 = time.perf_counter()
+    llm = start_flas(tiny_model, ckpt2, "main (compiled)", max_concepts=MAX_CONCEPTS)
+    yield llm
+    TIMINGS["main total"] = time.perf_counter() - t0
+    stop(llm)
+
+
+@pytest.fixture(scope="module")
+def solo(main_llm, tiny_model) -> dict[str, Result]:
+    """Each MIXED request run alone on the MAIN engine."""
+    return {r.name: run(main_llm, tiny_model, [r])[0] for r in MIXED}
+
+
+@pytest.fixture(scope="module")
+def mixed(main_llm, tiny_model) -> list[Result]:
+    return run(main_llm, tiny_model, MIXED)
+
+
+def test_mixed_batch_equals_solo_in_two_orders(main_llm, tiny_model, solo, mixed):
+    assert len(MIXED) >= 8
+    for req, res in zip(MIXED, mixed):
+        assert len(res.token_ids) == MAX_TOKENS
+        assert_same(res, solo[req.name], f"{req.name} (batch order 1)")
+    reordered = MIXED[1::2][::-1] + MIXED[0::2]
+    for req, res in zip(reordered, run(main_llm, tiny_model, reordered)):
+        assert_same(res, solo[req.name], f"{req.name} (batch order 2)")
+
+
+def test_steering_changes_output(solo):
+    """Sanity: a steered request is not plain Gemma-2 on the same prompt (else parity proves little)."""
+    plain = {SHORT_A: solo["unsteered-short"], LONG: solo["unsteered-long"]}
+    checked = 0
+    for req in MIXED:
+        if req.steered and req.text in plain:
+            assert solo[req.name].token_ids != plain[req.text].token_ids, req.name
+            checked += 1
+    assert checked >= 3
+
+
+# ---------------------------------------------------------------------------
+# parity with the transformers path
+
+
+_HF: dict = {}
+
+
+def hf_steerer(model_dir, ckpt, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flas_vllm.hf import HFSteerer
+
+    key = (str(model_dir), dtype)
+    if key not in _HF:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
+                                                     attn_implementation="eager")
+        _HF[key] = (model, AutoTokenizer.from_pretrained(str(model_dir)))
+    model, tok = _HF[key]
+    return HFSteerer(model, tok, str(ckpt))
+
+
+def hf_reference(steerer, model_dir, reqs, max_new_tokens: int = MAX_TOKENS):
+    """HF generations (use_cache=True) for steered/T=0/unsteered reqs, one HF batch per concept."""
+    out = {}
+    groups: dict = {}
+    for r in reqs:
+        groups.setdefault(r.concept, []).append(r)
+    for concept, rs in groups.items():
+        gens = steerer.generate([prompt_ids(model_dir, r.text) for r in rs], concept,
+                                [float(r.flowtime or 0.0) for r in rs], max_new_tokens=max_new_tokens,
+                                use_cache=True, ignore_eos=True)
+        out.update({r.name: g for r, g in zip(rs, gens)})
+    return out
+
+
+def assert_matches_hf(got: Result, ref, what: str, tol: float = 1e-3) -> None:
+    assert len(got.token_ids) >= 24
+    if list(got.token_ids) != list(ref.token_ids):
+        i = next(i for i, (a, b) in enumerate(zip(got.token_ids, ref.token_ids)) if a != b)
+        pytest.fail(f"{what}: vLLM and HF differ from step {i}: {got.token_ids[i:i + 6]} vs "
+                    f"{ref.token_ids[i:i + 6]} (HF top-2 margin there {ref.top2_margins[i]:.4f})")
+    assert math.isclose(got.cumulative_logprob, sum(ref.logprobs), abs_tol=tol), (
+        f"{what}: cumulative logprob {got.cumulative_logprob} vs HF {sum(ref.logprobs)}")
+
+
+def test_steered_matches_transformers(tiny_model, ckpt2, solo):
+    """num_blocks=2 checkpoint, prompts past the 32-token sliding window, a concept over 64 tokens."""
+    assert len(prompt_ids(tiny_model, LONG)) > 100 and len(prompt_ids(tiny_model, MID)) > 40
+    ref = hf_reference(hf_steerer(tiny_model, ckpt2), tiny_model, MIXED)
+    for req in MIXED:
+        assert_matches_hf(solo[req.name], ref[req.name], req.name)
+
+
+# ---------------------------------------------------------------------------
+# prefix cache
+
+
+def test_prefix_cache_respects_steering(main_llm, tiny_model):
+    n_prompt = len(prompt_ids(tiny_model, PREFIX_LONG))
+    assert n_prompt > 128 + 8, n_prompt
+    plain = Req("plain", PREFIX_LONG)
+    a = Req("love-1.5", PREFIX_LONG, LOVE, 1.5)
+    a_other_t = Req("love-2.0", PREFIX_LONG, LOVE, 2.0)
+    b = Req("ocean-1.5", PREFIX_LONG, OCEAN, 1.5)
+    a_salt = Req("love-1.5-tenantA", PREFIX_LONG, LOVE, 1.5, salt="tenant-A")
+    a_salt_b = Req("love-1.5-tenantB", PREFIX_LONG, LOVE, 1.5, salt="tenant-B")
+    plain_salt = Req("plain-tenantA", PREFIX_LONG, salt="tenant-A")
+
+    def one(req):
+        return run(main_llm, tiny_model, [req])[0]
+
+    # cold results: an empty prefix cache before each
+    cold = {}
+    for req in (plain, a, a_other_t, b):
+        assert main_llm.reset_prefix_cache()
+        cold[req.name] = one(req)
+        assert cold[req.name].num_cached_tokens == 0, req.name
+    assert cold["plain"].token_ids != cold["love-1.5"].token_ids
+
+    assert main_llm.reset_prefix_cache()
+    warm_plain = one(plain)
+    assert_same(warm_plain, cold["plain"], "plain, cold cache")
+    assert one(plain).num_cached_tokens > 0, "identical unsteered prompt must reuse cached blocks"
+
+    # steered after unsteered: must not reuse the unsteered KV
+    res = one(a)
+    assert res.num_cached_tokens == 0, "first run with new steering reused another request's KV"
+    assert_same(res, cold["love-1.5"], "steered after unsteered run of the same prompt")
+    # identical steering reuses it
+    res = one(a)
+    assert res.num_cached_tokens > 0, "identical steering should reuse cached blocks"
+    assert_same(res, cold["love-1.5"], "steered, warm cache")
+    # another flowtime, another concept: no reuse, cold results
+    res = one(a_other_t)
+    assert res.num_cached_tokens == 0
+    assert_same(res, cold["love-2.0"], "same concept, other flowtime after the first")
+    res = one(b)
+    assert res.num_cached_tokens == 0
+    assert_same(res, cold["ocean-1.5"], "second concept after the first")
+    res = one(b)
+    assert res.num_cached_tokens > 0
+    assert_same(res, cold["ocean-1.5"], "second concept, warm")
+
+    # a user cache_salt still applies, on top of the steering salt
+    res = one(a_salt)
+    assert res.num_cached_tokens == 0, "tenant-A must not see the unsalted steered KV"
+    assert_same(res, cold["love-1.5"], "salted steered request")
+    res = one(a_salt)
+    assert res.num_cached_tokens > 0, "same tenant, same steering should share"
+    assert_same(res, cold["love-1.5"], "salted steered request, warm")
+    res = one(a_salt_b)
+    assert res.num_cached_tokens == 0, "tenant-B must not see tenant-A's KV"
+    assert_same(res, cold["love-1.5"], "other tenant")
+    res = one(plain_salt)
+    assert res.num_cached_tokens == 0, "tenant-A unsteered must not see tenant-A steered KV nor unsalted KV"
+    assert_same(res, cold["plain"], "salted unsteered request")
+
+    # a batch: identical steering shares, the unsteered twin does not disturb it
+    outs = run(main_llm, tiny_model, [a, plain, b, a_other_t])
+    for req, res in zip([a, plain, b, a_other_t], outs):
+        assert_same(res, cold[req.name], f"{req.name} in a warm batch")
+
+
+# ---------------------------------------------------------------------------
+# steering validation
+
+
+BAD_FIELDS = [
+    ("flowtime NaN", {"flas_concept": LOVE, "flas_flowtime": float("nan")}, "flas_flowtime"),
+    ("flowtime inf", {"flas_concept": LOVE, "flas_flowtime": float("inf")}, "flas_flowtime"),
+    ("flowtime -inf", {"flas_concept": LOVE, "flas_flowtime": float("-inf")}, "flas_flowtime"),
+    ("flowtime negative", {"flas_concept": LOVE, "flas_flowtime": -0.5}, "flas_flowtime"),
+    ("flowtime above max_flowtime", {"flas_concept": LOVE, "flas_flowtime": 8.01}, "flas_flowtime"),
+    ("flowtime string", {"flas_concept": LOVE, "flas_flowtime": "1.0"}, "flas_flowtime"),
+    ("flowtime bool", {"flas_concept": LOVE, "flas_flowtime": True}, "flas_flowtime"),
+    ("flowtime None", {"flas_concept": LOVE, "flas_flowtime": None}, "flas_flowtime"),
+    ("concept empty", {"flas_concept": "", "flas_flowtime": 1.0}, "flas_concept"),
+    ("concept whitespace", {"flas_concept": " \n\t ", "flas_flowtime": 1.0}, "flas_concept"),
+    ("concept int", {"flas_concept": 7, "flas_flowtime": 1.0}, "flas_concept"),
+    ("concept list", {"flas_concept": ["love"], "flas_flowtime": 1.0}, "flas_concept"),
+    ("concept over 2048 bytes", {"flas_concept": "é" * 1025, "flas_flowtime": 1.0}, "flas_concept"),
+    ("unknown flas_ key", {"flas_concept": LOVE, "flas_flowtime": 1.0, "flas_strength": 2}, "flas_strength"),
+    ("concept without flowtime", {"flas_concept": LOVE}, "flas_flowtime"),
+    ("flowtime without concept", {"flas_flowtime": 1.0}, "flas_concept"),
+]
+
+
+def test_invalid_steering_is_rejected_before_the_engine(main_llm, tiny_model):
+    ids = {"prompt_token_ids": prompt_ids(tiny_model, SHORT_A)}
+    good = Req("good", SHORT_A, LOVE, 1.0)
+    expected = run(main_llm, tiny_model, [good])[0]
+    before = main_llm.concept_stats()
+    for what, extra, fld in BAD_FIELDS:
+        with pytest.raises(ValueError) as info:
+            main_llm.generate([ids], [sampling(extra=extra)], use_tqdm=False)
+        assert fld in str(info.value), f"{what}: the error does not name {fld}: {info.value}"
+        assert main_llm.llm_engine.get_num_unfinished_requests() == 0, what
+    after = main_llm.concept_stats()
+    assert after["steered_requests"] == before["steered_requests"], "a rejected request reached the worker"
+    assert after["misses"] == before["misses"] and after["encoded"] == before["encoded"]
+    # a bad request after a good one: the call fails and the good one, already sent, is aborted
+    with pytest.raises(ValueError, match="flas_flowtime"):
+        main_llm.generate([ids, ids], [sampling(good), sampling(extra=BAD_FIELDS[0][1])], use_tqdm=False)
+    assert main_llm.llm_engine.get_num_unfinished_requests() == 0
+    # the engine is fine: the next valid request still succeeds, with the same result
+    assert_same(run(main_llm, tiny_model, [good])[0], expected, "valid request after rejections")
+    # exactly max_flowtime and exactly 2048 bytes are accepted
+    edge = [Req("tmax", SHORT_A, LOVE, 8.0), Req("2048B", SHORT_A, "é" * 1024, 1.0)]
+    assert all(len(r.token_ids) == MAX_TOKENS for r in run(main_llm, tiny_model, edge))
+
+
+# ---------------------------------------------------------------------------
+# concept preload / evict
+
+
+def test_preload_counts_a_hit_and_evict_a_miss(main_llm, tiny_model):
+    concept = "preloaded concept about gardens"
+    req = Req("preloaded", SHORT_B, concept, 1.0)
+    s0 = main_llm.concept_stats()
+    slots = main_llm.preload_concepts([concept])
+    assert len(slots) == 1 and 1 <= slots[0] <= s0["capacity"]
+    s1 = main_llm.concept_stats()
+    assert s1["encoded"] == s0["encoded"] + 1
+    first = run(main_llm, tiny_model, [req])[0]
+    s2 = main_llm.concept_stats()
+    assert s2["hits"] == s1["hits"] + 1, (s1, s2)
+    assert s2["misses"] == s1["misses"]
+    assert s2["encoded"] == s1["encoded"], "a preloaded concept was encoded again"
+    assert main_llm.evict_concepts([concept]) == [True]
+    assert concept not in [e["concept"] for e in main_llm.concept_stats()["concepts"]]
+    second = run(main_llm, tiny_model, [req])[0]
+    s3 = main_llm.concept_stats()
+    assert s3["misses"] == s2["misses"] + 1, (s2, s3)
+    assert s3["encoded"] == s2["encoded"] + 1
+    assert_same(second, first, "after evict and re-encode")
+    assert main_llm.evict_concepts(["never seen"]) == [False]
+    assert main_llm.evict_concepts([concept]) == [True]  # unpinned now, free again
+
+
+# ---------------------------------------------------------------------------
+# VANILLA: unsteered / T=0 rows equal plain vLLM Gemma-2 on the same batch
+
+
+@pytest.fixture(scope="class")  # class scope: shut down when TestVanilla is done
+def vanilla(tiny_model):
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model=str(tiny_model), dtype="float32", kv_cache_memory_bytes=KV_BYTES, seed=0)
+    TIMINGS["vanilla (compiled) start"] = time.perf_counter() - t0
+    yield llm
+    stop(llm)
+
+
+class TestVanilla:
+    def test_unsteered_rows_bit_identical_to_plain_gemma2(self, vanilla, tiny_model, mixed):
+        plain = run(vanilla, tiny_model, MIXED, unsteered=True)
+        checked = 0
+        for req, got, want in zip(MIXED, mixed, plain):
+            if not req.steered:
+                assert_same(got, want, f"{req.name} vs plain vLLM Gemma-2")
+                checked += 1
+            else:
+                assert got.token_ids != want.token_ids, f"{req.name} is not steered at all"
+        assert checked >= 3
+
+    def test_plain_model_rejects_flas_fields(self, vanilla, tiny_model):
+        ids = {"prompt_token_ids": prompt_ids(tiny_model, SHORT_A)}
+        with pytest.raises(ValueError, match="flas_concept|flas_flowtime"):
+            vanilla.generate([ids], [sampling(extra={"flas_concept": LOVE, "flas_flowtime": 1.0})],
+                             use_tqdm=False)
+        assert len(run(vanilla, tiny_model, [Req("x", SHORT_A)])[0].token_ids) == MAX_TOKENS
+
+
+# ---------------------------------------------------------------------------
+# STRESS: chunked prefill + forced preemption leave outputs unchanged
+
+
+def _metric(llm, name: str) -> float:
+    total = 0.0
+    for m in llm.get_metrics():
+        if m.name == name:
+            total += float(getattr(m, "value", 0) or 0)
+    return total
+
+
+@pytest.fixture(scope="class")
+def stress(tiny_model, ckpt2):
+    """MAIN's settings plus a 32-token step budget and 40 blocks of 32 tokens (all KV groups together)."""
+    t0 = time.perf_counter()
+    llm = start_flas(
+        tiny_model, ckpt2, "stress (compiled)", max_concepts=MAX_CONCEPTS,
+        enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16,
+        block_size=32, num_gpu_blocks_override=40, max_model_len=256,
+        disable_log_stats=False,  # for the vllm:num_preemptions counter
+    )
+    yield llm
+    TIMINGS["stress total"] = time.perf_counter() - t0
+    stop(llm)
+
+
+class TestChunkedPrefillAndPreemption:
+    def test_outputs_equal_main_engine(self, stress, tiny_model, solo):
+        reqs = MIXED + [Req(r.name, r.text, r.concept, r.flowtime) for r in MIXED]  # twice: more pressure
+        # prompts longer than the 32-token step budget can only be prefilled in chunks
+        assert sum(len(prompt_ids(tiny_model, r.text)) > 32 for r in reqs) >= 8
+        before = _metric(stress, "vllm:num_preemptions")
+        outs = run(stress, tiny_model, reqs)
+        preemptions = _metric(stress, "vllm:num_preemptions") - before
+        for req, res in zip(reqs, outs):
+            assert_same(res, solo[req.name], f"{req.name} under chunked prefill + preemption")
+        assert preemptions > 0, "the small KV pool did not force any preemption"
+        TIMINGS["stress preemptions"] = preemptions
+
+
+# ---------------------------------------------------------------------------
+# SLOTS: more distinct concepts in flight than concept slots
+
+
+SLOT_CONCEPTS = [LOVE, OCEAN, LONG_CONCEPT, "anger", "music and dancing", "mathematics", "cats", "space travel"]
+
+
+@pytest.fixture(scope="class")
+def slots_llm(tiny_model, ckpt2):
+    # max_pinned=0: exactly two concept slots in the table, no spare slots for preloads
+    llm = start_flas(tiny_model, ckpt2, "slots (eager)", max_concepts=2, max_pinned=0, enforce_eager=True)
+    yield llm
+    stop(llm)
+
+
+class TestConceptSlots:
+    def test_more_concepts_than_slots(self, slots_llm, tiny_model, ckpt2):
+        texts = [SHORT_A, SHORT_B, MID, LONG]
+        reqs = [Req(f"c{i}", texts[i % len(texts)], c, 0.5 + 0.5 * (i % 4)) for i, c in enumerate(SLOT_CONCEPTS)]
+        reqs.insert(3, Req("plain", MID))
+        reqs.append(Req("again-c0", LONG, SLOT_CONCEPTS[0], 3.0))
+        assert len({r.concept for r in reqs if r.steered}) >= 6
+        solo_res = {r.name: run(slots_llm, tiny_model, [r])[0] for r in reqs}
+        ev0 = slots_llm.concept_stats()["evictions"]
+        outs = run(slots_llm, tiny_model, reqs)
+        stats = slots_llm.concept_stats()
+        for req, res in zip(reqs, outs):
+            assert_same(res, solo_res[req.name], f"{req.name} with 2 concept slots")
+        assert stats["evictions"] > ev0, stats
+        assert stats["capacity"] == 2 and stats["slots_in_use"] <= 2
+        # and right, not just self-consistent: each equals the transformers path
+        ref = hf_reference(hf_steerer(tiny_model, ckpt2), tiny_model, reqs)
+        for req, res in zip(reqs, outs):
+            assert_matches_hf(res, ref[req.name], f"{req.name} with 2 concept slots vs HF")
