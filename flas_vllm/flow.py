@@ -119,8 +119,10 @@ def cross_attend(
     after the softcap.
     """
     groups = q.shape[-2] // k.shape[-2]
-    kk = k.repeat_interleave(groups, dim=-2).transpose(-3, -2)  # [..., nH, Lc, D]
-    vv = v.repeat_interleave(groups, dim=-2).transpose(-3, -2)
+    # Contiguous operands: CPU matmul on strided ones picks a different kernel for a single
+    # token, which would make a request's last bits depend on the rest of its batch.
+    kk = k.repeat_interleave(groups, dim=-2).transpose(-3, -2).contiguous()  # [..., nH, Lc, D]
+    vv = v.repeat_interleave(groups, dim=-2).transpose(-3, -2).contiguous()
     logits = torch.matmul(q.transpose(-3, -2), kk.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [..., nH, N, Lc]
     logits = softcap(logits, cap)
     if valid is not None:

@@ -21,7 +21,7 @@ from torch import nn
 from flas_vllm.concept import tokenize_concept
 from flas_vllm.concept_cache import ConceptSlotTable
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
-from flas_vllm.flow import CONCEPT_MASK_VALUE, FlowFunction, dense_causal_attention, euler_dt, softcap
+from flas_vllm.flow import FlowFunction, cross_attend, dense_causal_attention, euler_dt
 from flas_vllm.steering import Steering, parse_steering
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class SlotTableKV(nn.Module):
         k = self.keys[block].index_select(0, slots)  # [N, Lc, nKV, D]
         v = self.values[block].index_select(0, slots)
         valid = self.valid.index_select(0, slots)
-        return cross_attend_per_token(q, k, v, valid, self.cap)
+        return cross_attend(q[:, None], k, v, valid, self.cap)[:, 0]
 
     @torch.inference_mode()
     def write(self, slot: int, per_block_kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
@@ -62,27 +62,6 @@ class SlotTableKV(nn.Module):
             self.values[b, slot, :n] = v
         self.valid[slot].zero_()
         self.valid[slot, : (n or 1)] = True
-
-
-def cross_attend_per_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                           cap: float | None) -> torch.Tensor:
-    """`flow.cross_attend(q[:, None], k, v, valid, cap)[:, 0]`, with contiguous matmul operands.
-
-    q [N, nH, D]; k, v [N, Lc, nKV, D]; valid [N, Lc] -> [N, nH, D]. Same math and
-    op order as flow.cross_attend. The difference: CPU torch.matmul on the
-    strided (repeat_interleave + transpose) keys picks a different kernel when
-    N == 1, so a request decoding alone got last-bit different logits than in
-    a batch. With contiguous operands each token's product is computed the
-    same way whatever N is, and mixed batches stay bit-identical to solo runs.
-    """
-    groups = q.shape[-2] // k.shape[-2]
-    kk = k.repeat_interleave(groups, dim=-2).transpose(1, 2).contiguous()  # [N, nH, Lc, D]
-    vv = v.repeat_interleave(groups, dim=-2).transpose(1, 2).contiguous()
-    logits = torch.matmul(q[:, :, None, :], kk.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [N, nH, 1, Lc]
-    logits = softcap(logits, cap)
-    logits = logits.masked_fill(~valid[:, None, None, :], CONCEPT_MASK_VALUE)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, vv)[:, :, 0]  # [N, nH, D]
 
 
 class StepBuffers(nn.Module):
