@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+# Bump when the random recipe changes: cached checkpoints live under this version.
+RECIPE_VERSION = 2
+# Strong enough that steering changes greedy output of the (confident) trained tiny model.
+GATE_SCALE = 2.0
+
+
 def make_random_flas_checkpoint(
     out_dir: str | Path,
     base_model_dir: str | Path,
@@ -21,7 +27,7 @@ def make_random_flas_checkpoint(
     dtype: str = "float32",
     fmt: str = "safetensors",
     seed: int = 0,
-    gate_scale: float = 0.6,
+    gate_scale: float = GATE_SCALE,
     legacy_extra_tensors: bool = False,
 ) -> Path:
     """A random flow whose gates and norms are large enough to change greedy output visibly.
@@ -70,7 +76,7 @@ def ensure_flas_checkpoint(base_model_dir: str | Path, **variant) -> Path:
     from flas_vllm.fixtures import fixture_cache_dir
 
     key = "-".join(f"{k}={variant[k]}" for k in sorted(variant)) or "default"
-    out = fixture_cache_dir() / "flas-checkpoints" / Path(base_model_dir).name / key
+    out = fixture_cache_dir() / f"flas-checkpoints-v{RECIPE_VERSION}" / Path(base_model_dir).name / key
     marker = out / ".complete"
     if not marker.exists():
         import shutil
