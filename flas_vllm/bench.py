@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from flas_vllm.llm import shutdown_engine
+
 MODELS = ("fixture", "bench-2b-shape")
 DEFAULT_KS = (1, 8, 64, 256, 1024)
 DEFAULT_OUT = Path("benchmarks/results")
@@ -389,15 +391,6 @@ def _engine_kwargs(cfg: BenchConfig) -> dict:
     )
 
 
-def _stop_engine(llm) -> None:
-    inner = getattr(llm, "llm", llm)
-    try:
-        inner.llm_engine.engine_core.shutdown()
-    except Exception:  # already gone
-        pass
-    gc.collect()
-
-
 def _kv_capacity(llm) -> dict:
     vc = llm.llm_engine.vllm_config
     cc = vc.cache_config
@@ -471,7 +464,7 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> 
         log("vanilla vLLM: timed run ...")
         res = _vllm_run("vanilla vLLM", "vanilla", None, 0, llm, wl, [_sampling(cfg)] * len(wl.prompts))
     finally:
-        _stop_engine(llm)
+        shutdown_engine(llm)
     return res, info
 
 
@@ -516,7 +509,7 @@ def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tup
             results.append(r)
         info["concept_encoding"] = _probe_encoding(llm, cfg, wl.prompts[0])
     finally:
-        _stop_engine(llm)
+        shutdown_engine(llm)
     return results, info
 
 

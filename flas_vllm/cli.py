@@ -127,11 +127,15 @@ def _floats(text: str, option: str) -> list[float]:
 
 def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max_tokens, temperature, top_p,
           seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256,
-          max_num_seqs=None):
+          max_num_seqs=None, num_concepts=None):
     from flas_vllm.eval import GenerateSpec
     from flas_vllm.offline import GenerationSettings
 
     engine = {"dtype": dtype, "enforce_eager": eager}
+    model, flas_checkpoint = _resolve_fixture(model, flas_checkpoint)
+    if model == str(_fixture_dir()):  # a few MiB of KV are plenty for it; vLLM's CPU default is GiBs
+        kv_cache_memory_bytes = kv_cache_memory_bytes or FIXTURE_KV_BYTES
+        max_model_len = max_model_len or 1024
     if max_model_len:
         engine["max_model_len"] = max_model_len
     if kv_cache_memory_bytes:
@@ -143,24 +147,56 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
         num_prompts=num_prompts, flowtimes=_floats(flowtimes, "--flowtimes"),
         settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                     flush_rows=flush_rows),
-        engine_kwargs=engine, max_concepts=max_concepts,
+        engine_kwargs=engine, max_concepts=max_concepts, num_concepts=num_concepts,
     )
 
 
+FIXTURE = "fixture"
+FIXTURE_KV_BYTES = 256 * 1024 * 1024
+
+
+def _fixture_dir() -> Path:
+    from flas_vllm.fixtures import ensure_tiny_gemma2
+
+    return ensure_tiny_gemma2()
+
+
+def _resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
+    """`--model fixture` / `--flas-checkpoint fixture`: the built-in tiny model and a random checkpoint for it."""
+    if flas_checkpoint == FIXTURE and not Path(FIXTURE).exists():
+        if model != FIXTURE:
+            raise typer.BadParameter("'fixture' is a random checkpoint for the built-in fixture model only: "
+                                     "use it with --model fixture", param_hint="--flas-checkpoint")
+        from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
+
+        return str(_fixture_dir()), str(ensure_flas_checkpoint(_fixture_dir(), num_blocks=1))
+    if model == FIXTURE and not Path(FIXTURE).exists():
+        return str(_fixture_dir()), flas_checkpoint
+    return model, flas_checkpoint
+
+
 _GEN_OPTS = dict(
-    model=typer.Option(..., help="a plain Gemma-2 model: directory or Hugging Face id"),
-    flas_checkpoint=typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id"),
-    concepts=typer.Option(..., help="AxBench metadata.jsonl, parquet, CSV or a text list"),
+    model=typer.Option(..., help="a plain Gemma-2 model: directory or Hugging Face id ('fixture': the built-in "
+                                 "tiny test model, built and cached on first use)"),
+    flas_checkpoint=typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id ('fixture': a random "
+                                           "checkpoint for --model fixture)"),
+    concepts=typer.Option(None, help="AxBench metadata.jsonl, parquet, CSV or a text list "
+                                     "(default: the bundled AxBench Concept500 list)"),
+    num_concepts=typer.Option(None, min=1, help="only the first N concepts by concept_id (default: all)"),
     prompts=typer.Option(None, help="AlpacaEval JSON, JSONL or parquet (default: the bundled AlpacaEval)"),
 )
 
 
-def _default_prompts(prompts: Optional[Path]) -> Path:
-    if prompts is not None:
-        return prompts
+def _bundled(path: Optional[Path], name: str) -> Path:
+    if path is not None:
+        return path
     from importlib import resources
 
-    return Path(str(resources.files("flas_vllm.data").joinpath("alpaca_eval.json")))
+    return Path(str(resources.files("flas_vllm.data").joinpath(name)))
+
+
+BUNDLED_PROMPTS = "alpaca_eval.json"
+BUNDLED_CONCEPTS = "concept500_2b_l20_metadata.jsonl"
 
 
 @app.command()
@@ -168,7 +204,8 @@ def generate(
     out: Path = typer.Option(..., help="output directory (parts/ and generations.parquet); re-run to resume"),
     model: str = _GEN_OPTS["model"],
     flas_checkpoint: str = _GEN_OPTS["flas_checkpoint"],
-    concepts: Path = _GEN_OPTS["concepts"],
+    concepts: Optional[Path] = _GEN_OPTS["concepts"],
+    num_concepts: Optional[int] = _GEN_OPTS["num_concepts"],
     prompts: Optional[Path] = _GEN_OPTS["prompts"],
     num_prompts: int = typer.Option(10, min=1, help="prompts per concept (AxBench's sampling rule)"),
     flowtimes: str = typer.Option("0.5,1,2", help="comma-separated flowtimes (0 = unsteered)"),
@@ -190,9 +227,9 @@ def generate(
     """Bulk generation over concepts x prompts x flowtimes into parquet, resumable."""
     from flas_vllm.eval import run_generate, run_generate_ray
 
-    spec = _spec(model, flas_checkpoint, concepts, _default_prompts(prompts), num_prompts, flowtimes, max_tokens,
-                 temperature, top_p, seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts,
-                 flush_rows, max_num_seqs)
+    spec = _spec(model, flas_checkpoint, _bundled(concepts, BUNDLED_CONCEPTS), _bundled(prompts, BUNDLED_PROMPTS),
+                 num_prompts, flowtimes, max_tokens, temperature, top_p, seed, dtype, max_model_len, eager,
+                 kv_cache_memory_bytes, max_concepts, flush_rows, max_num_seqs, num_concepts)
     try:
         if ray or ray_address:
             table = run_generate_ray(spec, out, num_actors=num_actors, ray_address=ray_address)
@@ -203,31 +240,79 @@ def generate(
     typer.echo(f"{table.num_rows} rows in {out / 'generations.parquet'}")
 
 
+_JUDGE_OPTS = dict(
+    base_url=typer.Option(None, help="judge: OpenAI-compatible endpoint, e.g. https://api.openai.com/v1"),
+    judge_model=typer.Option(None, help="judge model name"),
+    local_judge=typer.Option(False, "--local-judge",
+                             help="rate with the bundled offline lexical judge on 127.0.0.1 (a smoke-test "
+                                  "stand-in, not AxBench's LLM judge) instead of --base-url"),
+    api_key_env=typer.Option("OPENAI_API_KEY", help="environment variable holding the judge API key"),
+    concurrency=typer.Option(16, min=1, max=1024, help="judge calls in flight"),
+)
+
+
 @app.command()
 def judge(
     generations: Path = typer.Option(..., help="generations.parquet (or a parts directory)"),
     out: Path = typer.Option(..., help="judge output directory; re-run to retry failures"),
-    base_url: str = typer.Option(..., help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1"),
-    judge_model: str = typer.Option(..., help="judge model name"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the API key"),
-    concurrency: int = typer.Option(16, min=1, max=1024),
+    base_url: Optional[str] = _JUDGE_OPTS["base_url"],
+    judge_model: Optional[str] = _JUDGE_OPTS["judge_model"],
+    local_judge: bool = _JUDGE_OPTS["local_judge"],
+    api_key_env: str = _JUDGE_OPTS["api_key_env"],
+    concurrency: int = _JUDGE_OPTS["concurrency"],
     max_attempts: int = typer.Option(5, min=1, max=20),
     timeout: float = typer.Option(60.0, min=1.0),
 ) -> None:
     """Rate generations with AxBench's three judge templates; failures are kept and retried on resume."""
+    import contextlib
     import os
 
     import pyarrow.parquet as pq
 
     from flas_vllm.judge import JudgeSettings, judge as run_judge
+    from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
     from flas_vllm.offline import GENERATION_SCHEMA, read_parts
 
+    _check_judge_choice(base_url, judge_model, local_judge)
+    if not generations.exists():
+        raise typer.BadParameter(f"{generations} does not exist", param_hint="--generations")
     rows = (read_parts(generations, GENERATION_SCHEMA) if generations.is_dir() else pq.read_table(generations)).to_pylist()
-    key = os.environ.get(api_key_env, "EMPTY")
-    stats = run_judge(rows, out, JudgeSettings(base_url=base_url, model=judge_model, api_key=key,
-                                               concurrency=concurrency, max_attempts=max_attempts,
-                                               timeout_seconds=timeout))
+    with (lexical_judge_server() if local_judge else contextlib.nullcontext()) as server:
+        settings = JudgeSettings(base_url=server.base_url if local_judge else base_url,
+                                 model=MODEL_NAME if local_judge else judge_model,
+                                 api_key=os.environ.get(api_key_env, "EMPTY"), concurrency=concurrency,
+                                 max_attempts=max_attempts, timeout_seconds=timeout)
+        stats = run_judge(rows, out, settings)
     typer.echo(json.dumps(stats))
+
+
+def _check_judge_choice(base_url: Optional[str], judge_model: Optional[str], local_judge: bool) -> None:
+    if local_judge and (base_url or judge_model):
+        raise typer.BadParameter("give either --local-judge or --base-url/--judge-model, not both",
+                                 param_hint="--local-judge")
+    if not local_judge and not (base_url and judge_model):
+        missing = "--base-url" if not base_url else "--judge-model"
+        raise typer.BadParameter("a judge is needed: give --base-url and --judge-model (any OpenAI-compatible "
+                                 "endpoint), or --local-judge for the offline smoke-test judge", param_hint=missing)
+
+
+@app.command("judge-server")
+def judge_server(
+    port: int = typer.Option(8100, min=0, max=65535),
+    host: str = typer.Option("127.0.0.1"),
+) -> None:
+    """Serve the offline lexical judge (a smoke-test stand-in for AxBench's LLM judge) until Ctrl-C."""
+    import time
+
+    from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
+
+    with lexical_judge_server(port=port, host=host) as server:
+        typer.echo(f"lexical judge at {server.base_url} (model name {MODEL_NAME}); Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()
@@ -257,11 +342,13 @@ def eval_command(
     out: Path = typer.Option(..., help="run directory: generate/, judge/, report/"),
     model: str = _GEN_OPTS["model"],
     flas_checkpoint: str = _GEN_OPTS["flas_checkpoint"],
-    concepts: Path = _GEN_OPTS["concepts"],
-    base_url: str = typer.Option(..., help="judge: OpenAI-compatible endpoint"),
-    judge_model: str = typer.Option(..., help="judge model name"),
+    concepts: Optional[Path] = _GEN_OPTS["concepts"],
+    num_concepts: Optional[int] = _GEN_OPTS["num_concepts"],
+    base_url: Optional[str] = _JUDGE_OPTS["base_url"],
+    judge_model: Optional[str] = _JUDGE_OPTS["judge_model"],
+    local_judge: bool = _JUDGE_OPTS["local_judge"],
     prompts: Optional[Path] = _GEN_OPTS["prompts"],
-    api_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the judge API key"),
+    api_key_env: str = _JUDGE_OPTS["api_key_env"],
     num_prompts: int = typer.Option(10, min=1),
     flowtimes: str = typer.Option("0.5,1,2"),
     max_tokens: int = typer.Option(256, min=1),
@@ -274,17 +361,19 @@ def eval_command(
     ray: bool = typer.Option(False, "--ray", help="shard concepts over a local Ray cluster"),
     ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster"),
     num_actors: int = typer.Option(2, min=1),
-    concurrency: int = typer.Option(16, min=1, max=1024, help="judge calls in flight"),
+    concurrency: int = _JUDGE_OPTS["concurrency"],
 ) -> None:
     """generate -> judge -> score in one command (each stage resumes where it stopped)."""
+    _check_judge_choice(base_url, judge_model, local_judge)
     generate(out=out / "generate", model=model, flas_checkpoint=flas_checkpoint, concepts=concepts,
-             prompts=prompts, num_prompts=num_prompts, flowtimes=flowtimes, max_tokens=max_tokens,
-             temperature=temperature, top_p=1.0, seed=seed, dtype=dtype, max_model_len=max_model_len, eager=eager,
-             kv_cache_memory_bytes=kv_cache_memory_bytes, max_concepts=None, flush_rows=256, max_num_seqs=None,
-             ray=ray,
-             ray_address=ray_address, num_actors=num_actors)
+             num_concepts=num_concepts, prompts=prompts, num_prompts=num_prompts, flowtimes=flowtimes,
+             max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, dtype=dtype,
+             max_model_len=max_model_len, eager=eager, kv_cache_memory_bytes=kv_cache_memory_bytes,
+             max_concepts=None, flush_rows=256, max_num_seqs=None, ray=ray, ray_address=ray_address,
+             num_actors=num_actors)
     judge(generations=out / "generate" / "generations.parquet", out=out / "judge", base_url=base_url,
-          judge_model=judge_model, api_key_env=api_key_env, concurrency=concurrency, max_attempts=5, timeout=60.0)
+          judge_model=judge_model, local_judge=local_judge, api_key_env=api_key_env, concurrency=concurrency,
+          max_attempts=5, timeout=60.0)
     score(judgements=out / "judge", out=out / "report", seed=seed)
 
 

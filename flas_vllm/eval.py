@@ -37,6 +37,7 @@ class GenerateSpec:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     max_concepts: int | None = None
+    num_concepts: int | None = None  # the first N concepts by concept_id; None = all
 
 
 def _engine(spec: GenerateSpec):
@@ -48,13 +49,17 @@ def _engine(spec: GenerateSpec):
     return FlasLLM(spec.model, spec.checkpoint, **kwargs)
 
 
+def pending_jobs(spec: GenerateSpec, concepts: Sequence[Concept], out_dir: str | Path) -> list:
+    """The (concept, prompt, flowtime) jobs of `concepts` with no row in `out_dir` yet."""
+    jobs = build_jobs(concepts, load_prompts(spec.prompts), spec.flowtimes, spec.num_prompts, spec.settings.seed)
+    done = completed_keys(read_parts(out_dir, GENERATION_SCHEMA))
+    return [j for j in jobs if j.key not in done]
+
+
 def generate_into(llm, spec: GenerateSpec, concepts: Sequence[Concept], out_dir: str | Path,
                   progress: bool = True) -> int:
     """Generate every missing row for `concepts` into `out_dir` (resumable)."""
-    prompts = load_prompts(spec.prompts)
-    jobs = build_jobs(concepts, prompts, spec.flowtimes, spec.num_prompts, spec.settings.seed)
-    done = completed_keys(read_parts(out_dir, GENERATION_SCHEMA))
-    todo = [j for j in jobs if j.key not in done]
+    todo = pending_jobs(spec, concepts, out_dir)
     if not todo:
         return 0
     writer = PartWriter(out_dir, GENERATION_SCHEMA)
@@ -69,6 +74,11 @@ def validate_spec(spec: GenerateSpec) -> list[Concept]:
         if not (t == t) or t < 0 or t == float("inf"):
             raise ValueError(f"--flowtimes: {t} is not a finite number >= 0")
     concepts = load_concepts(spec.concepts)
+    if spec.num_concepts is not None:
+        if not 1 <= spec.num_concepts <= len(concepts):
+            raise ValueError(f"--num-concepts must be within [1, {len(concepts)}] (concepts in {spec.concepts}), "
+                             f"got {spec.num_concepts}")
+        concepts = sorted(concepts, key=lambda c: c.concept_id)[:spec.num_concepts]
     n = len(load_prompts(spec.prompts))
     if not 1 <= spec.num_prompts <= n:
         raise ValueError(f"--num-prompts must be within [1, {n}] (prompts in {spec.prompts}), got {spec.num_prompts}")
@@ -101,8 +111,8 @@ def merge_generations(parts_dirs: Sequence[str | Path], out_file: str | Path) ->
 def run_generate(spec: GenerateSpec, out_dir: str | Path, progress: bool = True) -> pa.Table:
     concepts = validate_spec(spec)
     out = Path(out_dir)
-    llm = _engine(spec)
-    generate_into(llm, spec, concepts, out / "parts", progress=progress)
+    if pending_jobs(spec, concepts, out / "parts"):  # a finished run resumes without starting an engine
+        generate_into(_engine(spec), spec, concepts, out / "parts", progress=progress)
     return merge_generations([out / "parts"], out / "generations.parquet")
 
 
@@ -125,6 +135,10 @@ def run_generate_ray(spec: GenerateSpec, out_dir: str | Path, *, num_actors: int
 
     concepts = validate_spec(spec)
     out = Path(out_dir).resolve()
+    shards = shard_concepts(concepts, num_actors * shards_per_actor)
+    shard_dirs = [out / "shards" / f"shard-{i:04d}" for i in range(len(shards))]
+    if not any(pending_jobs(spec, s, d) for s, d in zip(shards, shard_dirs)):  # finished: no cluster needed
+        return merge_generations(shard_dirs, out / "generations.parquet")
     started_here = False
     if not ray.is_initialized():
         if ray_address:
@@ -135,8 +149,6 @@ def run_generate_ray(spec: GenerateSpec, out_dir: str | Path, *, num_actors: int
     if num_gpus_per_actor is None:
         num_gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_actor, max_restarts=0)(GenerationActor)
-    shards = shard_concepts(concepts, num_actors * shards_per_actor)
-    shard_dirs = [out / "shards" / f"shard-{i:04d}" for i in range(len(shards))]
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "shards" / "plan.json").write_text(json.dumps(
         [[c.concept_id for c in s] for s in shards]))
@@ -177,8 +189,7 @@ def run_generate_ray(spec: GenerateSpec, out_dir: str | Path, *, num_actors: int
 
 
 def _spec_dict(spec: GenerateSpec) -> dict:
-    d = asdict(spec)
-    return d
+    return asdict(spec)
 
 
 class GenerationActor:

@@ -105,6 +105,16 @@ class TimeEmbedding(nn.Module):
 # attention
 
 
+def expand_concept_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[..., Lc, nKV, D] -> contiguous [..., nH, Lc, D], each KV head repeated for its query group.
+
+    Contiguous operands: CPU matmul on strided ones picks a different kernel for a single
+    token, which would make a request's last bits depend on the rest of its batch.
+    """
+    groups = num_heads // kv.shape[-2]
+    return kv.repeat_interleave(groups, dim=-2).transpose(-3, -2).contiguous()
+
+
 def cross_attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,11 +128,18 @@ def cross_attend(
     head_dim**-0.5 (not query_pre_attn_scalar); padding is masked to -1e4
     after the softcap.
     """
-    groups = q.shape[-2] // k.shape[-2]
-    # Contiguous operands: CPU matmul on strided ones picks a different kernel for a single
-    # token, which would make a request's last bits depend on the rest of its batch.
-    kk = k.repeat_interleave(groups, dim=-2).transpose(-3, -2).contiguous()  # [..., nH, Lc, D]
-    vv = v.repeat_interleave(groups, dim=-2).transpose(-3, -2).contiguous()
+    nh = q.shape[-2]
+    return cross_attend_heads(q, expand_concept_kv(k, nh), expand_concept_kv(v, nh), valid, cap)
+
+
+def cross_attend_heads(
+    q: torch.Tensor,
+    kk: torch.Tensor,
+    vv: torch.Tensor,
+    valid: torch.Tensor | None,
+    cap: float | None,
+) -> torch.Tensor:
+    """`cross_attend` on keys/values already laid out by `expand_concept_kv` ([..., nH, Lc, D])."""
     logits = torch.matmul(q.transpose(-3, -2), kk.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [..., nH, N, Lc]
     logits = softcap(logits, cap)
     if valid is not None:

@@ -29,6 +29,18 @@ def flas_engine_kwargs(
     return {"model": str(model), "hf_overrides": overrides, **vllm_kwargs}
 
 
+def shutdown_engine(llm) -> None:
+    """Stop a `vllm.LLM` or `FlasLLM` engine core now (frees its memory before the next engine starts)."""
+    import gc
+
+    inner = getattr(llm, "llm", llm)
+    try:
+        inner.llm_engine.engine_core.shutdown()
+    except Exception:  # already gone
+        pass
+    gc.collect()
+
+
 class FlasLLM:
     """A thin layer over `vllm.LLM`: same generate/chat API, plus concept management."""
 

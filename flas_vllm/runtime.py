@@ -21,32 +21,37 @@ from torch import nn
 from flas_vllm.concept import tokenize_concept
 from flas_vllm.concept_cache import ConceptSlotTable
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
-from flas_vllm.flow import FlowFunction, cross_attend, dense_causal_attention, euler_dt
+from flas_vllm.flow import FlowFunction, cross_attend_heads, dense_causal_attention, euler_dt, expand_concept_kv
 from flas_vllm.steering import Steering, parse_steering
 
 logger = logging.getLogger(__name__)
 
 
 class SlotTableKV(nn.Module):
-    """Per-block concept keys/values in a fixed table; each token reads its own slot."""
+    """Per-block concept keys/values in a fixed table; each token reads its own slot.
+
+    Stored already expanded to query heads ([slot, nH, Lc, D], see `expand_concept_kv`)
+    so a step gathers each token's keys in one copy instead of three.
+    """
 
     def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device):
         super().__init__()
-        shape = (num_blocks, capacity + 1, max_len, g.num_kv_heads, g.head_dim)
+        shape = (num_blocks, capacity + 1, g.num_heads, max_len, g.head_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         valid = torch.zeros(capacity + 1, max_len, dtype=torch.bool, device=device)
         valid[0, 0] = True  # the null slot attends to one zero key: finite, and never used
         self.register_buffer("valid", valid, persistent=False)
         self.cap = g.attn_logit_softcapping
+        self.num_heads = g.num_heads
         self.token_slots: torch.Tensor | None = None
 
     def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
         slots = self.token_slots[: q.shape[0]]
-        k = self.keys[block].index_select(0, slots)  # [N, Lc, nKV, D]
-        v = self.values[block].index_select(0, slots)
+        kk = self.keys[block].index_select(0, slots)  # [N, nH, Lc, D]
+        vv = self.values[block].index_select(0, slots)
         valid = self.valid.index_select(0, slots)
-        return cross_attend(q[:, None], k, v, valid, self.cap)[:, 0]
+        return cross_attend_heads(q[:, None], kk, vv, valid, self.cap)[:, 0]
 
     @torch.inference_mode()
     def write(self, slot: int, per_block_kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
@@ -58,8 +63,8 @@ class SlotTableKV(nn.Module):
             n = k.shape[0]
             self.keys[b, slot].zero_()
             self.values[b, slot].zero_()
-            self.keys[b, slot, :n] = k
-            self.values[b, slot, :n] = v
+            self.keys[b, slot, :, :n] = expand_concept_kv(k, self.num_heads)
+            self.values[b, slot, :, :n] = expand_concept_kv(v, self.num_heads)
         self.valid[slot].zero_()
         self.valid[slot, : (n or 1)] = True
 

@@ -59,8 +59,9 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
 
 def install_all() -> None:
     check_vllm_version()
-    from . import admission, runner_hook, scheduler_admission
+    from . import admission, cpu_seeded_rewind, runner_hook, scheduler_admission
 
     runner_hook.install()
     admission.install()
     scheduler_admission.install()
+    cpu_seeded_rewind.install()

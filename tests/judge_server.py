@@ -7,11 +7,11 @@ The judged text decides the reply: "GOOD" rates 2, "OKAY" rates 1, "MALFORMED" a
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from flas_vllm.lexical_judge import ChatCompletionServer
 
 
 class ScriptedJudge:
@@ -19,36 +19,8 @@ class ScriptedJudge:
         self.calls = Counter()
         self.healed = False
         self._lock = threading.Lock()
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                if not self.path.endswith("/v1/chat/completions"):
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                text = body["messages"][0]["content"]
-                status, reply = judge.respond(text)
-                payload = json.dumps(
-                    {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "judge"),
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": reply}}]}
-                    if status == 200 else {"error": {"message": reply, "type": "server_error", "code": status}}
-                ).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.server = ChatCompletionServer(self.respond)
+        self.base_url = self.server.base_url
 
     def respond(self, text: str) -> tuple[int, str]:
         marker = next((m for m in ("MALFORMED", "FLAKY", "DOWN", "SLOW", "OKAY", "GOOD") if m in text), "GOOD")
@@ -71,9 +43,8 @@ class ScriptedJudge:
         self.healed = True
 
     def __enter__(self):
-        self.thread.start()
+        self.server.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.__exit__(*exc)

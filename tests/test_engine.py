@@ -17,12 +17,14 @@ transformers reference see the same ids. Exactness is asserted in fp32.
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from dataclasses import dataclass, field
 
 import pytest
+
+from flas_vllm.llm import shutdown_engine
+from tests.texts import LONG, LONG_CONCEPT, MID, SHORT as SHORT_A
 
 pytestmark = pytest.mark.engine
 
@@ -34,20 +36,7 @@ TIMINGS: dict[str, float] = {}
 # ---------------------------------------------------------------------------
 # prompts and concepts
 
-SHORT_A = "Give three tips for staying healthy."
 SHORT_B = "Write a short story about a robot."
-MID = (
-    "Describe the water cycle in simple terms for a child who has never heard of evaporation, "
-    "condensation or precipitation, and explain why rain falls from clouds."
-)
-LONG = (
-    "You are helping a small town library plan its summer reading program. The library has a limited "
-    "budget, two part-time staff members and a large group of volunteers who are mostly retired teachers. "
-    "Children between six and twelve years old should be encouraged to read at least ten books over the "
-    "summer, while teenagers need activities that feel less like school and more like a club. Write a "
-    "plan that lists the weekly events, explains how progress will be tracked, and suggests three cheap "
-    "prizes that would motivate young readers to finish the program."
-)
 # > 128 prompt tokens, so that at least one full 128-token KV block is cacheable (CPU default block size).
 PREFIX_LONG = LONG + (
     " Then compare the plan with a program for adults, describe what the volunteers should do each week, "
@@ -57,13 +46,6 @@ PREFIX_LONG = LONG + (
 
 LOVE = "love"
 OCEAN = "the ocean and sailing ships"
-# Far more than 64 tokens: exercises the concept_max_len truncation.
-LONG_CONCEPT = (
-    "a quiet mountain village in winter, where the snow covers every roof and the people gather in the old "
-    "wooden hall to share warm bread, tell stories about the summer, sing songs about the rivers and the "
-    "forests, and wait for the spring to return to the valley below the high and silent peaks, while the "
-    "children build snowmen and the dogs sleep near the fire"
-)
 
 
 @dataclass(frozen=True)
@@ -181,15 +163,6 @@ def start_flas(model_dir, ckpt, label: str, **kw):
     return llm
 
 
-def stop(llm) -> None:
-    inner = getattr(llm, "llm", llm)
-    try:
-        inner.llm_engine.engine_core.shutdown()
-    except Exception:  # already gone
-        pass
-    gc.collect()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _report_timings():
     yield
@@ -212,7 +185,7 @@ def main_llm(tiny_model, ckpt2):
     llm = start_flas(tiny_model, ckpt2, "main (compiled)", max_concepts=MAX_CONCEPTS)
     yield llm
     TIMINGS["main total"] = time.perf_counter() - t0
-    stop(llm)
+    shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")
@@ -332,38 +305,23 @@ def test_prefix_cache_respects_steering(main_llm, tiny_model):
     assert_same(warm_plain, cold["plain"], "plain, cold cache")
     assert one(plain).num_cached_tokens > 0, "identical unsteered prompt must reuse cached blocks"
 
-    # steered after unsteered: must not reuse the unsteered KV
-    res = one(a)
-    assert res.num_cached_tokens == 0, "first run with new steering reused another request's KV"
-    assert_same(res, cold["love-1.5"], "steered after unsteered run of the same prompt")
-    # identical steering reuses it
-    res = one(a)
-    assert res.num_cached_tokens > 0, "identical steering should reuse cached blocks"
-    assert_same(res, cold["love-1.5"], "steered, warm cache")
-    # another flowtime, another concept: no reuse, cold results
-    res = one(a_other_t)
-    assert res.num_cached_tokens == 0
-    assert_same(res, cold["love-2.0"], "same concept, other flowtime after the first")
-    res = one(b)
-    assert res.num_cached_tokens == 0
-    assert_same(res, cold["ocean-1.5"], "second concept after the first")
-    res = one(b)
-    assert res.num_cached_tokens > 0
-    assert_same(res, cold["ocean-1.5"], "second concept, warm")
-
-    # a user cache_salt still applies, on top of the steering salt
-    res = one(a_salt)
-    assert res.num_cached_tokens == 0, "tenant-A must not see the unsalted steered KV"
-    assert_same(res, cold["love-1.5"], "salted steered request")
-    res = one(a_salt)
-    assert res.num_cached_tokens > 0, "same tenant, same steering should share"
-    assert_same(res, cold["love-1.5"], "salted steered request, warm")
-    res = one(a_salt_b)
-    assert res.num_cached_tokens == 0, "tenant-B must not see tenant-A's KV"
-    assert_same(res, cold["love-1.5"], "other tenant")
-    res = one(plain_salt)
-    assert res.num_cached_tokens == 0, "tenant-A unsteered must not see tenant-A steered KV nor unsalted KV"
-    assert_same(res, cold["plain"], "salted unsteered request")
+    # (request, reuses cached blocks?, reference, why), in this order against one warm cache
+    sequence = [
+        (a, False, "love-1.5", "first run with new steering must not reuse the unsteered KV"),
+        (a, True, "love-1.5", "identical steering should reuse cached blocks"),
+        (a_other_t, False, "love-2.0", "same concept, other flowtime: no reuse"),
+        (b, False, "ocean-1.5", "second concept after the first: no reuse"),
+        (b, True, "ocean-1.5", "second concept, warm"),
+        # a user cache_salt still applies, on top of the steering salt
+        (a_salt, False, "love-1.5", "tenant-A must not see the unsalted steered KV"),
+        (a_salt, True, "love-1.5", "same tenant, same steering should share"),
+        (a_salt_b, False, "love-1.5", "tenant-B must not see tenant-A's KV"),
+        (plain_salt, False, "plain", "tenant-A unsteered must not see tenant-A steered KV nor unsalted KV"),
+    ]
+    for req, reuses, reference, why in sequence:
+        res = one(req)
+        assert (res.num_cached_tokens > 0) == reuses, f"{req.name}: {why} (cached {res.num_cached_tokens})"
+        assert_same(res, cold[reference], f"{req.name}: {why}")
 
     # a batch: identical steering shares, the unsteered twin does not disturb it
     outs = run(main_llm, tiny_model, [a, plain, b, a_other_t])
@@ -459,7 +417,7 @@ def vanilla(tiny_model):
     llm = LLM(model=str(tiny_model), dtype="float32", kv_cache_memory_bytes=KV_BYTES, seed=0)
     TIMINGS["vanilla (compiled) start"] = time.perf_counter() - t0
     yield llm
-    stop(llm)
+    shutdown_engine(llm)
 
 
 class TestVanilla:
@@ -506,7 +464,7 @@ def stress(tiny_model, ckpt2):
     )
     yield llm
     TIMINGS["stress total"] = time.perf_counter() - t0
-    stop(llm)
+    shutdown_engine(llm)
 
 
 class TestChunkedPrefillAndPreemption:
@@ -523,6 +481,26 @@ class TestChunkedPrefillAndPreemption:
         TIMINGS["stress preemptions"] = preemptions
 
 
+    def test_seeded_sampling_is_unchanged_by_chunked_prefill(self, stress, main_llm, tiny_model):
+        """vLLM 0.32's CPU runner died here (see patches/cpu_seeded_rewind.py); a seeded request must
+        sample the same tokens whether its prompt was prefilled in one step or in 32-token chunks."""
+        from vllm import SamplingParams
+
+        reqs = [r for r in MIXED if len(prompt_ids(tiny_model, r.text)) > 32]
+        assert len(reqs) >= 4
+
+        def go(llm):
+            params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                     logprobs=1, extra_args=r.extra_args()) for i, r in enumerate(reqs)]
+            outs = llm.generate([prompt_of(tiny_model, r) for r in reqs], params, use_tqdm=False)
+            return [Result.of(o) for o in outs]
+
+        chunked, whole = go(stress), go(main_llm)
+        for req, a, b in zip(reqs, chunked, whole):
+            assert_same(a, b, f"{req.name}, seeded sampling, chunked vs whole prefill")
+        assert len({r.token_ids for r in whole}) > 1
+
+
 # ---------------------------------------------------------------------------
 # SLOTS: more distinct concepts in flight than concept slots
 
@@ -535,7 +513,7 @@ def slots_llm(tiny_model, ckpt2):
     # max_pinned=0: exactly two concept slots in the table, no spare slots for preloads
     llm = start_flas(tiny_model, ckpt2, "slots (eager)", max_concepts=2, max_pinned=0, enforce_eager=True)
     yield llm
-    stop(llm)
+    shutdown_engine(llm)
 
 
 class TestConceptSlots:

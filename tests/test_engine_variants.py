@@ -10,37 +10,19 @@ compared after such a divergence.
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 
 import pytest
+
+from flas_vllm.llm import shutdown_engine
+from tests.texts import LONG, LONG_CONCEPT, MID, SHORT
 
 pytestmark = pytest.mark.engine
 
 KV_BYTES = 256 * 1024 * 1024
 MAX_TOKENS = 24
 NEAR_TIE = 0.05  # bf16: a top-1/top-2 logprob margin below this may flip between implementations
-
-SHORT = "Give three tips for staying healthy."
-MID = (
-    "Describe the water cycle in simple terms for a child who has never heard of evaporation, "
-    "condensation or precipitation, and explain why rain falls from clouds."
-)
-LONG = (
-    "You are helping a small town library plan its summer reading program. The library has a limited "
-    "budget, two part-time staff members and a large group of volunteers who are mostly retired teachers. "
-    "Children between six and twelve years old should be encouraged to read at least ten books over the "
-    "summer, while teenagers need activities that feel less like school and more like a club. Write a "
-    "plan that lists the weekly events, explains how progress will be tracked, and suggests three cheap "
-    "prizes that would motivate young readers to finish the program."
-)
-LONG_CONCEPT = (
-    "a quiet mountain village in winter, where the snow covers every roof and the people gather in the old "
-    "wooden hall to share warm bread, tell stories about the summer, sing songs about the rivers and the "
-    "forests, and wait for the spring to return to the valley below the high and silent peaks, while the "
-    "children build snowmen and the dogs sleep near the fire"
-)
 
 # (text, concept, flowtime); flowtime 0 and None are unsteered
 CASES = [
@@ -85,11 +67,8 @@ def variant(request, tiny_model, make_ckpt):
                   kv_cache_memory_bytes=KV_BYTES, seed=0, max_concepts=4)
     TIMINGS[f"{name} start"] = time.perf_counter() - t0
     yield name, llm, ckpt, dtype
-    try:
-        llm.llm.llm_engine.engine_core.shutdown()
-    finally:
-        del llm
-        gc.collect()
+    shutdown_engine(llm)
+    del llm
     TIMINGS[f"{name} total"] = time.perf_counter() - t0
     print(f"\nengine timings (s): {TIMINGS}")
 

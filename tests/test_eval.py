@@ -185,3 +185,25 @@ def test_eval_end_to_end_with_local_judge(tiny_model, make_ckpt, concepts_file, 
     assert summary["hmean"] == pytest.approx(2.0)  # the scripted judge rates everything 2
     assert (tmp_path / "report" / "scores_by_flowtime.png").stat().st_size > 1000
     assert "| hmean |" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.engine
+def test_quickstart_path_bundled_concepts_and_the_offline_judge(tiny_model, make_ckpt, tmp_path):
+    """The README quickstart's command: no --concepts (bundled Concept500), --num-concepts, --local-judge."""
+    ckpt = make_ckpt(num_blocks=1)
+    cmd = [sys.executable, "-m", "flas_vllm.cli", "eval", "--out", str(tmp_path), "--model", str(tiny_model),
+           "--flas-checkpoint", str(ckpt), "--num-concepts", "3", "--num-prompts", "2", "--flowtimes", "0,1.5",
+           "--max-tokens", "8", "--local-judge", *ENGINE]
+    subprocess.run(cmd, check=True, timeout=900)
+    gens = pq.read_table(tmp_path / "generate" / "generations.parquet").to_pylist()
+    again = subprocess.run(cmd, check=True, timeout=900, capture_output=True, text=True)
+    assert '"judged": 0, "failed": 0, "skipped": 12' in again.stdout  # everything resumed as done
+    assert "EngineCore" not in again.stderr  # a finished generate stage starts no engine
+    assert pq.read_table(tmp_path / "generate" / "generations.parquet").to_pylist() == gens
+    assert sorted({r["concept_id"] for r in gens}) == [0, 1, 2] and len(gens) == 3 * 2 * 2
+    from flas_vllm.judge import latest_judgements
+
+    judged = latest_judgements(tmp_path / "judge").values()
+    assert {r["judge_model"] for r in judged} == {"flas-lexical-judge"}
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["summary"]
+    assert summary["n_concepts"] == 3 and summary["judge_failures"] == 0

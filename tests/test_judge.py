@@ -58,3 +58,46 @@ def test_client_errors_are_not_retried(tmp_path):
         assert stats["failed"] == 1
         row = next(iter(latest_judgements(tmp_path).values()))
         assert row["judge_failed"] and "HTTP" in row["judge_error"]
+
+
+def test_lexical_judge_reads_axbench_templates():
+    from flas_vllm.judge import load_templates
+    from flas_vllm.lexical_judge import rate
+
+    t = load_templates()
+    pirate = "Arr, the pirate ship sailed across the stormy ocean with its treasure."
+    assert parse_rating(rate(t["concept"].format(concept="pirates and ocean treasure", sentence=pirate))) == 2
+    assert parse_rating(rate(t["concept"].format(concept="pirates and income taxation law", sentence=pirate))) == 1
+    assert parse_rating(rate(t["concept"].format(concept="C++ template syntax", sentence=pirate))) == 0
+    assert parse_rating(rate(t["instruction"].format(instruction="Describe a pirate ship.", sentence=pirate))) == 2
+    assert parse_rating(rate(t["fluency"].format(sentence=pirate))) == 2
+    assert parse_rating(rate(t["fluency"].format(sentence="the the the the the the the the"))) == 0
+    assert parse_rating(rate(t["fluency"].format(sentence="<0x12> ## 77 }} ]] ::"))) == 0
+    assert parse_rating(rate("rate this: hello")) is None  # not an AxBench template: no rating, a judge failure
+
+
+def test_judge_cli_with_the_local_judge_and_its_option_errors(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flas_vllm.offline import GENERATION_SCHEMA
+
+    gens = tmp_path / "generations.parquet"
+    pq.write_table(pa.Table.from_pylist([_row(0, "Arr, pirates sail the ocean."), _row(1, "x")],
+                                        schema=GENERATION_SCHEMA), gens)
+    base = [sys.executable, "-m", "flas_vllm.cli", "judge", "--generations", str(gens), "--out", str(tmp_path / "j")]
+    done = subprocess.run(base + ["--local-judge"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"judged": 2, "failed": 0, "skipped": 0}
+    got = {k[1]: v for k, v in latest_judgements(tmp_path / "j").items()}
+    assert got[0]["concept_score"] == 2 and got[0]["judge_model"] == "flas-lexical-judge"
+    assert got[1]["fluency_score"] == 0
+
+    for extra, needle in ((["--local-judge", "--base-url", "http://x/v1"], "--local-judge"),
+                          (["--base-url", "http://x/v1"], "--judge-model"), ([], "--base-url")):
+        bad = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr

@@ -23,6 +23,8 @@ def test_install_all_is_idempotent_and_marks_wrappers():
         (InputProcessor, "process_inputs"),
         (Scheduler, "schedule"),
         (Scheduler, "_handle_blocked_waiting_request"),
+        (GPUModelRunner, "_sample"),
+        (GPUModelRunner, "_bookkeeping_sync"),
     ]:
         fn = getattr(owner, name)
         assert getattr(fn, "__flas_patched__", False), f"{owner.__name__}.{name} is not patched"
@@ -43,6 +45,7 @@ def test_cpu_runner_inherits_the_hook():
         ("vllm.v1.engine.input_processor:InputProcessor", "process_inputs",
          ["self", "request_id", "prompt", "params"]),
         ("vllm.v1.core.sched.scheduler:Scheduler", "_handle_blocked_waiting_request", ["self", "request"]),
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_sample", ["self", "logits", "spec_decode_metadata"]),
     ],
 )
 def test_upstream_signatures_are_what_the_patches_were_written_for(owner_path, name, expected):
@@ -91,3 +94,45 @@ def test_wrap_once_refuses_a_vanished_function():
 
     with pytest.raises(patches.UnsupportedVllmVersion, match="no longer exists"):
         patches.wrap_once(Owner, "missing", lambda f: f)
+
+
+def test_bookkeeping_still_rewinds_discarded_generators_by_offset():
+    """What patches/cpu_seeded_rewind.py works around; if upstream changes it, revisit the patch."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    fn = GPUModelRunner._bookkeeping_sync
+    source = inspect.getsource(getattr(fn, "__wrapped__", fn))
+    assert "discard_request_mask" in source and "gen.set_offset(gen.get_offset() - 4)" in source
+
+
+def test_cpu_seeded_rewind_restores_the_exact_generator_state():
+    """The wrappers on a minimal runner: sampling consumes randomness, the discarded row gets it back."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from flas_vllm.patches import cpu_seeded_rewind
+
+    def sample(runner):  # what the sampler does with per-request generators
+        return [torch.rand(3, generator=g) for g in runner.input_batch.generators.values()]
+
+    def bookkeeping(runner):  # upstream's loop, verbatim in spirit: raises on a CPU generator
+        for i in np.nonzero(runner.discard_request_mask.np[: runner.input_batch.num_reqs])[0]:
+            gen = runner.input_batch.generators.get(int(i))
+            if gen is not None:
+                gen.set_offset(gen.get_offset() - 4)
+        return "done"
+
+    gens = {0: torch.Generator().manual_seed(1), 1: torch.Generator().manual_seed(2)}
+    runner = SimpleNamespace(input_batch=SimpleNamespace(generators=gens, num_reqs=3),
+                             discard_request_mask=SimpleNamespace(np=np.array([True, False, True])))
+    with pytest.raises(RuntimeError, match="offset"):
+        bookkeeping(runner)
+    fresh0, fresh1 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    cpu_seeded_rewind._make_sample(sample)(runner)
+    assert cpu_seeded_rewind._make_bookkeeping(bookkeeping)(runner) == "done"
+    assert set(runner.input_batch.generators) == {0, 1}  # hidden only during bookkeeping
+    assert torch.equal(torch.rand(3, generator=gens[0]), torch.rand(3, generator=fresh0))  # rewound
+    torch.rand(3, generator=fresh1)
+    assert torch.equal(torch.rand(3, generator=gens[1]), torch.rand(3, generator=fresh1))  # advanced

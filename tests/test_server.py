@@ -63,6 +63,7 @@ def offline_results(tiny_model, ckpt):
     from vllm import SamplingParams
 
     from flas_vllm import FlasLLM, steering
+    from flas_vllm.llm import shutdown_engine
 
     llm = FlasLLM(str(tiny_model), str(ckpt), max_concepts=16, **ENGINE_ARGS)
     results = []
@@ -74,7 +75,7 @@ def offline_results(tiny_model, ckpt):
         else:
             out = llm.generate([case["prompt"]], sp, use_tqdm=False)
         results.append(out[0].outputs[0].text)
-    llm.llm.llm_engine.engine_core.shutdown()
+    shutdown_engine(llm)
     del llm
     return results
 
