@@ -148,6 +148,7 @@ class FlasGemma2Model(Gemma2Model):
         if self._flas_skip_unsteered:
             _register_steer_op()
             _STEER_TARGETS[self._flas_target] = self
+            self.flas_runtime.group_by_length = True
         logger.info(
             "FLAS: checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d, %d concept slots, "
             "%d extra KV layers", ckpt.path, ckpt.fingerprint, self.flas_layer, num_blocks, self.flas_n_steps,

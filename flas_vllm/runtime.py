@@ -27,11 +27,21 @@ from flas_vllm.steering import Steering, parse_steering
 logger = logging.getLogger(__name__)
 
 
+LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped
+
+
 class SlotTableKV(nn.Module):
     """Per-block concept keys/values in a fixed table; each token reads its own slot.
 
     Stored already expanded to query heads ([slot, nH, Lc, D], see `expand_concept_kv`)
     so a step gathers each token's keys in one copy instead of three.
+
+    Where the step may branch on data (no CUDA graphs: the flow runs as an opaque op),
+    `plan_step` groups tokens by their concept's length rounded up to LENGTH_BUCKET and
+    each group gathers and attends over that many key positions instead of the full
+    `concept_max_len`: most concepts are far shorter, and the gather is the flow's
+    largest memory cost. A token's arithmetic depends only on its own concept, never on
+    the rest of the batch, so mixed batches stay bit-identical to solo runs.
     """
 
     def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device):
@@ -44,14 +54,40 @@ class SlotTableKV(nn.Module):
         self.register_buffer("valid", valid, persistent=False)
         self.cap = g.attn_logit_softcapping
         self.num_heads = g.num_heads
+        self.max_len = max_len
         self.token_slots: torch.Tensor | None = None
+        # host copy: each slot's key length rounded up to LENGTH_BUCKET (the null slot: one bucket)
+        self.bucket_len = np.full(capacity + 1, min(LENGTH_BUCKET, max_len), dtype=np.int64)
+        self.groups: list[tuple[int, torch.Tensor | None, torch.Tensor]] | None = None
+
+    def plan_step(self, token_slots: np.ndarray, device_slots: torch.Tensor) -> None:
+        """Group this step's tokens by bucketed concept length: [(length, token index or None, slots)]."""
+        lengths = self.bucket_len[token_slots]
+        found = np.unique(lengths)
+        if len(found) == 1:
+            self.groups = [(int(found[0]), None, device_slots[: len(token_slots)])]
+            return
+        self.groups = []
+        for length in found:
+            idx = torch.from_numpy(np.nonzero(lengths == length)[0]).to(device_slots.device)
+            self.groups.append((int(length), idx, device_slots.index_select(0, idx)))
 
     def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
-        slots = self.token_slots[: q.shape[0]]
-        kk = self.keys[block].index_select(0, slots)  # [N, nH, Lc, D]
-        vv = self.values[block].index_select(0, slots)
-        valid = self.valid.index_select(0, slots)
-        return cross_attend_heads(q[:, None], kk, vv, valid, self.cap)[:, 0]
+        n = q.shape[0]
+        groups = self.groups
+        if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
+            groups = [(self.max_len, None, self.token_slots[:n])]  # traced graphs: one full-length gather
+        out = None if len(groups) == 1 else torch.empty_like(q)
+        for length, idx, slots in groups:
+            kk = self.keys[block, :, :, :length].index_select(0, slots)  # [n_g, nH, length, D], contiguous
+            vv = self.values[block, :, :, :length].index_select(0, slots)
+            valid = self.valid[:, :length].index_select(0, slots)
+            qg = q if idx is None else q.index_select(0, idx)
+            res = cross_attend_heads(qg[:, None], kk, vv, valid, self.cap)[:, 0]
+            if out is None:
+                return res
+            out.index_copy_(0, idx, res)
+        return out
 
     @torch.inference_mode()
     def write(self, slot: int, per_block_kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
@@ -67,6 +103,7 @@ class SlotTableKV(nn.Module):
             self.values[b, slot, :, :n] = expand_concept_kv(v, self.num_heads)
         self.valid[slot].zero_()
         self.valid[slot, : (n or 1)] = True
+        self.bucket_len[slot] = min(self.max_len, -(-(n or 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
 
 
 class StepBuffers(nn.Module):
@@ -118,6 +155,7 @@ class FlasRuntime:
         self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
         self._dt_cache: dict[float, torch.Tensor] = {}
         self.steered_requests = 0
+        self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
 
     # -- concepts ---------------------------------------------------------------
 
@@ -190,8 +228,11 @@ class FlasRuntime:
             dts.append(self._dt(steer.flowtime) if steer is not None else zero)
         counts = np.asarray(num_scheduled_tokens[:n_reqs])
         dt_tok = torch.repeat_interleave(torch.stack(dts), torch.from_numpy(counts)) if n_reqs else zero[:0]
-        self.buffers.publish(np.repeat(steered, counts), dt_tok, np.repeat(slots, counts))
+        token_slots = np.repeat(slots, counts)
+        self.buffers.publish(np.repeat(steered, counts), dt_tok, token_slots)
         self.table.token_slots = self.buffers.slot
+        if self.group_by_length:
+            self.table.plan_step(token_slots, self.buffers.slot)
 
     def _admit(self, rid: str, request_state: Any) -> tuple[Steering | None, int]:
         params = getattr(request_state, "sampling_params", None)

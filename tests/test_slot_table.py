@@ -1,0 +1,72 @@
+"""The concept slot table's per-token cross-attention: length grouping is exact math and batch invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flas_vllm.config import FlowGeometry
+from flas_vllm.flow import cross_attend
+from flas_vllm.runtime import SlotTableKV
+
+G = FlowGeometry(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                 num_hidden_layers=4, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=16,
+                 attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+LENGTHS = {1: 5, 2: 20, 3: 40, 4: 64}  # slot -> concept length: buckets 16, 32, 48, 64
+
+
+@pytest.fixture(scope="module")
+def table():
+    torch.manual_seed(0)
+    t = SlotTableKV(G, num_blocks=2, capacity=6, max_len=64, dtype=torch.float32, device="cpu")
+    kv = {}
+    for slot, n in LENGTHS.items():
+        per_block = [(torch.randn(n, G.num_kv_heads, G.head_dim), torch.randn(n, G.num_kv_heads, G.head_dim))
+                     for _ in range(2)]
+        t.write(slot, per_block)
+        kv[slot] = per_block
+    return t, kv
+
+
+def _attend(t, slots, q, block=1, grouped=True):
+    slots_np = np.asarray(slots, dtype=np.int64)
+    device_slots = torch.from_numpy(slots_np)
+    t.token_slots = device_slots
+    t.groups = None
+    if grouped:
+        t.plan_step(slots_np, device_slots)
+    return t.attend(block, q)
+
+
+def test_buckets_follow_concept_lengths(table):
+    t, _ = table
+    assert [int(t.bucket_len[s]) for s in (0, 1, 2, 3, 4)] == [16, 16, 32, 48, 64]
+    _attend(t, [1, 2, 2, 3, 0, 4, 1], torch.randn(7, G.num_heads, G.head_dim))
+    assert sorted(length for length, _, _ in t.groups) == [16, 32, 48, 64]
+
+
+def test_grouped_equals_each_concept_alone_unpadded(table):
+    t, kv = table
+    slots = [2, 1, 3, 3, 4, 2, 1, 4, 2]
+    q = torch.randn(len(slots), G.num_heads, G.head_dim)
+    got = _attend(t, slots, q)
+    full = _attend(t, slots, q, grouped=False)
+    for i, s in enumerate(slots):
+        k, v = kv[s][1]
+        want = cross_attend(q[i:i + 1], k, v, None, G.attn_logit_softcapping)[0]  # the transformers path
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_each_token_is_bit_identical_alone_and_in_any_batch(table):
+    t, _ = table
+    slots = [4, 2, 1, 3, 2, 0, 1, 4, 3, 3, 2]
+    q = torch.randn(len(slots), G.num_heads, G.head_dim)
+    batch = _attend(t, slots, q)
+    shuffled = list(reversed(range(len(slots))))
+    other = _attend(t, [slots[i] for i in shuffled], q[shuffled])
+    for i, s in enumerate(slots):
+        alone = _attend(t, [s], q[i:i + 1])
+        assert torch.equal(batch[i], alone[0]), f"token {i} (slot {s}) depends on its batch"
+        assert torch.equal(other[shuffled.index(i)], batch[i])
