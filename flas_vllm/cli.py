@@ -132,8 +132,9 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
     from flas_vllm.offline import GenerationSettings
 
     engine = {"dtype": dtype, "enforce_eager": eager}
+    uses_fixture = model == FIXTURE and not Path(FIXTURE).exists()
     model, flas_checkpoint = _resolve_fixture(model, flas_checkpoint)
-    if model == str(_fixture_dir()):  # a few MiB of KV are plenty for it; vLLM's CPU default is GiBs
+    if uses_fixture:  # a few MiB of KV are plenty for it; vLLM's CPU default is GiBs
         kv_cache_memory_bytes = kv_cache_memory_bytes or FIXTURE_KV_BYTES
         max_model_len = max_model_len or 1024
     if max_model_len:

@@ -207,3 +207,26 @@ def test_quickstart_path_bundled_concepts_and_the_offline_judge(tiny_model, make
     assert {r["judge_model"] for r in judged} == {"flas-lexical-judge"}
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())["summary"]
     assert summary["n_concepts"] == 3 and summary["judge_failures"] == 0
+
+
+def test_fixture_alias_is_resolved_only_when_asked_for(monkeypatch, tmp_path):
+    import typer
+
+    from flas_vllm import cli, fixtures
+
+    def no_build(*a, **k):
+        raise AssertionError("the fixture must not be built for a real model")
+
+    monkeypatch.setattr(fixtures, "ensure_tiny_gemma2", no_build)
+    monkeypatch.chdir(tmp_path)  # no directory called 'fixture' here
+    args = dict(concepts=tmp_path / "c.txt", prompts=tmp_path / "p.json", num_prompts=1, flowtimes="1",
+                max_tokens=4, temperature=0.0, top_p=1.0, seed=0, dtype="auto", max_model_len=None, eager=True,
+                kv_cache_memory_bytes=None, max_concepts=None)
+    spec = cli._spec("google/gemma-2-2b-it", "flas-ai/flas-gemma-2-2b-it", **args)
+    assert spec.model == "google/gemma-2-2b-it" and "kv_cache_memory_bytes" not in spec.engine_kwargs
+    with pytest.raises(typer.BadParameter, match="--model fixture"):
+        cli._spec("google/gemma-2-2b-it", "fixture", **args)
+    monkeypatch.setattr(fixtures, "ensure_tiny_gemma2", lambda *a, **k: tmp_path / "tiny")
+    spec = cli._spec("fixture", "/some/ckpt", **args)
+    assert spec.model == str(tmp_path / "tiny") and spec.checkpoint == "/some/ckpt"
+    assert spec.engine_kwargs["kv_cache_memory_bytes"] == cli.FIXTURE_KV_BYTES
