@@ -170,7 +170,8 @@ def _resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
         from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
 
-        return str(_fixture_dir()), str(ensure_flas_checkpoint(_fixture_dir(), num_blocks=1))
+        model_dir = _fixture_dir()
+        return str(model_dir), str(ensure_flas_checkpoint(model_dir, num_blocks=1))
     if model == FIXTURE and not Path(FIXTURE).exists():
         return str(_fixture_dir()), flas_checkpoint
     return model, flas_checkpoint
@@ -307,7 +308,11 @@ def judge_server(
 
     from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
 
-    with lexical_judge_server(port=port, host=host) as server:
+    try:
+        server = lexical_judge_server(port=port, host=host)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror or exc}", param_hint="--port")
+    with server:
         typer.echo(f"lexical judge at {server.base_url} (model name {MODEL_NAME}); Ctrl-C to stop")
         try:
             while True:

@@ -8,10 +8,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
+
+from flas_vllm.flow import FlowFunction
+
 # Bump when the random recipe changes: cached checkpoints live under this version.
 RECIPE_VERSION = 2
 # Strong enough that steering changes greedy output of the (confident) trained tiny model.
 GATE_SCALE = 2.0
+
+
+def randomize_flow(flow: FlowFunction, seed: int, *, gate_scale: float = 1.0, norm_std: float = 0.2,
+                   bias_std: float = 0.02) -> FlowFunction:
+    """Seeded random weights, in place: gates in gate_scale*[0.5, 1.5), fan-in-scaled matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if name.endswith("_gate"):
+                p.copy_(gate_scale * (0.5 + torch.rand(p.shape, generator=gen)))
+            elif "norm" in name:
+                p.copy_(norm_std * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(bias_std * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return flow
 
 
 def make_random_flas_checkpoint(
@@ -34,12 +56,10 @@ def make_random_flas_checkpoint(
 
     Returns the checkpoint directory (config.json + one weights file).
     """
-    import torch
     from transformers import AutoConfig
 
     from flas_vllm.checkpoint import save_checkpoint
     from flas_vllm.config import FlasConfig, FlowGeometry
-    from flas_vllm.flow import FlowFunction
 
     base = AutoConfig.from_pretrained(str(base_model_dir))
     geometry = FlowGeometry.from_base_config(base)
@@ -47,18 +67,7 @@ def make_random_flas_checkpoint(
         model_id=str(base_model_dir), layer=layer, num_blocks=num_blocks, n_steps=n_steps,
         disable_self_attn=disable_self_attn, disable_cross_attn=disable_cross_attn, disable_mlp=disable_mlp,
     )
-    gen = torch.Generator().manual_seed(seed)
-    flow = FlowFunction(geometry, cfg)
-    with torch.no_grad():
-        for name, p in flow.named_parameters():
-            if name.endswith("_gate"):
-                p.copy_(gate_scale * (0.5 + torch.rand(p.shape, generator=gen)))
-            elif "norm" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    flow = randomize_flow(FlowFunction(geometry, cfg), seed, gate_scale=gate_scale)
     flow = flow.to(getattr(torch, dtype))
     out = Path(out_dir)
     path = save_checkpoint(out, flow, fmt=fmt, extra_config={"T_min": 0.5, "T_max": 2.0, "seed": seed})

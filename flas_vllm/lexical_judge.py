@@ -88,9 +88,15 @@ class ChatCompletionServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}", "code": 404}})
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                    text = "\n".join(str(m.get("content", "")) for m in body["messages"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    return self._send(400, {"error": {"message": f"bad request body: {exc}", "code": 400}})
+                except ValueError as exc:
+                    return self._send(400, {"error": {"message": f"request body is not JSON: {exc}", "code": 400}})
+                messages = body.get("messages") if isinstance(body, dict) else None
+                if not isinstance(messages, list) or not messages or not all(
+                        isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                    return self._send(400, {"error": {"message": "messages: a non-empty list of "
+                                                      "{role, content} with string content is required",
+                                                      "param": "messages", "code": 400}})
+                text = "\n".join(m["content"] for m in messages)
                 status, reply = respond(text)
                 if status != 200:
                     return self._send(status, {"error": {"message": reply, "type": "server_error", "code": status}})

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flas_vllm.config import FlasConfig, FlowGeometry
+from flas_vllm.fixture_checkpoints import randomize_flow
 from flas_vllm.flow import (
     FlowFunction,
     SingleConceptKV,
@@ -54,18 +55,7 @@ def small_geometry(*, bias: bool = False, cap: float | None = 8.0) -> FlowGeomet
 
 def random_flow(g: FlowGeometry, *, num_blocks: int = 1, seed: int = 0, dtype=torch.float32, **cfg_kw) -> FlowFunction:
     cfg = FlasConfig(layer=2, num_blocks=num_blocks, **cfg_kw)
-    flow = FlowFunction(g, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in flow.named_parameters():
-            if name.endswith("_gate"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            elif "norm" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    flow = randomize_flow(FlowFunction(g, cfg), seed, norm_std=0.5, bias_std=0.1)
     return flow.to(dtype).eval()
 
 

@@ -101,3 +101,40 @@ def test_judge_cli_with_the_local_judge_and_its_option_errors(tmp_path):
                           (["--base-url", "http://x/v1"], "--judge-model"), ([], "--base-url")):
         bad = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
+
+
+def test_lexical_judge_server_rejects_bad_bodies_and_keeps_serving():
+    import json
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from flas_vllm.lexical_judge import lexical_judge_server
+
+    def post(url, data: bytes):
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    with lexical_judge_server() as server:
+        url = server.base_url + "/chat/completions"
+        status, body = post(url, b"{not json")
+        assert status == 400 and "not JSON" in body["error"]["message"]
+        for bad in ({}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": "hi"}, [1]):
+            status, body = post(url, json.dumps(bad).encode())
+            assert status == 400 and body["error"]["message"].startswith("messages:"), (bad, body)
+        status, body = post(server.base_url + "/completions", b"{}")
+        assert status == 404
+        ok = {"messages": [{"role": "user", "content": "[Sentence Fragment Start]\nHello there, friend.\n"
+                                                       "[Sentence Fragment End]"}]}
+        status, body = post(url, json.dumps(ok).encode())  # still serving after the bad requests
+        assert status == 200 and parse_rating(body["choices"][0]["message"]["content"]) is not None
+
+        port = int(server.base_url.rsplit(":", 1)[1].split("/")[0])
+        busy = subprocess.run([sys.executable, "-m", "flas_vllm.cli", "judge-server", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and "--port" in busy.stderr and "cannot listen" in busy.stderr, busy.stderr
