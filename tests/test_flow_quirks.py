@@ -90,10 +90,15 @@ def r_linear(x, P, name):
     return F.linear(x, P[name + ".weight"], P.get(name + ".bias"))
 
 
-def r_rope(x, pos, theta, dtype):
-    """x [T, heads, D]; rotate-half; tables in fp32, cast to `dtype`."""
+def r_rope(x, pos, theta, dtype, freq_dtype=None):
+    """x [T, heads, D]; rotate-half; tables in fp32, cast to `dtype`.
+
+    The flow's inverse frequencies are rounded to the flow dtype first (spec 2);
+    pass freq_dtype=torch.float32 for the base model's own RoPE (never rounded).
+    """
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv = inv.to(dtype if freq_dtype is None else freq_dtype).to(torch.float32)
     ang = pos.to(torch.float32)[:, None] * inv[None]
     emb = torch.cat([ang, ang], dim=-1)
     cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -129,32 +134,32 @@ def r_attention(q, k, v, *, scale, cap, allowed=None, key_valid=None, mask_after
     return torch.stack(outs, dim=1)  # [Tq, nH, D]
 
 
-def r_concept_kv(P, g, i, c, *, concept_pos=None, norm_before_rope=True):
+def r_concept_kv(P, g, i, c, *, concept_pos=None, norm_before_rope=True, fdt=None):
     lc = c.shape[0]
     pos = torch.arange(lc) if concept_pos is None else concept_pos
     pre = f"blocks.{i}.cross_attn."
     k = r_linear(c, P, pre + "k_proj").view(lc, g.num_kv_heads, g.head_dim)
     v = r_linear(c, P, pre + "v_proj").view(lc, g.num_kv_heads, g.head_dim)
     if norm_before_rope:
-        k = r_rope(r_norm(k, P[pre + "k_norm.weight"], g.rms_norm_eps), pos, g.rope_theta, c.dtype)
+        k = r_rope(r_norm(k, P[pre + "k_norm.weight"], g.rms_norm_eps), pos, g.rope_theta, c.dtype, fdt)
     else:
         k = r_norm(r_rope(k, pos, g.rope_theta, c.dtype), P[pre + "k_norm.weight"], g.rms_norm_eps)
     return k, v
 
 
-def r_queries(P, g, i, x, positions, *, norm_before_rope=True):
+def r_queries(P, g, i, x, positions, *, norm_before_rope=True, fdt=None):
     pre = f"blocks.{i}.cross_attn."
     q = r_linear(x, P, pre + "q_proj").view(x.shape[0], g.num_heads, g.head_dim)
     if norm_before_rope:
-        return r_rope(r_norm(q, P[pre + "q_norm.weight"], g.rms_norm_eps), positions, g.rope_theta, x.dtype)
+        return r_rope(r_norm(q, P[pre + "q_norm.weight"], g.rms_norm_eps), positions, g.rope_theta, x.dtype, fdt)
     return r_norm(r_rope(q, positions, g.rope_theta, x.dtype), P[pre + "q_norm.weight"], g.rms_norm_eps)
 
 
-def r_self_attn(P, g, i, x, positions, *, window=None):
+def r_self_attn(P, g, i, x, positions, *, window=None, fdt=None):
     t = x.shape[0]
     pre = f"blocks.{i}.self_attn."
-    q = r_rope(r_linear(x, P, pre + "q_proj").view(t, g.num_heads, g.head_dim), positions, g.rope_theta, x.dtype)
-    k = r_rope(r_linear(x, P, pre + "k_proj").view(t, g.num_kv_heads, g.head_dim), positions, g.rope_theta, x.dtype)
+    q = r_rope(r_linear(x, P, pre + "q_proj").view(t, g.num_heads, g.head_dim), positions, g.rope_theta, x.dtype, fdt)
+    k = r_rope(r_linear(x, P, pre + "k_proj").view(t, g.num_kv_heads, g.head_dim), positions, g.rope_theta, x.dtype, fdt)
     v = r_linear(x, P, pre + "v_proj").view(t, g.num_kv_heads, g.head_dim)
     ii = torch.arange(t)[:, None]
     jj = torch.arange(t)[None, :]
@@ -166,7 +171,7 @@ def r_self_attn(P, g, i, x, positions, *, window=None):
 
 
 def r_flow(P, g, h, t, positions, c, *, c_valid=None, te_every_block=True, cross_scale=None, concept_pos=None,
-           norm_before_rope=True, window=None, mask_after_softcap=True):
+           norm_before_rope=True, window=None, mask_after_softcap=True, rope_freq_dtype=None):
     """v(h, t, c) for one stream h [T, H] with the spec's math; keyword args select WRONG variants."""
     nblocks = 1 + max(int(n.split(".")[1]) for n in P if n.startswith("blocks."))
     te = r_time_embed(t, P)
@@ -178,8 +183,9 @@ def r_flow(P, g, h, t, positions, c, *, c_valid=None, te_every_block=True, cross
             h = h + te
         if b + "cross_gate" in P:
             x = r_norm(h, P[b + "pre_cross_norm.weight"], eps)
-            q = r_queries(P, g, i, x, positions, norm_before_rope=norm_before_rope)
-            k, v = r_concept_kv(P, g, i, c, concept_pos=concept_pos, norm_before_rope=norm_before_rope)
+            q = r_queries(P, g, i, x, positions, norm_before_rope=norm_before_rope, fdt=rope_freq_dtype)
+            k, v = r_concept_kv(P, g, i, c, concept_pos=concept_pos, norm_before_rope=norm_before_rope,
+                                fdt=rope_freq_dtype)
             scale = g.head_dim ** -0.5 if cross_scale is None else cross_scale
             out = r_attention(q, k, v, scale=scale, cap=g.attn_logit_softcapping, key_valid=c_valid,
                               mask_after_softcap=mask_after_softcap)
@@ -187,7 +193,7 @@ def r_flow(P, g, h, t, positions, c, *, c_valid=None, te_every_block=True, cross
             h = h + P[b + "cross_gate"] * r_norm(out, P[b + "post_cross_norm.weight"], eps)
         if b + "self_attn_gate" in P:
             x = r_norm(h, P[b + "pre_sa_norm.weight"], eps)
-            out = r_self_attn(P, g, i, x, positions, window=window)
+            out = r_self_attn(P, g, i, x, positions, window=window, fdt=rope_freq_dtype)
             h = h + P[b + "self_attn_gate"] * r_norm(out, P[b + "post_sa_norm.weight"], eps)
         if b + "mlp_gate" in P:
             x = r_norm(h, P[b + "pre_mlp_norm.weight"], eps)
@@ -547,7 +553,47 @@ def test_rope_tables_and_rotation():
     torch.testing.assert_close(apply_rope(x, cos, sin), r_rope(x, pos, 10000.0, torch.float32), atol=1e-6, rtol=1e-6)
     cb, sb = rope_cos_sin(pos, 8, 10000.0, torch.bfloat16)
     assert cb.dtype == sb.dtype == torch.bfloat16
-    assert torch.equal(cb, cos.to(torch.bfloat16))  # computed in fp32, then cast
+    # bf16 flow: inverse frequencies rounded to bf16, angles in fp32, tables cast to bf16
+    inv = (1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)).to(torch.bfloat16).float()
+    ang = pos.float()[:, None] * inv
+    assert torch.equal(cb, torch.cat([ang, ang], -1).cos().to(torch.bfloat16))
+    assert torch.equal(sb, torch.cat([ang, ang], -1).sin().to(torch.bfloat16))
+    assert not torch.equal(sb, sin.to(torch.bfloat16))  # the fp32-frequency tables differ
+
+
+def real_head_geometry() -> FlowGeometry:
+    """Gemma-2-9B's head geometry (head_dim 256, query_pre_attn_scalar 224), narrow elsewhere."""
+    return FlowGeometry(hidden_size=128, intermediate_size=192, num_heads=2, num_kv_heads=1, head_dim=256,
+                        num_hidden_layers=4, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=224.0,
+                        attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+
+
+def test_bf16_flow_rounds_rope_frequencies_at_head_dim_256():
+    """Spec 2: a bf16 flow's RoPE uses bf16-rounded inverse frequencies (cross-attention queries,
+    concept keys, self-attention). At head_dim 256 and 480+ positions, the steered stream equals
+    the reference and is far from the float32-frequency variant."""
+    g = real_head_geometry()
+    flow = random_flow(g, num_blocks=1, dtype=torch.bfloat16, seed=21)
+    t = 496
+    h, c = inputs(g, t=t, lc=12, seed=22, dtype=torch.bfloat16, scale=3.0)
+    pos = torch.arange(t)
+    n = 3
+    ckv = SingleConceptKV(flow.project_concept(c), g.attn_logit_softcapping)
+    cores = [[full_causal_core(g, flow.self_attn_scale)] for _ in range(n)]
+    with torch.no_grad():
+        got = integrate(flow, h, euler_dt(2.0, n, torch.bfloat16).expand(t), n, pos, ckv, cores)
+    P = state(flow)
+    want = r_integrate(P, g, h, 2.0, n, pos, c)
+
+    wrong = r_integrate(P, g, h, 2.0, n, pos, c, rope_freq_dtype=torch.float32)
+    disp, disp_want, disp_wrong = (got - h).float(), (want - h).float(), (wrong - h).float()
+
+    def rel(a, b, rows):
+        return ((a[rows] - b[rows]).norm() / b[rows].norm()).item()
+
+    late = slice(384, t)
+    assert rel(disp, disp_want, late) < 0.02
+    assert rel(disp_wrong, disp_want, late) > 5 * max(rel(disp, disp_want, late), 1e-3)
 
 
 # ---------------------------------------------------------------------------
@@ -689,8 +735,8 @@ def _ref_decoder_layer(layer, h, pos, cfg, window=None):
     theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     t = h.shape[0]
     x = r_norm(h, layer.input_layernorm.weight, eps)
-    q = r_rope((x @ a.q_proj.weight.t()).view(t, nh, d), pos, theta, h.dtype)
-    k = r_rope((x @ a.k_proj.weight.t()).view(t, nkv, d), pos, theta, h.dtype)
+    q = r_rope((x @ a.q_proj.weight.t()).view(t, nh, d), pos, theta, h.dtype, torch.float32)
+    k = r_rope((x @ a.k_proj.weight.t()).view(t, nkv, d), pos, theta, h.dtype, torch.float32)
     v = (x @ a.v_proj.weight.t()).view(t, nkv, d)
     ii, jj = torch.arange(t)[:, None], torch.arange(t)[None]
     allowed = jj <= ii
