@@ -7,6 +7,7 @@ name of the culprit instead of deep inside a forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from flas_vllm.config import FlasConfig, FlowGeometry, check_against_base
+from flas_vllm.config import CONFIG_DEFAULTS, FlasConfig, FlowGeometry, check_against_base
 from flas_vllm.errors import FlasCheckpointError
 from flas_vllm.flow import FlowFunction
 
@@ -105,6 +106,7 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+    """(flow tensors, own concept encoder or None, config embedded in a .pt or None)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -116,30 +118,65 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dic
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FlasCheckpointError(f"flas checkpoint: cannot read {path}: {exc}") from exc
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return dict(blob), None, None  # a bare flow state dict, as the original accepts
     if not isinstance(blob, dict) or "flow_fn" not in blob:
-        raise FlasCheckpointError(f"flas checkpoint: {path} is a .pt file without a 'flow_fn' state dict")
+        raise FlasCheckpointError(
+            f"flas checkpoint: {path} is a .pt file holding neither a 'flow_fn' state dict nor a bare "
+            "state dict of tensors"
+        )
     embedded_cfg = blob.get("config") or blob.get("args")
     return dict(blob["flow_fn"]), blob.get("concept_enc"), embedded_cfg if isinstance(embedded_cfg, dict) else None
 
 
-def _read_config(weights: Path, embedded: dict | None) -> FlasConfig:
+def _read_config(weights: Path, embedded: dict | None, tensors: Mapping[str, torch.Tensor]) -> FlasConfig:
     cfg_path = weights.parent / "config.json"
     if cfg_path.exists():
         try:
             raw = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise FlasCheckpointError(f"flas checkpoint: {cfg_path} is not valid JSON: {exc}") from exc
-        return FlasConfig.from_dict(raw, source=str(cfg_path))
-    if embedded is not None:
-        return FlasConfig.from_dict(embedded, source=f"{weights.name}['config']")
-    raise FlasCheckpointError(f"flas checkpoint: config.json not found next to {weights}")
+        source = str(cfg_path)
+    elif embedded is not None:
+        raw, source = embedded, f"{weights.name}['config']"
+    else:
+        # The original reads config.json if present and falls back to its defaults otherwise.
+        # The block structure is read from the tensors instead (a defaulted num_blocks that does
+        # not match them would leave a block uninitialised in the original).
+        blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blocks.") and n.split(".")[1].isdigit()}
+        raw = {"num_blocks": max(blocks) + 1 if blocks else CONFIG_DEFAULTS["num_blocks"],
+               "disable_self_attn": not any(".self_attn." in n for n in tensors)}
+        source = f"{weights.name} (no config.json)"
+        logger.warning(
+            "flas checkpoint: config.json not found next to %s; read from the tensors: %s; "
+            "the original's defaults are used for the rest", weights,
+            ", ".join(f"{k}={v!r}" for k, v in raw.items()),
+        )
+    cfg = FlasConfig.from_dict(raw, source=source)
+    defaulted = [k for k in CONFIG_DEFAULTS if k not in raw]
+    if defaulted:
+        logger.warning(
+            "flas checkpoint %s: %s not set; using the original's default%s: %s", weights.name,
+            ", ".join(defaulted), "s" if len(defaulted) > 1 else "",
+            ", ".join(f"{k}={CONFIG_DEFAULTS[k]!r}" for k in defaulted),
+        )
+    return cfg
+
+
+def read_checkpoint_config(spec: str | Path) -> FlasConfig:
+    """Only the checkpoint's config (for front ends that need its prompt format or n_steps)."""
+    weights = resolve_checkpoint(spec)
+    if (weights.parent / "config.json").exists():
+        return _read_config(weights, None, {})
+    tensors, _, embedded_cfg = _read_weights(weights)
+    return _read_config(weights, embedded_cfg, tensors)
 
 
 def load_checkpoint(spec: str | Path, base_config: Any) -> FlasCheckpoint:
     """Load and validate a checkpoint against the base model's config (HF config or dict)."""
     weights = resolve_checkpoint(spec)
     tensors, concept_enc, embedded_cfg = _read_weights(weights)
-    cfg = _read_config(weights, embedded_cfg)
+    cfg = _read_config(weights, embedded_cfg, tensors)
     geometry = FlowGeometry.from_base_config(base_config)
     check_against_base(cfg, geometry)
     expected = expected_tensor_shapes(geometry, cfg)
@@ -159,7 +196,11 @@ def load_checkpoint(spec: str | Path, base_config: Any) -> FlasCheckpoint:
                 f"flas checkpoint {weights.name}: tensor {name!r} has shape {list(got)}, "
                 f"expected {list(shape)} for this base model"
             )
-    ignored = sorted(n for n in tensors if n not in expected)
+    # disable_cross_attn / disable_mlp: the original still builds and stores those modules, and
+    # only skips them in the forward pass, so their tensors are expected, not "unknown".
+    stored_unused = set(expected_tensor_shapes(
+        geometry, dataclasses.replace(cfg, disable_cross_attn=False, disable_mlp=False))) - set(expected)
+    ignored = sorted(n for n in tensors if n not in expected and n not in stored_unused)
     if ignored:
         logger.warning(
             "flas checkpoint %s: ignoring %d tensor(s) the flow does not use: %s",

@@ -127,7 +127,7 @@ def _floats(text: str, option: str) -> list[float]:
 
 def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max_tokens, temperature, top_p,
           seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256,
-          max_num_seqs=None, num_concepts=None):
+          max_num_seqs=None, num_concepts=None, n_steps=None, max_prompt_tokens=512, stop_rule="original"):
     from flas_vllm.eval import GenerateSpec
     from flas_vllm.offline import GenerationSettings
 
@@ -147,8 +147,8 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
         model=model, checkpoint=flas_checkpoint, concepts=str(concepts), prompts=str(prompts),
         num_prompts=num_prompts, flowtimes=_floats(flowtimes, "--flowtimes"),
         settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                    flush_rows=flush_rows),
-        engine_kwargs=engine, max_concepts=max_concepts, num_concepts=num_concepts,
+                                    flush_rows=flush_rows, max_prompt_tokens=max_prompt_tokens, stop_rule=stop_rule),
+        engine_kwargs=engine, max_concepts=max_concepts, num_concepts=num_concepts, n_steps=n_steps,
     )
 
 
@@ -186,6 +186,12 @@ _GEN_OPTS = dict(
                                      "(default: the bundled AxBench Concept500 list)"),
     num_concepts=typer.Option(None, min=1, help="only the first N concepts by concept_id (default: all)"),
     prompts=typer.Option(None, help="AlpacaEval JSON, JSONL or parquet (default: the bundled AlpacaEval)"),
+    n_steps=typer.Option(None, min=1, help="Euler steps per request (default: the checkpoint config's)"),
+    max_prompt_tokens=typer.Option(512, min=1, help="keep the first N tokens of each formatted prompt, as the "
+                                                    "original's generator does (512)"),
+    stop_rule=typer.Option("original", help="original: stop only at <eos>, as the original FLAS generator (its "
+                                            "judge scores text past <end_of_turn>); vllm: stop at every "
+                                            "generation_config EOS id"),
 )
 
 
@@ -211,6 +217,9 @@ def generate(
     prompts: Optional[Path] = _GEN_OPTS["prompts"],
     num_prompts: int = typer.Option(10, min=1, help="prompts per concept (AxBench's sampling rule)"),
     flowtimes: str = typer.Option("0.5,1,2", help="comma-separated flowtimes (0 = unsteered)"),
+    n_steps: Optional[int] = _GEN_OPTS["n_steps"],
+    max_prompt_tokens: int = _GEN_OPTS["max_prompt_tokens"],
+    stop_rule: str = _GEN_OPTS["stop_rule"],
     max_tokens: int = typer.Option(256, min=1),
     temperature: float = typer.Option(1.0, min=0.0),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
@@ -231,7 +240,8 @@ def generate(
 
     spec = _spec(model, flas_checkpoint, _bundled(concepts, BUNDLED_CONCEPTS), _bundled(prompts, BUNDLED_PROMPTS),
                  num_prompts, flowtimes, max_tokens, temperature, top_p, seed, dtype, max_model_len, eager,
-                 kv_cache_memory_bytes, max_concepts, flush_rows, max_num_seqs, num_concepts)
+                 kv_cache_memory_bytes, max_concepts, flush_rows, max_num_seqs, num_concepts, n_steps,
+                 max_prompt_tokens, stop_rule)
     try:
         if ray or ray_address:
             table = run_generate_ray(spec, out, num_actors=num_actors, ray_address=ray_address)
@@ -357,6 +367,9 @@ def eval_command(
     api_key_env: str = _JUDGE_OPTS["api_key_env"],
     num_prompts: int = typer.Option(10, min=1),
     flowtimes: str = typer.Option("0.5,1,2"),
+    n_steps: Optional[int] = _GEN_OPTS["n_steps"],
+    max_prompt_tokens: int = _GEN_OPTS["max_prompt_tokens"],
+    stop_rule: str = _GEN_OPTS["stop_rule"],
     max_tokens: int = typer.Option(256, min=1),
     temperature: float = typer.Option(1.0, min=0.0),
     seed: int = typer.Option(0),
@@ -373,7 +386,7 @@ def eval_command(
     _check_judge_choice(base_url, judge_model, local_judge)
     generate(out=out / "generate", model=model, flas_checkpoint=flas_checkpoint, concepts=concepts,
              num_concepts=num_concepts, prompts=prompts, num_prompts=num_prompts, flowtimes=flowtimes,
-             max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, dtype=dtype,
+             n_steps=n_steps, max_prompt_tokens=max_prompt_tokens, stop_rule=stop_rule, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, dtype=dtype,
              max_model_len=max_model_len, eager=eager, kv_cache_memory_bytes=kv_cache_memory_bytes,
              max_concepts=None, flush_rows=256, max_num_seqs=None, ray=ray, ray_address=ray_address,
              num_actors=num_actors)

@@ -170,6 +170,7 @@ def check_against_base(cfg: FlasConfig, geometry: FlowGeometry) -> None:
 
 ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     "n_steps": None,
+    "max_n_steps": None,
     "max_concepts": 64,
     "max_pinned": 16,
     "max_flowtime": 8.0,
@@ -182,7 +183,8 @@ class FlasEngineOptions:
     """Engine-wide FLAS options, carried to every vLLM process as `hf_overrides["flas"]`."""
 
     checkpoint: str
-    n_steps: int | None = None
+    n_steps: int | None = None  # default Euler steps per request; None: the checkpoint config's
+    max_n_steps: int | None = None  # most steps a request may ask for (flas_n_steps); None: the default
     max_concepts: int = 64  # distinct concepts in flight at once; more wait for admission
     max_pinned: int = 16  # preloaded concepts, held in slots of their own
     max_flowtime: float = 8.0
@@ -204,6 +206,10 @@ class FlasEngineOptions:
         opts = cls(checkpoint=str(raw["checkpoint"]), **{k: raw.get(k, v) for k, v in ENGINE_OPTION_DEFAULTS.items()})
         if opts.n_steps is not None and (not isinstance(opts.n_steps, int) or opts.n_steps < 1):
             raise FlasCheckpointError(f"flas option n_steps must be an integer >= 1, got {opts.n_steps!r}")
+        if opts.max_n_steps is not None and (not isinstance(opts.max_n_steps, int) or opts.max_n_steps < 1
+                                             or opts.max_n_steps < (opts.n_steps or 1)):
+            raise FlasCheckpointError(
+                f"flas option max_n_steps must be an integer >= max(1, n_steps), got {opts.max_n_steps!r}")
         if not isinstance(opts.max_concepts, int) or opts.max_concepts < 1:
             raise FlasCheckpointError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
         if not isinstance(opts.max_pinned, int) or opts.max_pinned < 0:
@@ -218,6 +224,16 @@ class FlasEngineOptions:
         if raw is not None and not isinstance(raw, Mapping):
             raw = vars(raw)
         return cls.from_mapping(raw)
+
+    def step_limits(self, checkpoint_n_steps: int) -> tuple[int, int]:
+        """(default n_steps, max n_steps) of this engine; a checkpoint default above max_n_steps is refused."""
+        default = self.n_steps or checkpoint_n_steps
+        top = self.max_n_steps or default
+        if default > top:
+            raise FlasCheckpointError(
+                f"flas option max_n_steps = {top} is below the default n_steps = {default} "
+                "(the checkpoint config's); raise max_n_steps or set n_steps")
+        return default, top
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ class GenerateSpec:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     max_concepts: int | None = None
     num_concepts: int | None = None  # the first N concepts by concept_id; None = all
+    n_steps: int | None = None  # Euler steps for every request; None = the checkpoint config's
 
 
 def _engine(spec: GenerateSpec):
@@ -46,6 +47,8 @@ def _engine(spec: GenerateSpec):
     kwargs = dict(spec.engine_kwargs)
     if spec.max_concepts:
         kwargs["max_concepts"] = spec.max_concepts
+    if spec.n_steps:
+        kwargs["n_steps"] = spec.n_steps
     return FlasLLM(spec.model, spec.checkpoint, **kwargs)
 
 
@@ -88,6 +91,14 @@ def validate_spec(spec: GenerateSpec) -> list[Concept]:
         raise ValueError(f"--top-p must be within (0, 1], got {spec.settings.top_p}")
     if spec.settings.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {spec.settings.temperature}")
+    if spec.n_steps is not None and spec.n_steps < 1:
+        raise ValueError(f"--n-steps must be >= 1, got {spec.n_steps}")
+    if spec.settings.max_prompt_tokens is not None and spec.settings.max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {spec.settings.max_prompt_tokens}")
+    from flas_vllm.steering import STOP_RULES
+
+    if spec.settings.stop_rule not in STOP_RULES:
+        raise ValueError(f"--stop-rule must be one of {', '.join(STOP_RULES)}, got {spec.settings.stop_rule!r}")
     return concepts
 
 

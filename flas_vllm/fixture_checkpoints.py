@@ -14,7 +14,7 @@ import torch
 from flas_vllm.flow import FlowFunction
 
 # Bump when the random recipe changes: cached checkpoints live under this version.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 # Strong enough that steering changes greedy output of the (confident) trained tiny model.
 GATE_SCALE = 2.0
 
@@ -51,11 +51,20 @@ def make_random_flas_checkpoint(
     seed: int = 0,
     gate_scale: float = GATE_SCALE,
     legacy_extra_tensors: bool = False,
+    concept_max_len: int = 64,
+    prompt_format: str = "chat",
+    concept_encoder: bool = False,
+    bare_state_dict: bool = False,
+    no_config: bool = False,
 ) -> Path:
     """A random flow whose gates and norms are large enough to change greedy output visibly.
 
-    Returns the checkpoint directory (config.json + one weights file).
+    Returns the checkpoint directory (config.json + one weights file). Training-checkpoint
+    shapes the original also loads: `concept_encoder` (a .pt with its own `concept_enc`),
+    `bare_state_dict` (a .pt holding only the flow's state dict), `no_config` (no config.json).
     """
+    if (concept_encoder or bare_state_dict) and fmt != "pt":
+        raise ValueError("concept_encoder / bare_state_dict checkpoints are .pt files (fmt='pt')")
     from transformers import AutoConfig
 
     from flas_vllm.checkpoint import save_checkpoint
@@ -65,12 +74,22 @@ def make_random_flas_checkpoint(
     geometry = FlowGeometry.from_base_config(base)
     cfg = FlasConfig(
         model_id=str(base_model_dir), layer=layer, num_blocks=num_blocks, n_steps=n_steps,
-        disable_self_attn=disable_self_attn, disable_cross_attn=disable_cross_attn, disable_mlp=disable_mlp,
+        disable_self_attn=disable_self_attn, concept_max_len=concept_max_len, prompt_format=prompt_format,
     )
+    # As the original: disable_cross_attn / disable_mlp blocks still hold (and save) those modules.
     flow = randomize_flow(FlowFunction(geometry, cfg), seed, gate_scale=gate_scale)
     flow = flow.to(getattr(torch, dtype))
     out = Path(out_dir)
-    path = save_checkpoint(out, flow, fmt=fmt, extra_config={"T_min": 0.5, "T_max": 2.0, "seed": seed})
+    extra = {"T_min": 0.5, "T_max": 2.0, "seed": seed, "disable_cross_attn": disable_cross_attn,
+             "disable_mlp": disable_mlp}
+    path = save_checkpoint(out, flow, fmt=fmt, extra_config=extra)
+    if concept_encoder:
+        _add_own_concept_encoder(path, base_model_dir, seed, getattr(torch, dtype))
+    if bare_state_dict:
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        torch.save(blob["flow_fn"], str(path))
+    if no_config:
+        (out / "config.json").unlink()
     if legacy_extra_tensors:
         from safetensors.torch import load_file, save_file
 
@@ -100,3 +119,21 @@ def ensure_flas_checkpoint(base_model_dir: str | Path, **variant) -> Path:
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _add_own_concept_encoder(path: Path, base_model_dir: str | Path, seed: int, dtype: torch.dtype) -> None:
+    """Store a fine-tuned-looking encoder: the base model's embedding, layers 0-1 and norm, perturbed."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32).model
+    gen = torch.Generator().manual_seed(seed + 1000)
+    enc = {}
+    for name, t in base.state_dict().items():
+        if name.startswith("layers.") and int(name.split(".")[1]) >= 2:
+            continue
+        if "rotary" in name:
+            continue
+        enc[name] = (t + 0.05 * t.abs().mean() * torch.randn(t.shape, generator=gen)).to(dtype)
+    blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    blob["concept_enc"] = enc
+    torch.save(blob, str(path))

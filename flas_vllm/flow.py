@@ -343,17 +343,22 @@ def integrate(
     positions: torch.Tensor,
     concept: ConceptKV,
     cores: Sequence[Sequence[SelfAttentionCore | None]],
+    token_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Euler-integrate the flow from t=0. h: [..., H] flow dtype; dt: [...] flow dtype.
 
     `cores[k][b]` is the self-attention core of Euler step k, block b. Each
     product and sum is rounded to the flow dtype, as in the original.
+    `token_steps` ([...], optional): each element's own number of Euler steps
+    (its dt is T / its N); it keeps its h once its steps are done, so a batch that
+    mixes step counts gives each element exactly what a run of its own N gives.
     """
     dt = dt.to(h.dtype)
     for k in range(n_steps):
         te = flow.time_embed(dt * k)  # t_k = dt * k in the flow dtype
         v = flow(h, te, positions, concept, cores[k])
-        h = h + dt[..., None] * v
+        stepped = h + dt[..., None] * v
+        h = stepped if token_steps is None else torch.where((token_steps > k)[..., None], stepped, h)
     return h
 
 

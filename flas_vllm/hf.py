@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 
 from flas_vllm.checkpoint import FlasCheckpoint, load_checkpoint
-from flas_vllm.concept import tokenize_concept
+from flas_vllm.concept import inference_concept_len, tokenize_concept
+from flas_vllm.concept_encoder import build_own_encoder, encode_with_decoder
 from flas_vllm.config import FlowGeometry
 from flas_vllm.flow import SingleConceptKV, dense_causal_attention, euler_dt, integrate
 from flas_vllm.prompts import format_prompt
@@ -95,6 +96,10 @@ class HFSteerer:
         self.device = next(model.parameters()).device
         self.flow = checkpoint.build_flow(self.geometry, self.device)
         self.n_steps = n_steps or self.cfg.n_steps
+        self.concept_len = inference_concept_len(self.cfg.concept_max_len)
+        self.encoder = self.model.model
+        if checkpoint.concept_encoder is not None:
+            self.encoder = build_own_encoder(model.config, checkpoint.concept_encoder, checkpoint.dtype, self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._concept_cache: dict[str, list] = {}
 
@@ -111,20 +116,13 @@ class HFSteerer:
 
     # -- concept encoder ------------------------------------------------------------
 
-    @torch.inference_mode()
     def encode_concept(self, concept: str) -> torch.Tensor:
-        """Embedding + layers 0-1 (plain causal, softcap) + final norm -> c [Lc, H] in the flow dtype."""
-        ids = tokenize_concept(self.tokenizer, concept, self.cfg.concept_max_len)
-        inner = self.model.model
-        x = torch.tensor([ids], device=self.device)
-        h = inner.embed_tokens(x)
-        pos = torch.arange(len(ids), device=self.device)[None]
-        pos_emb = inner.rotary_emb(h, pos)
-        n = len(ids)
-        mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=self.device).triu(1)
-        for layer in inner.layers[:2]:
-            h = layer(h, position_embeddings=pos_emb, attention_mask=mask[None, None], position_ids=pos)
-        return inner.norm(h)[0].to(self.flow.dtype)
+        """Embedding + layers 0-1 (plain causal, softcap) + final norm -> c [Lc, H] in the flow dtype.
+
+        The base model's own layers, or the checkpoint's own encoder (`concept_enc`) when it has one.
+        """
+        ids = tokenize_concept(self.tokenizer, concept, self.concept_len)
+        return encode_with_decoder(self.encoder, ids).to(self.flow.dtype)
 
     def concept_kv(self, concept: str) -> SingleConceptKV:
         if concept not in self._concept_cache:
@@ -150,8 +148,16 @@ class HFSteerer:
         seed: int | None = None,
         use_cache: bool = True,
         ignore_eos: bool = False,
+        n_steps: int | None = None,
+        stop_rule: str = "vllm",
     ) -> list[Generation]:
-        """Generate for each prompt; row i is steered toward `concept` at flowtimes[i] (0 = unsteered)."""
+        """Generate for each prompt; row i is steered toward `concept` at flowtimes[i] (0 = unsteered).
+
+        `n_steps`: Euler steps for this call (default: the steerer's). `stop_rule`: "vllm" stops at
+        every generation_config EOS id, "original" only at the tokenizer's EOS (spec 6).
+        """
+        n_steps = n_steps or self.n_steps
+        eos_ids = self.eos_ids if stop_rule == "vllm" else {self.tokenizer.eos_token_id}
         rows = [list(p) if not isinstance(p, str) else self.prompt_ids(p) for p in prompts]
         b = len(rows)
         times = [float(flowtimes)] * b if isinstance(flowtimes, (int, float)) else [float(t) for t in flowtimes]
@@ -159,7 +165,7 @@ class HFSteerer:
             raise ValueError(f"flowtimes: expected {b} values (one per prompt), got {len(times)}")
         steered_rows = [concept is not None and t != 0.0 for t in times]
         concept_kv = self.concept_kv(concept) if any(steered_rows) else None
-        dt = torch.stack([euler_dt(t, self.n_steps, self.flow.dtype) for t in times]).to(self.device)
+        dt = torch.stack([euler_dt(t, n_steps, self.flow.dtype) for t in times]).to(self.device)
         steered = torch.tensor(steered_rows, device=self.device)
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -173,7 +179,7 @@ class HFSteerer:
         outs = [Generation(prompt_token_ids=r, token_ids=[], logprobs=[]) for r in rows]
         done = [False] * b
         state = _StreamState()
-        caches = self._new_caches(state, use_cache)
+        caches = self._new_caches(state, use_cache, n_steps)
         past = None
         from transformers import DynamicCache
 
@@ -181,7 +187,7 @@ class HFSteerer:
             past = DynamicCache(config=self.model.config)
         step_ids, step_valid = ids, valid
         all_ids, all_valid = ids, valid
-        hook_ctx = self._hook(state, caches, concept_kv, dt, steered) if concept_kv is not None else contextlib.nullcontext()
+        hook_ctx = self._hook(state, caches, concept_kv, dt, steered, n_steps) if concept_kv is not None else contextlib.nullcontext()
         with hook_ctx:
             for _ in range(max_new_tokens):
                 positions = (all_valid.long().cumsum(-1) - 1).clamp(min=0)
@@ -205,7 +211,7 @@ class HFSteerer:
                     outs[i].token_ids.append(tok)
                     outs[i].logprobs.append(float(logprobs[i, tok]))
                     outs[i].top2_margins.append(float(top2[i, 0] - top2[i, 1]))
-                    if tok in self.eos_ids and not ignore_eos:
+                    if tok in eos_ids and not ignore_eos:
                         done[i] = True
                         outs[i].finish_reason = "stop"
                 if all(done):
@@ -219,7 +225,7 @@ class HFSteerer:
                     step_ids, step_valid = new, new_valid
                 else:
                     step_ids, step_valid = all_ids, all_valid
-                    caches = self._new_caches(state, use_cache)
+                    caches = self._new_caches(state, use_cache, n_steps)
                     if concept_kv is not None:
                         self._active_caches[:] = caches
         for o in outs:
@@ -238,25 +244,25 @@ class HFSteerer:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
-    def _new_caches(self, state: _StreamState, use_cache: bool) -> list[list[DenseFlowCache | None]]:
+    def _new_caches(self, state: _StreamState, use_cache: bool, n_steps: int) -> list[list[DenseFlowCache | None]]:
         return [
             [
                 DenseFlowCache(state, self.geometry, self.flow.self_attn_scale, use_cache)
                 if self.flow.uses_self_attention else None
                 for _ in range(self.cfg.num_blocks)
             ]
-            for _ in range(self.n_steps)
+            for _ in range(n_steps)
         ]
 
     @contextlib.contextmanager
-    def _hook(self, state, caches, concept_kv, dt, steered):
+    def _hook(self, state, caches, concept_kv, dt, steered, n_steps):
         self._active_caches = caches  # a list object the hook reads, replaced in place on recompute
         layer = self.model.model.layers[self.cfg.layer]
 
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             h = hidden.to(self.flow.dtype)
-            h = integrate(self.flow, h, dt[:, None].expand(h.shape[:2]), self.n_steps, state.positions,
+            h = integrate(self.flow, h, dt[:, None].expand(h.shape[:2]), n_steps, state.positions,
                           concept_kv, self._active_caches)
             new = torch.where(steered[:, None, None], h.to(hidden.dtype), hidden)
             return (new, *output[1:]) if isinstance(output, tuple) else new

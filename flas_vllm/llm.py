@@ -12,6 +12,7 @@ def flas_engine_kwargs(
     flas_checkpoint: str,
     *,
     n_steps: int | None = None,
+    max_n_steps: int | None = None,
     max_concepts: int | None = None,
     max_flowtime: float | None = None,
     max_pinned: int | None = None,
@@ -19,8 +20,8 @@ def flas_engine_kwargs(
 ) -> dict[str, Any]:
     """vLLM engine arguments that load `model` (a plain Gemma-2) as FlasGemma2ForCausalLM."""
     flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
-    for key, value in (("n_steps", n_steps), ("max_concepts", max_concepts), ("max_flowtime", max_flowtime),
-                       ("max_pinned", max_pinned)):
+    for key, value in (("n_steps", n_steps), ("max_n_steps", max_n_steps), ("max_concepts", max_concepts),
+                       ("max_flowtime", max_flowtime), ("max_pinned", max_pinned)):
         if value is not None:
             flas[key] = value
     overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
@@ -42,18 +43,25 @@ def shutdown_engine(llm) -> None:
 
 
 class FlasLLM:
-    """A thin layer over `vllm.LLM`: same generate/chat API, plus concept management."""
+    """A thin layer over `vllm.LLM`: same generate/chat API, plus concept management.
+
+    `chat` formats prompts the way the checkpoint was trained: its chat template, or, for a
+    checkpoint trained on a base model (`prompt_format: alpaca`), the alpaca format.
+    """
 
     def __init__(self, model: str, flas_checkpoint: str, *, n_steps: int | None = None,
-                 max_concepts: int | None = None, max_flowtime: float | None = None,
-                 max_pinned: int | None = None, **vllm_kwargs: Any):
+                 max_n_steps: int | None = None, max_concepts: int | None = None,
+                 max_flowtime: float | None = None, max_pinned: int | None = None, **vllm_kwargs: Any):
         from vllm import LLM
 
+        from flas_vllm.checkpoint import read_checkpoint_config
         from flas_vllm.plugin import register
 
         register()
-        kwargs = flas_engine_kwargs(model, flas_checkpoint, n_steps=n_steps, max_concepts=max_concepts,
-                                    max_flowtime=max_flowtime, max_pinned=max_pinned, **vllm_kwargs)
+        self.prompt_format = read_checkpoint_config(flas_checkpoint).prompt_format
+        kwargs = flas_engine_kwargs(model, flas_checkpoint, n_steps=n_steps, max_n_steps=max_n_steps,
+                                    max_concepts=max_concepts, max_flowtime=max_flowtime, max_pinned=max_pinned,
+                                    **vllm_kwargs)
         kwargs.setdefault("worker_extension_cls", "flas_vllm.worker_ext.FlasWorkerExtension")
         self.llm = LLM(**kwargs)
 
@@ -64,6 +72,10 @@ class FlasLLM:
         return self.llm.generate(*args, **kwargs)
 
     def chat(self, *args, **kwargs):
+        if self.prompt_format == "alpaca" and kwargs.get("chat_template") is None:
+            from flas_vllm.prompts import ALPACA_CHAT_TEMPLATE
+
+            kwargs["chat_template"] = ALPACA_CHAT_TEMPLATE
         return self.llm.chat(*args, **kwargs)
 
     # -- concept management (runs in every worker) -------------------------------------

@@ -26,6 +26,8 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from flas_vllm.checkpoint import load_checkpoint
+from flas_vllm.concept import inference_concept_len
+from flas_vllm.concept_encoder import build_own_encoder
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.flow import integrate
 from flas_vllm.runtime import FlasRuntime, SlotTableKV, StepBuffers
@@ -89,16 +91,11 @@ class FlasGemma2Model(Gemma2Model):
         model_dtype = vllm_config.model_config.dtype
         self.flas_options = FlasEngineOptions.from_hf_config(config)
         ckpt = load_checkpoint(self.flas_options.checkpoint, config)
-        if ckpt.concept_encoder is not None:
-            raise NotImplementedError(
-                f"flas checkpoint {ckpt.path.name} carries its own concept encoder ('concept_enc'); "
-                "the vLLM path encodes concepts with the base model's layers 0-1 only. "
-                "Use the transformers path (flas_vllm.hf) for this checkpoint."
-            )
         self.flas_checkpoint = ckpt
         geometry = FlowGeometry.from_base_config(config)
         self.flas_layer = ckpt.config.layer
-        self.flas_n_steps = self.flas_options.n_steps or ckpt.config.n_steps
+        # a request's default Euler steps, and the most any request may ask for (one KV layer set each)
+        self.flas_n_steps, self.flas_max_n_steps = self.flas_options.step_limits(ckpt.config.n_steps)
         num_blocks = ckpt.config.num_blocks
         device = self.embed_tokens.weight.device
         if ckpt.dtype != model_dtype:
@@ -111,7 +108,7 @@ class FlasGemma2Model(Gemma2Model):
         cache_config = vllm_config.cache_config
         steps: dict[str, PagedFlowAttention] = {}
         if not ckpt.config.disable_self_attn:
-            for k in range(self.flas_n_steps):
+            for k in range(self.flas_max_n_steps):
                 for b in range(num_blocks):
                     idx = config.num_hidden_layers + k * num_blocks + b
                     steps[str(idx)] = PagedFlowAttention(
@@ -122,21 +119,25 @@ class FlasGemma2Model(Gemma2Model):
         cores = list(self.flas_steps.values())
         self._flas_cores = [
             [cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
-            for k in range(self.flas_n_steps)
+            for k in range(self.flas_max_n_steps)
         ]
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.flas_buffers = StepBuffers(max_tokens, ckpt.dtype, device)
+        concept_len = inference_concept_len(ckpt.config.concept_max_len)
         self.flas_table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
-            ckpt.config.concept_max_len, ckpt.dtype, device
+            concept_len, ckpt.dtype, device
         )
         self.flas_table.token_slots = self.flas_buffers.slot
         mc = vllm_config.model_config
         self.flas_runtime = FlasRuntime(
-            self, self.flas_options, self.flas_flow, self.flas_n_steps, ckpt.config.concept_max_len,
+            self, self.flas_options, self.flas_flow, (self.flas_n_steps, self.flas_max_n_steps), concept_len,
             self.flas_table, self.flas_buffers, tokenizer_name=mc.tokenizer,
             tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
+            own_encoder=None if ckpt.concept_encoder is None else build_own_encoder(
+                config, ckpt.concept_encoder, ckpt.dtype, device),
         )
+        ckpt.concept_encoder = None  # the runtime's encoder owns those weights now
         # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
         # work in steps where no token is steered. Captured graphs cannot branch on data, so there
         # the flow stays in the graph and torch.where keeps unsteered tokens untouched.
@@ -150,8 +151,9 @@ class FlasGemma2Model(Gemma2Model):
             _STEER_TARGETS[self._flas_target] = self
             self.flas_runtime.group_by_length = True
         logger.info(
-            "FLAS: checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d, %d concept slots, "
+            "FLAS: checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), %d concept slots, "
             "%d extra KV layers", ckpt.path, ckpt.fingerprint, self.flas_layer, num_blocks, self.flas_n_steps,
+            self.flas_max_n_steps,
             self.flas_options.max_concepts, len(steps),
         )
 
@@ -178,22 +180,25 @@ class FlasGemma2Model(Gemma2Model):
         return hidden_states
 
     def _steer_in_place(self, positions, hidden, residual) -> None:
-        n = hidden.shape[0]
-        if not bool(self.flas_buffers.steered[:n].any()):
+        runtime = self.flas_runtime
+        if not runtime.any_steered:  # a host-side fact of the step: no device sync
             return  # unsteered requests never read their flow KV, so nothing needs writing
-        new_hidden, new_residual = self._steer(positions, hidden, residual)
+        # Only as many Euler steps as this step's steered tokens need: a request never reads
+        # the flow KV of steps beyond its own n_steps.
+        new_hidden, new_residual = self._steer(positions, hidden, residual, runtime.step_count)
         hidden.copy_(new_hidden)
         residual.copy_(new_residual)
 
-    def _steer(self, positions, hidden, residual):
+    def _steer(self, positions, hidden, residual, n_steps: int | None = None):
         """Replace the residual stream (hidden + residual) of steered tokens with the flow's output."""
         n = hidden.shape[0]
-        steered = self.flas_buffers.steered[:n, None]
+        buffers = self.flas_buffers
+        steered = buffers.steered[:n, None]
         stream = (hidden.float() + residual.float()).to(hidden.dtype)  # what the next fused add produces
         flow = self.flas_flow
         h = stream.to(flow.dtype)
-        h = integrate(flow, h, self.flas_buffers.dt[:n], self.flas_n_steps, positions, self.flas_table,
-                      self._flas_cores)
+        h = integrate(flow, h, buffers.dt[:n], n_steps or self.flas_max_n_steps, positions, self.flas_table,
+                      self._flas_cores, token_steps=buffers.steps[:n])
         new_residual = torch.where(steered, h.to(hidden.dtype), residual)
         new_hidden = torch.where(steered, torch.zeros_like(hidden), hidden)
         return new_hidden, new_residual

@@ -218,27 +218,37 @@ class GenerationSettings:
     seed: int = 0
     flush_rows: int = 256
     flush_seconds: float = 30.0
-    prompt_format: str = "chat"  # "alpaca" for FLAS checkpoints trained on base models
+    prompt_format: str | None = None  # None: the checkpoint config's ("alpaca" for base-model checkpoints)
+    max_prompt_tokens: int | None = 512  # the original keeps each formatted prompt's first 512 tokens
+    stop_rule: str = "original"  # stop at <eos> only, as the original; "vllm": every generation_config EOS
+
+
+def job_request(job: Job, settings: GenerationSettings, tokenizer, prompt_format: str):
+    """(prompt token ids, SamplingParams) of one job, as the original generator would run it:
+    the checkpoint's prompt format, the first `max_prompt_tokens` tokens, its stop rule."""
+    from vllm import SamplingParams
+
+    from flas_vllm.prompts import format_prompt, truncate_prompt
+    from flas_vllm.steering import STOP_RULE_KEY, steering
+
+    extra = steering(job.concept, job.flowtime) if job.flowtime > 0 else {}
+    extra[STOP_RULE_KEY] = settings.stop_rule
+    params = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                            seed=job.seed, extra_args=extra)
+    ids = truncate_prompt(format_prompt(tokenizer, job.prompt, prompt_format), settings.max_prompt_tokens)
+    return ids, params
 
 
 def generate_rows(llm, jobs: Iterable[Job], settings: GenerationSettings, writer: PartWriter,
                   checkpoint_name: str, progress: bool = True) -> int:
     """Run every job through one engine; flush finished rows durably as they complete."""
-    from vllm import SamplingParams
-
-    from flas_vllm.prompts import format_prompt
-    from flas_vllm.steering import steering
-
     engine = llm.llm_engine if hasattr(llm, "llm_engine") else llm.llm.llm_engine
     tokenizer = engine.get_tokenizer() if hasattr(engine, "get_tokenizer") else llm.get_tokenizer()
     jobs = list(jobs)
+    prompt_format = settings.prompt_format or getattr(llm, "prompt_format", None) or "chat"
     by_id: dict[str, Job] = {}
     for i, job in enumerate(jobs):
-        params = SamplingParams(
-            max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
-            seed=job.seed, extra_args=steering(job.concept, job.flowtime) if job.flowtime > 0 else None,
-        )
-        prompt_ids = format_prompt(tokenizer, job.prompt, settings.prompt_format)
+        prompt_ids, params = job_request(job, settings, tokenizer, prompt_format)
         rid = f"flas-gen-{i}"
         by_id[rid] = job
         engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, params)

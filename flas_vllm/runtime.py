@@ -20,6 +20,7 @@ from torch import nn
 
 from flas_vllm.concept import tokenize_concept
 from flas_vllm.concept_cache import ConceptSlotTable
+from flas_vllm.concept_encoder import encode_with_decoder
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.flow import FlowFunction, cross_attend_heads, dense_causal_attention, euler_dt, expand_concept_kv
 from flas_vllm.steering import Steering, parse_steering
@@ -107,21 +108,28 @@ class SlotTableKV(nn.Module):
 
 
 class StepBuffers(nn.Module):
-    """Per-token steering data, preallocated at max_num_batched_tokens and updated in place."""
+    """Per-token steering data, preallocated at max_num_batched_tokens and updated in place.
+
+    `steps` is each token's own number of Euler steps (its request's n_steps).
+    """
 
     def __init__(self, max_tokens: int, flow_dtype, device):
         super().__init__()
         self.register_buffer("steered", torch.zeros(max_tokens, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("dt", torch.zeros(max_tokens, dtype=flow_dtype, device=device), persistent=False)
         self.register_buffer("slot", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("steps", torch.zeros(max_tokens, dtype=torch.int32, device=device), persistent=False)
         pin = device is not None and torch.device(device).type == "cuda"
         # Host staging: on GPUs the copies are non-blocking from pinned memory (async scheduling safe).
-        self._host_steered = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pin)
-        self._host_dt = torch.zeros(max_tokens, dtype=flow_dtype, pin_memory=pin)
-        self._host_slot = torch.zeros(max_tokens, dtype=torch.long, pin_memory=pin)
+        # device="cpu" explicitly: vLLM builds the model inside `with torch.device(<gpu>)`.
+        host = dict(device="cpu", pin_memory=pin)
+        self._host_steered = torch.zeros(max_tokens, dtype=torch.bool, **host)
+        self._host_dt = torch.zeros(max_tokens, dtype=flow_dtype, **host)
+        self._host_slot = torch.zeros(max_tokens, dtype=torch.long, **host)
+        self._host_steps = torch.zeros(max_tokens, dtype=torch.int32, **host)
         self.max_tokens = max_tokens
 
-    def publish(self, steered: np.ndarray, dt: torch.Tensor, slot: np.ndarray) -> None:
+    def publish(self, steered: np.ndarray, dt: torch.Tensor, slot: np.ndarray, steps: np.ndarray) -> None:
         n = len(steered)
         if n > self.max_tokens:
             raise RuntimeError(f"step has {n} tokens, more than max_num_batched_tokens={self.max_tokens}")
@@ -130,21 +138,24 @@ class StepBuffers(nn.Module):
         self._host_dt[:n] = dt
         self._host_slot[:n] = torch.from_numpy(slot)
         self._host_slot[n:] = 0
+        self._host_steps[:n] = torch.from_numpy(steps)
+        self._host_steps[n:] = 0
         self.steered.copy_(self._host_steered, non_blocking=True)
         self.dt.copy_(self._host_dt, non_blocking=True)
         self.slot.copy_(self._host_slot, non_blocking=True)
+        self.steps.copy_(self._host_steps, non_blocking=True)
 
 
 class FlasRuntime:
     """Request -> steering -> concept slot bookkeeping for one model instance (one worker)."""
 
-    def __init__(self, model, options: FlasEngineOptions, flow: FlowFunction, n_steps: int,
+    def __init__(self, model, options: FlasEngineOptions, flow: FlowFunction, n_steps: tuple[int, int],
                  concept_max_len: int, table: SlotTableKV, buffers: StepBuffers, tokenizer_name: str,
-                 tokenizer_kwargs: Mapping[str, Any]):
+                 tokenizer_kwargs: Mapping[str, Any], own_encoder: nn.Module | None = None):
         self.model = model  # the FlasGemma2Model whose layers 0-1 encode concepts
         self.options = options
         self.flow = flow
-        self.n_steps = n_steps
+        self.n_steps, self.max_n_steps = n_steps  # a request's default, and the most it may ask for
         self.concept_max_len = concept_max_len
         self.table = table
         self.buffers = buffers
@@ -152,9 +163,13 @@ class FlasRuntime:
         self._tokenizer_name = tokenizer_name
         self._tokenizer_kwargs = dict(tokenizer_kwargs)
         self._tokenizer = None
+        self.own_encoder = own_encoder  # a checkpoint's own concept encoder (`concept_enc`), if any
         self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
-        self._dt_cache: dict[float, torch.Tensor] = {}
+        self._dt_cache: dict[tuple[float, int], torch.Tensor] = {}
         self.steered_requests = 0
+        # Host-side facts about the current step, so the model never syncs on device data:
+        self.any_steered = False  # is any token of this step steered?
+        self.step_count = 0  # the most Euler steps any steered token of this step needs
         self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
 
     # -- concepts ---------------------------------------------------------------
@@ -172,7 +187,11 @@ class FlasRuntime:
         if fresh:
             start = time.perf_counter()
             with torch.inference_mode():
-                c = encode_concept(self.model, tokenize_concept(self.tokenizer, concept, self.concept_max_len))
+                ids = tokenize_concept(self.tokenizer, concept, self.concept_max_len)
+                if self.own_encoder is not None:
+                    c = encode_with_decoder(self.own_encoder, ids)
+                else:
+                    c = encode_concept(self.model, ids)
                 self.table.write(slot, self.flow.project_concept(c.to(self.flow.dtype)))
             self.slots.stats.encode_seconds += time.perf_counter() - start
             self.slots.stats.encoded += 1
@@ -212,8 +231,9 @@ class FlasRuntime:
         n_reqs = len(req_ids)
         steered = np.zeros(n_reqs, dtype=bool)
         slots = np.zeros(n_reqs, dtype=np.int64)
+        steps = np.zeros(n_reqs, dtype=np.int32)
         dts = []
-        zero = self._dt(0.0)
+        zero = self._dt(0.0, 1)
         for i, rid in enumerate(req_ids):
             entry = self._req.get(rid)
             if entry is None:
@@ -225,11 +245,18 @@ class FlasRuntime:
                 self._req[rid] = (steer, slot)
             steered[i] = steer is not None
             slots[i] = slot
-            dts.append(self._dt(steer.flowtime) if steer is not None else zero)
+            if steer is not None:
+                steps[i] = steer.n_steps or self.n_steps
+                dts.append(self._dt(steer.flowtime, int(steps[i])))
+            else:
+                dts.append(zero)
         counts = np.asarray(num_scheduled_tokens[:n_reqs])
         dt_tok = torch.repeat_interleave(torch.stack(dts), torch.from_numpy(counts)) if n_reqs else zero[:0]
         token_slots = np.repeat(slots, counts)
-        self.buffers.publish(np.repeat(steered, counts), dt_tok, token_slots)
+        self.buffers.publish(np.repeat(steered, counts), dt_tok, token_slots, np.repeat(steps, counts))
+        scheduled = counts > 0
+        self.any_steered = bool((steered & scheduled).any())
+        self.step_count = int(steps[scheduled].max()) if self.any_steered else 0
         self.table.token_slots = self.buffers.slot
         if self.group_by_length:
             self.table.plan_step(token_slots, self.buffers.slot)
@@ -238,7 +265,7 @@ class FlasRuntime:
         params = getattr(request_state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) if params is not None else None
         steer = parse_steering(extra, max_flowtime=self.options.max_flowtime,
-                               max_concept_bytes=self.options.max_concept_bytes)
+                               max_concept_bytes=self.options.max_concept_bytes, max_n_steps=self.max_n_steps)
         slot = 0
         if steer is not None:
             slot = self._ensure_encoded(steer.concept)
@@ -246,12 +273,12 @@ class FlasRuntime:
         self._req[rid] = (steer, slot)
         return steer, slot
 
-    def _dt(self, flowtime: float) -> torch.Tensor:
-        dt = self._dt_cache.get(flowtime)
+    def _dt(self, flowtime: float, n_steps: int) -> torch.Tensor:
+        dt = self._dt_cache.get((flowtime, n_steps))
         if dt is None:
-            dt = euler_dt(flowtime, self.n_steps, self.flow.dtype)
+            dt = euler_dt(flowtime, n_steps, self.flow.dtype)
             if len(self._dt_cache) < 4096:
-                self._dt_cache[flowtime] = dt
+                self._dt_cache[(flowtime, n_steps)] = dt
         return dt
 
 

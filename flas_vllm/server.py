@@ -25,6 +25,8 @@ def _flas_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a plain Gemma-2 model: directory or Hugging Face id")
     p.add_argument("--flas-checkpoint", required=True, help="FLAS checkpoint: file, directory or Hub repo id")
     p.add_argument("--n-steps", type=int, default=None, help="Euler steps (default: the checkpoint config's)")
+    p.add_argument("--max-n-steps", type=int, default=None,
+                   help="most Euler steps a request may ask for with flas_n_steps (default: --n-steps)")
     p.add_argument("--max-concepts", type=int, default=None, help="concept slots held at once (default 64)")
     p.add_argument("--max-flowtime", type=float, default=None, help="largest flowtime accepted (default 8)")
     p.add_argument("--max-pinned", type=int, default=None, help="preloaded (pinned) concept slots (default 16)")
@@ -44,12 +46,19 @@ def build_args(argv: list[str]):
     args = parser.parse_args(rest)
     user_overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
     kwargs = flas_engine_kwargs(
-        flas_args.model, flas_args.flas_checkpoint, n_steps=flas_args.n_steps,
+        flas_args.model, flas_args.flas_checkpoint, n_steps=flas_args.n_steps, max_n_steps=flas_args.max_n_steps,
         max_concepts=flas_args.max_concepts, max_flowtime=flas_args.max_flowtime,
         max_pinned=flas_args.max_pinned, hf_overrides=user_overrides,
     )
     args.model = kwargs["model"]
     args.hf_overrides = kwargs["hf_overrides"]
+    if not getattr(args, "chat_template", None):
+        from flas_vllm.checkpoint import read_checkpoint_config
+
+        if read_checkpoint_config(flas_args.flas_checkpoint).prompt_format == "alpaca":
+            from flas_vllm.prompts import ALPACA_CHAT_TEMPLATE
+
+            args.chat_template = ALPACA_CHAT_TEMPLATE  # trained on a base model: the alpaca format
     if not getattr(args, "worker_extension_cls", None):
         args.worker_extension_cls = "flas_vllm.worker_ext.FlasWorkerExtension"
     validate_parsed_serve_args(args)
@@ -78,7 +87,8 @@ def describe(args) -> str:
     host = args.host or "0.0.0.0"
     return (
         f"FLAS server: checkpoint {ckpt.path} (fingerprint {ckpt.fingerprint}), layer {ckpt.config.layer}, "
-        f"{ckpt.config.num_blocks} block(s), n_steps {opts.n_steps or ckpt.config.n_steps}, "
+        f"{ckpt.config.num_blocks} block(s), n_steps {'{} (max {})'.format(*opts.step_limits(ckpt.config.n_steps))}, "
+        f"prompt format {ckpt.config.prompt_format}, "
         f"{opts.max_concepts} concept slots, max flowtime {opts.max_flowtime}; "
         f"serving {args.model} at http://{host}:{args.port}/v1 (playground: http://{host}:{args.port}/playground)"
     )

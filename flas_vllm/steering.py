@@ -19,20 +19,56 @@ from flas_vllm.errors import SteeringParamError
 
 CONCEPT_KEY = "flas_concept"
 FLOWTIME_KEY = "flas_flowtime"
-KNOWN_KEYS = (CONCEPT_KEY, FLOWTIME_KEY)
+N_STEPS_KEY = "flas_n_steps"
+STOP_RULE_KEY = "flas_stop_rule"
+KNOWN_KEYS = (CONCEPT_KEY, FLOWTIME_KEY, N_STEPS_KEY, STOP_RULE_KEY)
+STOP_RULES = ("vllm", "original")
+"""`vllm`: stop at every id of generation_config.eos_token_id (vLLM's rule; Gemma-2-IT: <eos> and
+<end_of_turn>). `original`: stop only at the tokenizer's <eos>, as the original FLAS generator does,
+so text after <end_of_turn> is kept and judged (spec 6)."""
 DEFAULT_MAX_FLOWTIME = 8.0
 MAX_CONCEPT_BYTES = 2048
 
 
-def steering(concept: str, flowtime: float) -> dict[str, Any]:
-    """The `extra_args` (or `vllm_xargs`) that steer one request toward `concept` at `flowtime`."""
-    return {CONCEPT_KEY: concept, FLOWTIME_KEY: flowtime}
+def steering(concept: str, flowtime: float, n_steps: int | None = None,
+             stop_rule: str | None = None) -> dict[str, Any]:
+    """The `extra_args` (or `vllm_xargs`) that steer one request toward `concept` at `flowtime`.
+
+    `n_steps`: this request's Euler steps (default: the engine's); `stop_rule`: see STOP_RULES.
+    """
+    out: dict[str, Any] = {CONCEPT_KEY: concept, FLOWTIME_KEY: flowtime}
+    if n_steps is not None:
+        out[N_STEPS_KEY] = n_steps
+    if stop_rule is not None:
+        out[STOP_RULE_KEY] = stop_rule
+    return out
 
 
 @dataclass(frozen=True)
 class Steering:
     concept: str
     flowtime: float
+    n_steps: int | None = None  # None: the engine's default
+
+
+def parse_stop_rule(extra_args: Mapping[str, Any] | None) -> str:
+    """The request's stop rule ('vllm' unless it asks for the original's)."""
+    rule = (extra_args or {}).get(STOP_RULE_KEY, "vllm")
+    if rule not in STOP_RULES:
+        raise SteeringParamError(STOP_RULE_KEY, f"must be one of {', '.join(STOP_RULES)}, got {rule!r}")
+    return rule
+
+
+def _parse_n_steps(extra_args: Mapping[str, Any], max_n_steps: int | None) -> int | None:
+    if N_STEPS_KEY not in extra_args:
+        return None
+    n = extra_args[N_STEPS_KEY]
+    limit = f"[1, {max_n_steps}] (the engine's max_n_steps)" if max_n_steps else ">= 1"
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise SteeringParamError(N_STEPS_KEY, f"must be an integer within {limit}, got {n!r}")
+    if n < 1 or (max_n_steps is not None and n > max_n_steps):
+        raise SteeringParamError(N_STEPS_KEY, f"must be within {limit}, got {n}")
+    return n
 
 
 def parse_steering(
@@ -40,6 +76,7 @@ def parse_steering(
     *,
     max_flowtime: float = DEFAULT_MAX_FLOWTIME,
     max_concept_bytes: int = MAX_CONCEPT_BYTES,
+    max_n_steps: int | None = None,
 ) -> Steering | None:
     """Validate the flas_* fields; None means unsteered (no keys, or flowtime 0).
 
@@ -52,8 +89,12 @@ def parse_steering(
         raise SteeringParamError(
             unknown[0], f"unknown steering field; the accepted fields are {', '.join(KNOWN_KEYS)}"
         )
+    parse_stop_rule(extra_args)
+    n_steps = _parse_n_steps(extra_args, max_n_steps)
     has_c, has_t = CONCEPT_KEY in extra_args, FLOWTIME_KEY in extra_args
     if not has_c and not has_t:
+        if n_steps is not None:
+            raise SteeringParamError(N_STEPS_KEY, f"needs {CONCEPT_KEY} and {FLOWTIME_KEY}")
         return None
     if has_c != has_t:
         missing = FLOWTIME_KEY if has_c else CONCEPT_KEY
@@ -79,7 +120,7 @@ def parse_steering(
         )
     if flowtime == 0.0:
         return None  # T = 0 leaves h unchanged: served exactly as unsteered
-    return Steering(concept=concept, flowtime=flowtime)
+    return Steering(concept=concept, flowtime=flowtime, n_steps=n_steps)
 
 
 def cache_salt(steer: Steering, *, n_steps: int, fingerprint: str, user_salt: str | None) -> str:

@@ -33,7 +33,7 @@ def _flas_context(input_processor):
         cached = (ckpt.fingerprint, ckpt.config.n_steps)
         _FINGERPRINTS[options.checkpoint] = cached
     fingerprint, ckpt_steps = cached
-    return options, options.n_steps or ckpt_steps, fingerprint
+    return options, options.step_limits(ckpt_steps), fingerprint
 
 
 def _check(input_processor, params):
@@ -50,13 +50,39 @@ def _check(input_processor, params):
                 "(start it with a FLAS checkpoint)",
             )
         return None, None
-    options, n_steps, fingerprint = ctx
+    options, (default_steps, max_steps), fingerprint = ctx
     try:
         steer = parse_steering(extra, max_flowtime=options.max_flowtime,
-                               max_concept_bytes=options.max_concept_bytes)
+                               max_concept_bytes=options.max_concept_bytes, max_n_steps=max_steps)
     except SteeringParamError as exc:
         raise _validation_error_cls()(exc.field, str(exc)) from None
+    n_steps = default_steps if steer is None or steer.n_steps is None else steer.n_steps
     return steer, (n_steps, fingerprint)
+
+
+def _apply_stop_rule(input_processor, params):
+    """`flas_stop_rule: original`: stop only at the tokenizer's EOS (not generation_config's other ids).
+
+    vLLM adds generation_config's EOS ids to `stop_token_ids` unless `ignore_eos`; so the request
+    gets `ignore_eos` with the tokenizer's EOS as its one added stop id. Returns the params to use.
+    """
+    from flas_vllm.steering import STOP_RULE_KEY, parse_stop_rule
+
+    extra = getattr(params, "extra_args", None)
+    if not extra or STOP_RULE_KEY not in extra or parse_stop_rule(extra) != "original":
+        return params
+    if params.ignore_eos:
+        raise _validation_error_cls()(STOP_RULE_KEY, f"{STOP_RULE_KEY}: 'original' stops at EOS, which "
+                                      "contradicts ignore_eos=True; drop one of them")
+    tokenizer = getattr(input_processor, "tokenizer", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise _validation_error_cls()(STOP_RULE_KEY, f"{STOP_RULE_KEY}: 'original' needs a tokenizer EOS id, "
+                                      "and this model's tokenizer has none")
+    params = params.clone()
+    params.ignore_eos = True
+    params.stop_token_ids = list(dict.fromkeys([*(params.stop_token_ids or []), int(eos)]))
+    return params
 
 
 _VALIDATION_ERROR = None
@@ -102,6 +128,8 @@ def _make_sync(original):
     @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         steer, ctx = _check(self, params)
+        if ctx is not None:
+            params = _apply_stop_rule(self, params)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         _salt(request, steer, ctx)
         return request

@@ -254,20 +254,76 @@ def test_config_with_wrong_type_names_key(make_ckpt, base_config, tmp_path):
         load_checkpoint(d, base_config)
 
 
-def test_missing_config_json(make_ckpt, base_config, tmp_path):
-    d = copy_ckpt(make_ckpt(), tmp_path / "c")
+def _deep_base(base_config, layers=26):
+    """The tiny base config with enough layers for the original's default layer (20)."""
+    raw = base_config.to_dict()
+    raw["num_hidden_layers"] = layers
+    raw.pop("layer_types", None)
+    return raw
+
+
+def test_missing_config_json_uses_the_originals_defaults_and_names_them(make_ckpt, base_config, tmp_path, caplog):
+    d = copy_ckpt(make_ckpt(num_blocks=2, disable_self_attn=True), tmp_path / "c")
     (d / "config.json").unlink()
-    with pytest.raises(FlasCheckpointError, match=r"config\.json not found"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        ckpt = load_checkpoint(d, _deep_base(base_config))
+    cfg = ckpt.config
+    assert (cfg.model_id, cfg.layer, cfg.n_steps, cfg.prompt_format) == ("google/gemma-2-2b-it", 20, 2, "chat")
+    assert cfg.num_blocks == 2 and cfg.disable_self_attn  # read from the tensors
+    text = caplog.text
+    assert "config.json not found" in text
+    for key in ("model_id", "layer", "n_steps", "prompt_format", "disable_mlp", "disable_cross_attn"):
+        assert f"{key}=" in text, key
+    assert read_saved(weights_file(make_ckpt(num_blocks=2, disable_self_attn=True))).keys() == ckpt.tensors.keys()
+    # with the default layer 20 the 4-layer tiny model is refused, naming the layer
+    with pytest.raises(FlasCheckpointError, match=r"'layer' = 20 is out of range"):
         load_checkpoint(d, base_config)
 
 
-def test_pt_without_flow_fn(make_ckpt, base_config, tmp_path):
+def test_config_json_with_some_keys_warns_about_each_defaulted_key(make_ckpt, base_config, tmp_path, caplog):
+    d = copy_ckpt(make_ckpt(), tmp_path / "c")
+    (d / "config.json").write_text(json.dumps({"layer": 2, "num_blocks": 1, "n_steps": 3, "model_id": "x",
+                                                "concept_max_len": 64, "disable_self_attn": False,
+                                                "disable_cross_attn": False, "disable_mlp": False,
+                                                "T_min": 0.5, "T_max": 2.0}))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        load_checkpoint(d, base_config)
+    assert "prompt_format not set" in caplog.text and "prompt_format='chat'" in caplog.text
+
+
+def test_pt_holding_a_bare_state_dict(make_ckpt, base_config):
+    d = make_ckpt(fmt="pt", bare_state_dict=True)
+    raw = torch.load(str(weights_file(d)), map_location="cpu", weights_only=True)
+    assert "flow_fn" not in raw and all(isinstance(v, torch.Tensor) for v in raw.values())
+    ckpt = load_checkpoint(d, base_config)
+    assert ckpt.tensors.keys() == raw.keys()
+    for name, t in raw.items():
+        assert torch.equal(ckpt.tensors[name], t), name
+    same = load_checkpoint(make_ckpt(fmt="pt"), base_config)  # the same flow saved with 'flow_fn'
+    assert all(torch.equal(same.tensors[n], t) for n, t in ckpt.tensors.items())
+
+
+def test_pt_without_flow_fn_or_tensors(make_ckpt, base_config, tmp_path):
     d = copy_ckpt(make_ckpt(fmt="pt"), tmp_path / "c")
     w = weights_file(d)
     blob = torch.load(str(w), map_location="cpu", weights_only=True)
     torch.save({"model": blob["flow_fn"], "step": 3}, str(w))
-    with pytest.raises(FlasCheckpointError, match="without a 'flow_fn'"):
+    with pytest.raises(FlasCheckpointError, match="neither a 'flow_fn' state dict nor a bare state dict"):
         load_checkpoint(d, base_config)
+
+
+@pytest.mark.parametrize("flag", ["disable_cross_attn", "disable_mlp"])
+def test_disabled_branches_still_carry_their_tensors(make_ckpt, base_config, geometry, flag, caplog):
+    """As the original: those modules are built and saved, only the forward pass skips them."""
+    d = make_ckpt(num_blocks=2, **{flag: True})
+    saved = read_saved(weights_file(d))
+    prefix = "blocks.1.cross_attn." if flag == "disable_cross_attn" else "blocks.1.down_proj"
+    assert any(n.startswith(prefix) for n in saved)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        ckpt = load_checkpoint(d, base_config)
+    assert "ignoring" not in caplog.text
+    assert getattr(ckpt.config, flag)
+    assert set(ckpt.tensors) == set(expected_tensor_shapes(geometry, ckpt.config))
 
 
 def test_directory_without_weights(make_ckpt, base_config, tmp_path):

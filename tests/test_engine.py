@@ -31,6 +31,7 @@ pytestmark = pytest.mark.engine
 KV_BYTES = 256 * 1024 * 1024  # vLLM's CPU backend only sees NUMA node 0: never size the cache by utilization
 MAX_TOKENS = 24
 MAX_CONCEPTS = 4
+MAX_N_STEPS = 4  # MAIN's limit for flas_n_steps; its checkpoint's default is 3
 TIMINGS: dict[str, float] = {}
 
 # ---------------------------------------------------------------------------
@@ -55,6 +56,7 @@ class Req:
     concept: str | None = None
     flowtime: float | None = None
     salt: str | None = None
+    n_steps: int | None = None
 
     @property
     def steered(self) -> bool:
@@ -65,7 +67,7 @@ class Req:
 
         if self.concept is None:
             return None
-        return steering(self.concept, self.flowtime)
+        return steering(self.concept, self.flowtime, n_steps=self.n_steps)
 
 
 @dataclass
@@ -182,7 +184,7 @@ def ckpt2(make_ckpt):
 @pytest.fixture(scope="module")
 def main_llm(tiny_model, ckpt2):
     t0 = time.perf_counter()
-    llm = start_flas(tiny_model, ckpt2, "main (compiled)", max_concepts=MAX_CONCEPTS)
+    llm = start_flas(tiny_model, ckpt2, "main (compiled)", max_concepts=MAX_CONCEPTS, max_n_steps=MAX_N_STEPS)
     yield llm
     TIMINGS["main total"] = time.perf_counter() - t0
     shutdown_engine(llm)
@@ -275,6 +277,73 @@ def test_steered_matches_transformers(tiny_model, ckpt2, solo):
 
 
 # ---------------------------------------------------------------------------
+# per-request n_steps and the stop rule
+
+
+N_STEPS_MIX = [
+    Req("ocean-1.5-N1", SHORT_B, OCEAN, 1.5, n_steps=1),
+    Req("ocean-1.5-N2", SHORT_B, OCEAN, 1.5, n_steps=2),
+    Req("love-2.5-N4", SHORT_A, LOVE, 2.5, n_steps=MAX_N_STEPS),
+    Req("love-2.5-default", SHORT_A, LOVE, 2.5),
+    Req("long-1.0-N2", LONG, LONG_CONCEPT, 1.0, n_steps=2),
+    Req("unsteered-mid", MID),
+]
+
+
+def test_mixed_n_steps_batch_equals_solo_and_transformers(main_llm, tiny_model, ckpt2):
+    """Each request integrates with its own dt = T/N for its own N steps, in one batch."""
+    solo_n = {r.name: run(main_llm, tiny_model, [r])[0] for r in N_STEPS_MIX}
+    for req, res in zip(N_STEPS_MIX, run(main_llm, tiny_model, N_STEPS_MIX)):
+        assert_same(res, solo_n[req.name], f"{req.name} in a mixed-n_steps batch")
+    assert solo_n["ocean-1.5-N1"].token_ids != solo_n["ocean-1.5-N2"].token_ids
+    assert solo_n["love-2.5-N4"].token_ids != solo_n["love-2.5-default"].token_ids
+    steerer = hf_steerer(tiny_model, ckpt2)
+    assert steerer.n_steps == 3
+    for req in N_STEPS_MIX:
+        if req.concept is None:
+            continue
+        ref = steerer.generate([prompt_ids(tiny_model, req.text)], req.concept, req.flowtime,
+                               max_new_tokens=MAX_TOKENS, ignore_eos=True, n_steps=req.n_steps)[0]
+        assert_matches_hf(solo_n[req.name], ref, req.name)
+
+
+def test_original_stop_rule_keeps_generating_past_end_of_turn(main_llm, tiny_model):
+    """`flas_stop_rule: original` stops at <eos> only; vLLM's rule also stops at <end_of_turn>."""
+    from vllm import SamplingParams
+
+    from flas_vllm.fixtures import EOS_ID, EOT_ID
+
+    prompt = {"prompt_token_ids": prompt_ids(tiny_model, SHORT_A)}
+    outs = {}
+    for rule in ("vllm", "original"):
+        for steer in (None, steering_args(LOVE, 1.0)):
+            extra = {**(steer or {}), "flas_stop_rule": rule}
+            params = SamplingParams(temperature=0.0, max_tokens=96, extra_args=extra)
+            outs[rule, steer is None] = main_llm.generate([prompt], [params], use_tqdm=False)[0].outputs[0]
+    plain = outs["vllm", True]
+    assert plain.finish_reason == "stop" and plain.token_ids[-1] == EOT_ID  # the fixture ends its turn
+    for unsteered in (True, False):
+        vl, orig = outs["vllm", unsteered], outs["original", unsteered]
+        ids = list(orig.token_ids)
+        assert EOS_ID not in ids[:-1]
+        assert orig.finish_reason == "length" or ids[-1] == EOS_ID
+        assert ids[:len(vl.token_ids)] == list(vl.token_ids)  # the same text up to vLLM's stop
+        if vl.token_ids[-1] == EOT_ID:  # vLLM stopped at <end_of_turn>: the original keeps going
+            assert EOT_ID in ids[:-1] and len(ids) > len(vl.token_ids)
+        else:
+            assert ids == list(vl.token_ids)
+    with pytest.raises(ValueError, match="flas_stop_rule"):
+        main_llm.generate([prompt], [SamplingParams(max_tokens=4, ignore_eos=True,
+                                                    extra_args={"flas_stop_rule": "original"})], use_tqdm=False)
+
+
+def steering_args(concept, flowtime):
+    from flas_vllm.steering import steering
+
+    return steering(concept, flowtime)
+
+
+# ---------------------------------------------------------------------------
 # prefix cache
 
 
@@ -350,6 +419,10 @@ BAD_FIELDS = [
     ("unknown flas_ key", {"flas_concept": LOVE, "flas_flowtime": 1.0, "flas_strength": 2}, "flas_strength"),
     ("concept without flowtime", {"flas_concept": LOVE}, "flas_flowtime"),
     ("flowtime without concept", {"flas_flowtime": 1.0}, "flas_concept"),
+    ("n_steps 0", {"flas_concept": LOVE, "flas_flowtime": 1.0, "flas_n_steps": 0}, "flas_n_steps"),
+    ("n_steps above max_n_steps", {"flas_concept": LOVE, "flas_flowtime": 1.0, "flas_n_steps": 5}, "flas_n_steps"),
+    ("n_steps float", {"flas_concept": LOVE, "flas_flowtime": 1.0, "flas_n_steps": 2.0}, "flas_n_steps"),
+    ("stop rule unknown", {"flas_stop_rule": "eot"}, "flas_stop_rule"),
 ]
 
 

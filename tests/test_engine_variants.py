@@ -38,8 +38,11 @@ CASES = [
 
 # The MAIN engine of test_engine.py covers fp32 / num_blocks=2 / safetensors.
 VARIANTS = {
-    "num_blocks=1,pt": dict(num_blocks=1, fmt="pt", seed=1),  # one engine for both: saves a minute
-    "disable_self_attn": dict(num_blocks=2, disable_self_attn=True),
+    # a training .pt with its own concept encoder ('concept_enc'): one engine for all three, saves minutes
+    "num_blocks=1,pt,concept_enc": dict(num_blocks=1, fmt="pt", seed=1, concept_encoder=True),
+    # trained on a base model (alpaca prompts), no self-attention or MLP branch, concept_max_len 8 in config
+    "disable_self_attn+mlp,alpaca": dict(num_blocks=2, disable_self_attn=True, disable_mlp=True,
+                                         concept_max_len=8, prompt_format="alpaca"),
     "bf16": dict(num_blocks=2, dtype="bfloat16"),
 }
 TIMINGS: dict[str, float] = {}
@@ -119,7 +122,10 @@ def test_matches_transformers(variant, tiny_model):
     from flas_vllm.concept import tokenize_concept
 
     assert len(steerer.tokenizer(LONG_CONCEPT)["input_ids"]) > 64
-    assert len(tokenize_concept(steerer.tokenizer, LONG_CONCEPT, steerer.cfg.concept_max_len)) == 64
+    assert len(tokenize_concept(steerer.tokenizer, LONG_CONCEPT, steerer.concept_len)) == 64
+    assert steerer.concept_len == 64  # whatever concept_max_len the checkpoint config says
+    if VARIANTS[name].get("concept_encoder"):
+        assert steerer.encoder is not steerer.model.model  # the checkpoint's own encoder
 
     got = _vllm(llm, prompts, CASES)
     refs = _reference(steerer, prompts, CASES)
@@ -159,3 +165,17 @@ def _compare_near_ties(out, ref, what) -> int:
         assert abs(lp - ref.logprobs[i]) < 0.1 + 0.05 * abs(ref.logprobs[i]), (
             f"{what}: step {i} logprob {lp} vs HF {ref.logprobs[i]}")
     return len(out.token_ids)
+
+
+def test_chat_uses_the_checkpoints_prompt_format(variant, tiny_model):
+    """FlasLLM.chat formats a base-model checkpoint's prompts in the alpaca format, others with the template."""
+    from vllm import SamplingParams
+
+    from flas_vllm.prompts import format_prompt
+
+    name, llm, ckpt, _ = variant
+    fmt = VARIANTS[name].get("prompt_format", "chat")
+    assert llm.prompt_format == fmt
+    out = llm.chat([[{"role": "user", "content": SHORT}]], SamplingParams(max_tokens=2, temperature=0.0),
+                   use_tqdm=False)[0]
+    assert list(out.prompt_token_ids) == format_prompt(llm.get_tokenizer(), SHORT, fmt)

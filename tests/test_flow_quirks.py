@@ -727,7 +727,7 @@ def test_concept_tokenization_drops_an_appended_eos():
     assert tokenize_concept(EosTok(), "a b c") == [2, 10, 11, 12]
 
 
-def _ref_decoder_layer(layer, h, pos, cfg, window=None):
+def _ref_decoder_layer(layer, h, pos, cfg, window=None, freq_dtype=torch.float32):
     """Gemma-2 decoder layer written out from the module's weights (plain causal unless window)."""
     eps = cfg.rms_norm_eps
     a = layer.self_attn
@@ -735,8 +735,8 @@ def _ref_decoder_layer(layer, h, pos, cfg, window=None):
     theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     t = h.shape[0]
     x = r_norm(h, layer.input_layernorm.weight, eps)
-    q = r_rope((x @ a.q_proj.weight.t()).view(t, nh, d), pos, theta, h.dtype, torch.float32)
-    k = r_rope((x @ a.k_proj.weight.t()).view(t, nkv, d), pos, theta, h.dtype, torch.float32)
+    q = r_rope((x @ a.q_proj.weight.t()).view(t, nh, d), pos, theta, h.dtype, freq_dtype)
+    k = r_rope((x @ a.k_proj.weight.t()).view(t, nkv, d), pos, theta, h.dtype, freq_dtype)
     v = (x @ a.v_proj.weight.t()).view(t, nkv, d)
     ii, jj = torch.arange(t)[:, None], torch.arange(t)[None]
     allowed = jj <= ii
@@ -828,3 +828,78 @@ def test_hf_long_prompt_cached_equals_recompute(steerer, long_text):
     assert len(a.prompt_token_ids) > 40
     assert a.token_ids == b.token_ids
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------
+# checkpoints the original also loads: its own concept encoder, any concept_max_len
+
+
+def _modules_from(state, prefix):
+    """A read-only module tree (attribute access) over a state dict: `.layers[0].self_attn.q_proj.weight`."""
+    from types import SimpleNamespace
+
+    root: dict = {}
+    for name, t in state.items():
+        if not name.startswith(prefix):
+            continue
+        node = root
+        parts = name[len(prefix):].split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = t
+
+    def build(d):
+        if all(k.isdigit() for k in d):
+            return [build(d[k]) for k in sorted(d, key=int)]
+        return SimpleNamespace(**{k: build(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+    return build(root)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_own_concept_encoder_from_a_training_checkpoint(tiny_model, make_ckpt, dtype):
+    """A .pt with `concept_enc` encodes concepts with ITS weights (embedding x sqrt(H), layers 0-1
+    plain causal, final norm), cast to the flow dtype, RoPE frequencies rounded with it (spec 2, 4)."""
+    from flas_vllm.concept import tokenize_concept
+    from flas_vllm.hf import HFSteerer
+
+    ckpt_dir = make_ckpt(fmt="pt", concept_encoder=True, dtype=dtype)
+    blob = torch.load(str(next(ckpt_dir.glob("*.pt"))), map_location="cpu", weights_only=True)
+    enc = blob["concept_enc"]
+    own = HFSteerer.from_pretrained(tiny_model, ckpt_dir)
+    base = HFSteerer.from_pretrained(tiny_model, make_ckpt(fmt="pt", dtype=dtype))
+    cfg = own.model.config
+    ids = torch.tensor(tokenize_concept(own.tokenizer, CONCEPT))
+    w = _modules_from(enc, "")
+    dt = getattr(torch, dtype)
+    h = w.embed_tokens.weight[ids] * torch.tensor(cfg.hidden_size ** 0.5).to(dt)
+    pos = torch.arange(len(ids))
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    with torch.no_grad():
+        for layer in w.layers:
+            h = _ref_decoder_layer(layer, h, pos, cfg, freq_dtype=dt)
+        want = r_norm(h, w.norm.weight, cfg.rms_norm_eps)
+    got = own.encode_concept(CONCEPT)
+    assert got.dtype == dt
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert max_diff(got, base.encode_concept(CONCEPT)) > 10 * tol  # not the base model's layers
+    a = own.generate([CONCEPT], CONCEPT, 2.0, max_new_tokens=6, ignore_eos=True)[0].token_ids
+    b = base.generate([CONCEPT], CONCEPT, 2.0, max_new_tokens=6, ignore_eos=True)[0].token_ids
+    assert len(a) == 6 and len(b) == 6
+
+
+def test_concepts_are_truncated_to_64_tokens_whatever_concept_max_len_says(tiny_model, make_ckpt, long_text,
+                                                                           caplog):
+    import logging
+
+    from flas_vllm.hf import HFSteerer
+
+    with caplog.at_level(logging.WARNING, logger="flas_vllm.concept"):
+        steerer = HFSteerer.from_pretrained(tiny_model, make_ckpt(concept_max_len=8))
+    assert steerer.cfg.concept_max_len == 8
+    assert "concept_max_len = 8" in caplog.text
+    tok = steerer.tokenizer
+    want = tok(long_text, truncation=True, max_length=64)["input_ids"]
+    assert len(want) == 64
+    assert steerer.encode_concept(long_text).shape[0] == 64

@@ -183,6 +183,9 @@ BAD_XARGS = [
     ({"flas_concept": "x" * 5000, "flas_flowtime": 1.0}, "flas_concept"),
     ({"flas_concept": 12, "flas_flowtime": 1.0}, "flas_concept"),
     ({"flas_concept": "pirate", "flas_flowtime": 1.0, "flas_bogus": 1}, "flas_bogus"),
+    ({"flas_concept": "pirate", "flas_flowtime": 1.0, "flas_n_steps": 99}, "flas_n_steps"),
+    ({"flas_concept": "pirate", "flas_flowtime": 1.0, "flas_n_steps": 0}, "flas_n_steps"),
+    ({"flas_stop_rule": "sometimes"}, "flas_stop_rule"),
 ]
 
 
@@ -207,6 +210,10 @@ def test_bad_steering_input_is_a_400_naming_the_field_and_the_server_keeps_servi
     assert httpx.get(server["base"] + "/health", timeout=10).status_code == 200
     ok = httpx.post(f"{server['base']}/v1/{route}", headers=headers, timeout=120,
                     content=json.dumps({**body, "vllm_xargs": {"flas_concept": "pirate", "flas_flowtime": 1.0}}))
+    assert ok.status_code == 200, ok.text
+    ok = httpx.post(f"{server['base']}/v1/{route}", headers=headers, timeout=120, content=json.dumps(
+        {**body, "vllm_xargs": {"flas_concept": "pirate", "flas_flowtime": 1.0, "flas_n_steps": 1,
+                                "flas_stop_rule": "original"}}))
     assert ok.status_code == 200, ok.text
 
 

@@ -38,13 +38,30 @@ def test_unsteered_forms():
         ({"flas_concept": "x", "flas_flowtime": 1.0, "flas_strength": 2}, "flas_strength", "unknown"),
         ({"flas_concept": "x"}, "flas_flowtime", "required"),
         ({"flas_flowtime": 1.0}, "flas_concept", "required"),
+        (steering("x", 1.0, n_steps=0), "flas_n_steps", "[1, 4]"),
+        (steering("x", 1.0, n_steps=5), "flas_n_steps", "max_n_steps"),
+        (steering("x", 1.0, n_steps=2.0), "flas_n_steps", "integer"),
+        (steering("x", 1.0, n_steps="2"), "flas_n_steps", "integer"),
+        (steering("x", 1.0, n_steps=True), "flas_n_steps", "integer"),
+        ({"flas_n_steps": 2}, "flas_n_steps", "needs flas_concept"),
+        (steering("x", 1.0, stop_rule="eos"), "flas_stop_rule", "original"),
+        ({"flas_stop_rule": None}, "flas_stop_rule", "vllm, original"),
     ],
 )
 def test_invalid_fields_name_the_field_and_limit(extra, field, words):
     with pytest.raises(SteeringParamError) as info:
-        parse_steering(extra)
+        parse_steering(extra, max_n_steps=4)
     assert info.value.field == field
     assert field in str(info.value) and words in str(info.value)
+
+
+def test_per_request_n_steps_and_stop_rule():
+    assert parse_steering(steering("x", 1.0, n_steps=4), max_n_steps=4) == Steering("x", 1.0, 4)
+    assert parse_steering(steering("x", 1.0, n_steps=1), max_n_steps=4).n_steps == 1
+    assert parse_steering(steering("x", 1.0)).n_steps is None  # the engine's default
+    assert parse_steering(steering("x", 0.0, n_steps=2), max_n_steps=4) is None  # T = 0: unsteered
+    assert parse_steering({"flas_stop_rule": "original"}) is None  # a stop rule alone: unsteered
+    assert parse_steering(steering("x", 1.0, stop_rule="original")) == Steering("x", 1.0)
 
 
 def test_limits_are_configurable():
