@@ -127,7 +127,8 @@ def _floats(text: str, option: str) -> list[float]:
 
 def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max_tokens, temperature, top_p,
           seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256,
-          max_num_seqs=None, num_concepts=None, n_steps=None, max_prompt_tokens=512, stop_rule="original"):
+          max_num_seqs=None, num_concepts=None, concept_ids_file=None, n_steps=None, max_prompt_tokens=512,
+          stop_rule="original"):
     from flas_vllm.eval import GenerateSpec
     from flas_vllm.offline import GenerationSettings
 
@@ -148,7 +149,8 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
         num_prompts=num_prompts, flowtimes=_floats(flowtimes, "--flowtimes"),
         settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                     flush_rows=flush_rows, max_prompt_tokens=max_prompt_tokens, stop_rule=stop_rule),
-        engine_kwargs=engine, max_concepts=max_concepts, num_concepts=num_concepts, n_steps=n_steps,
+        engine_kwargs=engine, max_concepts=max_concepts, num_concepts=num_concepts, concept_ids=concept_ids_file,
+        n_steps=n_steps,
     )
 
 
@@ -184,7 +186,11 @@ _GEN_OPTS = dict(
                                            "checkpoint for --model fixture)"),
     concepts=typer.Option(None, help="AxBench metadata.jsonl, parquet, CSV or a text list "
                                      "(default: the bundled AxBench Concept500 list)"),
-    num_concepts=typer.Option(None, min=1, help="only the first N concepts by concept_id (default: all)"),
+    num_concepts=typer.Option(None, min=1, help="only the first N concepts of the concept file, in file order "
+                                                "(default: all)"),
+    concept_ids_file=typer.Option(None, help="a JSON list of concept ids to run, looked up in --concepts (the "
+                                             "original's --concept-ids-file format), or a bundled list: "
+                                             "c16k-2b-ho100, c16k-2b-hi100, c16k-9b-ho100, c16k-9b-hi100"),
     prompts=typer.Option(None, help="AlpacaEval JSON, JSONL or parquet (default: the bundled AlpacaEval)"),
     n_steps=typer.Option(None, min=1, help="Euler steps per request (default: the checkpoint config's)"),
     max_prompt_tokens=typer.Option(512, min=1, help="keep the first N tokens of each formatted prompt, as the "
@@ -214,6 +220,7 @@ def generate(
     flas_checkpoint: str = _GEN_OPTS["flas_checkpoint"],
     concepts: Optional[Path] = _GEN_OPTS["concepts"],
     num_concepts: Optional[int] = _GEN_OPTS["num_concepts"],
+    concept_ids_file: Optional[str] = _GEN_OPTS["concept_ids_file"],
     prompts: Optional[Path] = _GEN_OPTS["prompts"],
     num_prompts: int = typer.Option(10, min=1, help="prompts per concept (AxBench's sampling rule)"),
     flowtimes: str = typer.Option("0.5,1,2", help="comma-separated flowtimes (0 = unsteered)"),
@@ -240,8 +247,8 @@ def generate(
 
     spec = _spec(model, flas_checkpoint, _bundled(concepts, BUNDLED_CONCEPTS), _bundled(prompts, BUNDLED_PROMPTS),
                  num_prompts, flowtimes, max_tokens, temperature, top_p, seed, dtype, max_model_len, eager,
-                 kv_cache_memory_bytes, max_concepts, flush_rows, max_num_seqs, num_concepts, n_steps,
-                 max_prompt_tokens, stop_rule)
+                 kv_cache_memory_bytes, max_concepts, flush_rows, max_num_seqs, num_concepts, concept_ids_file,
+                 n_steps, max_prompt_tokens, stop_rule)
     try:
         if ray or ray_address:
             table = run_generate_ray(spec, out, num_actors=num_actors, ray_address=ray_address)
@@ -260,6 +267,9 @@ _JUDGE_OPTS = dict(
                                   "stand-in, not AxBench's LLM judge) instead of --base-url"),
     api_key_env=typer.Option("OPENAI_API_KEY", help="environment variable holding the judge API key"),
     concurrency=typer.Option(16, min=1, max=1024, help="judge calls in flight"),
+    allow_mixed_judges=typer.Option(False, "--allow-mixed-judges",
+                                    help="allow one judge directory / one score to hold ratings from different "
+                                         "judge models (refused by default: their numbers are not comparable)"),
 )
 
 
@@ -274,6 +284,7 @@ def judge(
     concurrency: int = _JUDGE_OPTS["concurrency"],
     max_attempts: int = typer.Option(5, min=1, max=20),
     timeout: float = typer.Option(60.0, min=1.0),
+    allow_mixed_judges: bool = _JUDGE_OPTS["allow_mixed_judges"],
 ) -> None:
     """Rate generations with AxBench's three judge templates; failures are kept and retried on resume."""
     import contextlib
@@ -281,7 +292,7 @@ def judge(
 
     import pyarrow.parquet as pq
 
-    from flas_vllm.judge import JudgeSettings, judge as run_judge
+    from flas_vllm.judge import JudgeSettings, MixedJudgesError, judge as run_judge
     from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
     from flas_vllm.offline import GENERATION_SCHEMA, read_parts
 
@@ -294,7 +305,10 @@ def judge(
                                  model=MODEL_NAME if local_judge else judge_model,
                                  api_key=os.environ.get(api_key_env, "EMPTY"), concurrency=concurrency,
                                  max_attempts=max_attempts, timeout_seconds=timeout)
-        stats = run_judge(rows, out, settings)
+        try:
+            stats = run_judge(rows, out, settings, allow_mixed=allow_mixed_judges)
+        except MixedJudgesError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--out")
     typer.echo(json.dumps(stats))
 
 
@@ -336,21 +350,51 @@ def score(
     judgements: Path = typer.Option(..., help="judge output directory"),
     out: Path = typer.Option(..., help="report directory (summary.json, report.md, plot PNG)"),
     seed: int = typer.Option(0, help="bootstrap seed"),
+    factors: Optional[str] = typer.Option(None, help="the flowtimes a concept's best factor is chosen from, in "
+                                          "tie-break order (default: every flowtime > 0 present, ascending); "
+                                          "flowtime 0 rows are reported as the unsteered baseline and are a "
+                                          "factor only when listed here"),
+    allow_mixed_judges: bool = _JUDGE_OPTS["allow_mixed_judges"],
 ) -> None:
-    """Held-out AxBench scores: per-concept best flowtime, HMean/C/I/F, bootstrap CI, report and plot."""
+    """AxBench scores as FLAS reports them: best factor per concept on train prompts, HMean/C/I/F pooled over
+    the kept test samples; per-concept mean, bootstrap CI, baseline, judge provenance, report and plot."""
     from flas_vllm.judge import latest_judgements
-    from flas_vllm.score import samples_from_rows, score as run_score, write_reports
+    from flas_vllm.score import score_rows, write_reports
 
     rows = list(latest_judgements(judgements).values())
     if not rows:
         raise typer.BadParameter(f"no judgements found in {judgements}", param_hint="--judgements")
-    samples, failures = samples_from_rows(rows)
-    result = run_score(samples, failures=failures, seed=seed)
+    try:
+        result = score_rows(rows, factors=None if factors is None else _floats(factors, "--factors"),
+                            allow_mixed_judges=allow_mixed_judges, seed=seed, source=str(judgements))
+    except ValueError as exc:
+        hint = "--factors" if str(exc).startswith("--factors") else "--judgements"
+        raise typer.BadParameter(str(exc), param_hint=hint)
     names = {r["concept_id"]: r["concept"] for r in rows}
     paths = write_reports(result, out, names)
     s = result["summary"]
-    typer.echo(f"HMean {s['hmean']:.3f} (95% CI {s['hmean_ci95'][0]:.3f}..{s['hmean_ci95'][1]:.3f}) over "
-               f"{s['n_concepts_scored']} concepts; {failures} judge failures; report: {paths['markdown']}")
+    lo, hi = s["ci95_bootstrap_over_concepts"]["hmean"]
+    typer.echo(f"HMean {s['hmean']:.3f} over {s['n_test_samples']} pooled test samples of "
+               f"{s['n_concepts_scored']} concepts (95% CI {lo:.3f}..{hi:.3f}; per-concept mean "
+               f"{s['per_concept_mean']['hmean']:.3f}); {s['judge_failures']} judge failures; "
+               f"judge {', '.join(s['judge']['judge_model'])}; report: {paths['markdown']}")
+
+
+def _eval_factors(flowtimes: str, factors: Optional[str]) -> str:
+    """Checked before any engine starts: the steered --flowtimes as given, or --factors drawn from --flowtimes."""
+    times = _floats(flowtimes, "--flowtimes")
+    if factors is None:
+        chosen = [t for t in times if t != 0]
+        if not chosen:
+            raise typer.BadParameter("no flowtime above 0 to choose from: add one, or give --factors 0 to score "
+                                     "the unsteered model", param_hint="--flowtimes")
+    else:
+        chosen = _floats(factors, "--factors")
+        missing = [t for t in chosen if t not in times]
+        if missing:
+            raise typer.BadParameter(f"{', '.join(f'{t:g}' for t in missing)} not among --flowtimes {flowtimes}",
+                                     param_hint="--factors")
+    return ",".join(repr(t) for t in chosen)
 
 
 @app.command("eval")
@@ -360,6 +404,7 @@ def eval_command(
     flas_checkpoint: str = _GEN_OPTS["flas_checkpoint"],
     concepts: Optional[Path] = _GEN_OPTS["concepts"],
     num_concepts: Optional[int] = _GEN_OPTS["num_concepts"],
+    concept_ids_file: Optional[str] = _GEN_OPTS["concept_ids_file"],
     base_url: Optional[str] = _JUDGE_OPTS["base_url"],
     judge_model: Optional[str] = _JUDGE_OPTS["judge_model"],
     local_judge: bool = _JUDGE_OPTS["local_judge"],
@@ -381,19 +426,26 @@ def eval_command(
     ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster"),
     num_actors: int = typer.Option(2, min=1),
     concurrency: int = _JUDGE_OPTS["concurrency"],
+    allow_mixed_judges: bool = _JUDGE_OPTS["allow_mixed_judges"],
+    factors: Optional[str] = typer.Option(None, help="the flowtimes each concept's best factor is chosen from, in "
+                                          "tie-break order (default: the --flowtimes above 0, as given); "
+                                          "flowtime 0 rows are the unsteered baseline, a factor only if listed"),
 ) -> None:
     """generate -> judge -> score in one command (each stage resumes where it stopped)."""
     _check_judge_choice(base_url, judge_model, local_judge)
+    factors = _eval_factors(flowtimes, factors)
     generate(out=out / "generate", model=model, flas_checkpoint=flas_checkpoint, concepts=concepts,
-             num_concepts=num_concepts, prompts=prompts, num_prompts=num_prompts, flowtimes=flowtimes,
-             n_steps=n_steps, max_prompt_tokens=max_prompt_tokens, stop_rule=stop_rule, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, dtype=dtype,
+             num_concepts=num_concepts, concept_ids_file=concept_ids_file, prompts=prompts,
+             num_prompts=num_prompts, flowtimes=flowtimes, n_steps=n_steps, max_prompt_tokens=max_prompt_tokens,
+             stop_rule=stop_rule, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, dtype=dtype,
              max_model_len=max_model_len, eager=eager, kv_cache_memory_bytes=kv_cache_memory_bytes,
              max_concepts=None, flush_rows=256, max_num_seqs=None, ray=ray, ray_address=ray_address,
              num_actors=num_actors)
     judge(generations=out / "generate" / "generations.parquet", out=out / "judge", base_url=base_url,
           judge_model=judge_model, local_judge=local_judge, api_key_env=api_key_env, concurrency=concurrency,
-          max_attempts=5, timeout=60.0)
-    score(judgements=out / "judge", out=out / "report", seed=seed)
+          max_attempts=5, timeout=60.0, allow_mixed_judges=allow_mixed_judges)
+    score(judgements=out / "judge", out=out / "report", seed=seed, factors=factors,
+          allow_mixed_judges=allow_mixed_judges)
 
 
 @app.command()

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flas_vllm.concept_sets import load_concept_ids, select_concepts
 from flas_vllm.offline import (
     GENERATION_SCHEMA, Concept, GenerationSettings, PartWriter, build_jobs, completed_keys, generate_rows,
-    load_concepts, load_prompts, read_parts,
+    id_sort_key, load_concepts, load_prompts, read_parts, schema_as_stored, schema_for_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class GenerateSpec:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     max_concepts: int | None = None
-    num_concepts: int | None = None  # the first N concepts by concept_id; None = all
+    num_concepts: int | None = None  # the first N concepts in file order; None = all
+    concept_ids: str | None = None  # a JSON id list (file or bundled name), the original's --concept-ids-file
     n_steps: int | None = None  # Euler steps for every request; None = the checkpoint config's
 
 
@@ -65,7 +67,7 @@ def generate_into(llm, spec: GenerateSpec, concepts: Sequence[Concept], out_dir:
     todo = pending_jobs(spec, concepts, out_dir)
     if not todo:
         return 0
-    writer = PartWriter(out_dir, GENERATION_SCHEMA)
+    writer = PartWriter(out_dir, schema_for_ids(GENERATION_SCHEMA, [c.concept_id for c in concepts]))
     return generate_rows(llm, todo, spec.settings, writer, checkpoint_name=str(spec.checkpoint), progress=progress)
 
 
@@ -76,12 +78,10 @@ def validate_spec(spec: GenerateSpec) -> list[Concept]:
     for t in spec.flowtimes:
         if not (t == t) or t < 0 or t == float("inf"):
             raise ValueError(f"--flowtimes: {t} is not a finite number >= 0")
-    concepts = load_concepts(spec.concepts)
-    if spec.num_concepts is not None:
-        if not 1 <= spec.num_concepts <= len(concepts):
-            raise ValueError(f"--num-concepts must be within [1, {len(concepts)}] (concepts in {spec.concepts}), "
-                             f"got {spec.num_concepts}")
-        concepts = sorted(concepts, key=lambda c: c.concept_id)[:spec.num_concepts]
+    if len(set(spec.flowtimes)) != len(spec.flowtimes):
+        raise ValueError(f"--flowtimes: a value is listed twice in {spec.flowtimes}")
+    ids = load_concept_ids(spec.concept_ids) if spec.concept_ids is not None else None
+    concepts = select_concepts(load_concepts(spec.concepts), ids=ids, num=spec.num_concepts, source=spec.concepts)
     n = len(load_prompts(spec.prompts))
     if not 1 <= spec.num_prompts <= n:
         raise ValueError(f"--num-prompts must be within [1, {n}] (prompts in {spec.prompts}), got {spec.num_prompts}")
@@ -104,13 +104,14 @@ def validate_spec(spec: GenerateSpec) -> list[Concept]:
 
 def merge_generations(parts_dirs: Sequence[str | Path], out_file: str | Path) -> pa.Table:
     """Union of shard parts, one row per key, sorted: the run's final generations.parquet."""
-    tables = [read_parts(d, GENERATION_SCHEMA) for d in parts_dirs]
-    table = pa.concat_tables(tables) if tables else GENERATION_SCHEMA.empty_table()
+    paths = [p for d in parts_dirs for p in sorted(Path(d).glob("part-*.parquet"))]
+    schema = schema_as_stored(GENERATION_SCHEMA, paths) if paths else GENERATION_SCHEMA
     rows = {}
-    for r in table.to_pylist():
-        rows.setdefault((r["concept_id"], r["prompt_id"], r["flowtime"]), r)
-    ordered = [rows[k] for k in sorted(rows)]
-    merged = pa.Table.from_pylist(ordered, schema=GENERATION_SCHEMA)
+    for d in parts_dirs:
+        for r in read_parts(d, schema).to_pylist():
+            rows.setdefault((r["concept_id"], r["prompt_id"], r["flowtime"]), r)
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (id_sort_key(k[0]), k[1], k[2]))]
+    merged = pa.Table.from_pylist(ordered, schema=schema)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
@@ -133,7 +134,7 @@ def run_generate(spec: GenerateSpec, out_dir: str | Path, progress: bool = True)
 
 def shard_concepts(concepts: Sequence[Concept], num_shards: int) -> list[list[Concept]]:
     shards: list[list[Concept]] = [[] for _ in range(max(1, num_shards))]
-    for i, c in enumerate(sorted(concepts, key=lambda c: c.concept_id)):
+    for i, c in enumerate(sorted(concepts, key=lambda c: id_sort_key(c.concept_id))):
         shards[i % len(shards)].append(c)
     return [s for s in shards if s]
 

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,29 +35,48 @@ GENERATION_SCHEMA = pa.schema([
     ("n_tokens", pa.int64()),
     ("seed", pa.int64()),
     ("checkpoint", pa.string()),
+    ("prompt_position", pa.int64()),
 ])
 """One row per (concept_id, prompt_id, flowtime). prompt_id is the instruction's
-index in the prompt file (file order); flowtime 0 rows are unsteered."""
+index in the prompt file (file order); prompt_position is its position in the
+concept's sampled list (0..n-1, the sampling order: the id the protocol splits
+on); flowtime 0 rows are unsteered. concept_id is int64, or string for a concept
+set whose ids are strings (see `schema_for_ids`)."""
+
+ConceptId = Union[int, str]
 
 
 @dataclass(frozen=True)
 class Concept:
-    concept_id: int
+    concept_id: ConceptId
     concept: str
 
 
 @dataclass(frozen=True)
 class Job:
-    concept_id: int
+    concept_id: ConceptId
     concept: str
     prompt_id: int
     prompt: str
     flowtime: float
     seed: int
+    prompt_position: int
 
     @property
-    def key(self) -> tuple[int, int, float]:
+    def key(self) -> tuple[ConceptId, int, float]:
         return (self.concept_id, self.prompt_id, self.flowtime)
+
+
+def id_sort_key(concept_id: ConceptId) -> tuple:
+    """Integers in numeric order, then strings: a total order over one run's ids."""
+    return (1, concept_id) if isinstance(concept_id, str) else (0, concept_id)
+
+
+def schema_for_ids(schema: pa.Schema, ids: Iterable[ConceptId]) -> pa.Schema:
+    """`schema` with a string concept_id column when the ids are strings (FLAS-46k hashes), else int64."""
+    if any(isinstance(i, str) for i in ids):
+        return schema.set(schema.get_field_index("concept_id"), pa.field("concept_id", pa.string()))
+    return schema
 
 
 # ---------------------------------------------------------------------------
@@ -81,17 +100,17 @@ def load_concepts(path: str | Path) -> list[Concept]:
             raise ValueError(f"{path}: parquet needs a 'concept' or 'output_concept' column, has {sorted(cols)}")
         ids = table.column("concept_id").to_pylist() if "concept_id" in cols else None
         names = table.column(name_col).to_pylist()
-        seen: dict[int, str] = {}
+        seen: dict[ConceptId, str] = {}
         for i, name in enumerate(names):
-            cid = int(ids[i]) if ids is not None else i
-            if cid < 0 or not name:  # AxBench negatives carry concept_id -1
+            cid = ids[i] if ids is not None else i
+            if (isinstance(cid, int) and cid < 0) or not name:  # AxBench negatives carry concept_id -1
                 continue
             seen.setdefault(cid, str(name))
-        out = [Concept(cid, name) for cid, name in sorted(seen.items())]
+        out = [Concept(cid, seen[cid]) for cid in sorted(seen, key=id_sort_key)]
     elif suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        out = [_concept_from_row(r, i, path) for i, r in enumerate(rows)]
+        out = [_concept_from_row(r, i, path, csv_row=True) for i, r in enumerate(rows)]
     else:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         out = [Concept(i, line) for i, line in enumerate(line for line in lines if line)]
@@ -100,18 +119,22 @@ def load_concepts(path: str | Path) -> list[Concept]:
         raise ValueError(f"{path}: concept_id values are not unique")
     if not out:
         raise ValueError(f"{path}: no concepts found")
+    kinds = {type(i).__name__ for i in ids}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: concept_id values mix integers and strings; one concept set has one kind")
     return out
 
 
-def _concept_from_row(row: dict, index: int, path: Path) -> Concept:
+def _concept_from_row(row: dict, index: int, path: Path, csv_row: bool = False) -> Concept:
+    """Ids keep their JSON type (the prompt sample is seeded by the id itself: 7 and "7" differ)."""
     name = row.get("concept") or row.get("output_concept")
     if not name:
         raise ValueError(f"{path}: row {index} has no 'concept' field")
     cid = row.get("concept_id", index)
-    try:
-        cid = int(cid)
-    except (TypeError, ValueError):
-        raise ValueError(f"{path}: row {index} has a non-integer concept_id {cid!r}") from None
+    if csv_row and isinstance(cid, str) and cid.strip().lstrip("-").isdigit():
+        cid = int(cid)  # CSV has no types: digits are an integer id
+    if isinstance(cid, bool) or not isinstance(cid, (int, str)) or cid == "":
+        raise ValueError(f"{path}: row {index} has concept_id {cid!r}; expected an integer or a non-empty string")
     return Concept(cid, str(name))
 
 
@@ -142,14 +165,16 @@ def load_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def sample_prompt_ids(concept_id: int, num_prompts: int, num_available: int) -> list[int]:
-    """AxBench's rule, random.Random(concept_id).sample(instructions, n), as indices into file order."""
+def sample_prompt_ids(concept_id: ConceptId, num_prompts: int, num_available: int) -> list[int]:
+    """AxBench's rule, random.Random(concept_id).sample(instructions, n), as indices into file order.
+
+    The list order is the sampling order: a prompt's position in it is the id the protocol splits on."""
     if not 1 <= num_prompts <= num_available:
         raise ValueError(f"num_prompts must be within [1, {num_available}], got {num_prompts}")
     return random.Random(concept_id).sample(range(num_available), num_prompts)
 
 
-def request_seed(seed: int, concept_id: int, prompt_id: int, flowtime: float) -> int:
+def request_seed(seed: int, concept_id: ConceptId, prompt_id: int, flowtime: float) -> int:
     digest = hashlib.sha256(f"{seed}|{concept_id}|{prompt_id}|{flowtime!r}".encode()).digest()
     return int.from_bytes(digest[:7], "big")
 
@@ -158,11 +183,11 @@ def build_jobs(concepts: Sequence[Concept], prompts: Sequence[str], flowtimes: S
                num_prompts: int, seed: int) -> list[Job]:
     jobs = []
     for c in concepts:
-        for pid in sample_prompt_ids(c.concept_id, num_prompts, len(prompts)):
+        for position, pid in enumerate(sample_prompt_ids(c.concept_id, num_prompts, len(prompts))):
             for t in flowtimes:
                 t = float(t)
                 jobs.append(Job(c.concept_id, c.concept, pid, prompts[pid], t,
-                                request_seed(seed, c.concept_id, pid, t)))
+                                request_seed(seed, c.concept_id, pid, t), position))
     return jobs
 
 
@@ -195,13 +220,28 @@ class PartWriter:
 
 
 def read_parts(directory: str | Path, schema: pa.Schema, prefix: str = "part") -> pa.Table:
+    """Every part as `schema`, concept_id typed as stored; columns an older part lacks read as null."""
     paths = sorted(Path(directory).glob(f"{prefix}-*.parquet"))
     if not paths:
         return schema.empty_table()
+    schema = schema_as_stored(schema, paths)
     return pa.concat_tables([pq.read_table(p, schema=schema) for p in paths])
 
 
-def completed_keys(table: pa.Table) -> set[tuple[int, int, float]]:
+def schema_as_stored(schema: pa.Schema, paths: Sequence[str | Path]) -> pa.Schema:
+    """`schema` with the concept_id type the files hold; files of both kinds are refused (never cast)."""
+    kinds = set()
+    for p in paths:
+        stored = pq.read_schema(p)
+        if "concept_id" in stored.names:
+            kinds.add(pa.types.is_string(stored.field("concept_id").type))
+    if len(kinds) > 1:
+        raise ValueError(f"{Path(paths[0]).parent}: parts hold both integer and string concept ids: rows from "
+                         "different concept sets in one directory; use a separate directory per concept set")
+    return schema_for_ids(schema, ["string"] if kinds == {True} else [])
+
+
+def completed_keys(table: pa.Table) -> set[tuple[ConceptId, int, float]]:
     return set(zip(table.column("concept_id").to_pylist(), table.column("prompt_id").to_pylist(),
                    table.column("flowtime").to_pylist()))
 
@@ -272,7 +312,7 @@ def generate_rows(llm, jobs: Iterable[Job], settings: GenerationSettings, writer
                     "concept_id": job.concept_id, "concept": job.concept, "prompt_id": job.prompt_id,
                     "prompt": job.prompt, "flowtime": job.flowtime, "generation": comp.text,
                     "finish_reason": comp.finish_reason or "", "n_tokens": len(comp.token_ids),
-                    "seed": job.seed, "checkpoint": checkpoint_name,
+                    "seed": job.seed, "checkpoint": checkpoint_name, "prompt_position": job.prompt_position,
                 })
                 tokens += len(comp.token_ids)
                 done += 1

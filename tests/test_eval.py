@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flas_vllm.offline import (
-    GENERATION_SCHEMA, build_jobs, load_concepts, load_prompts, read_parts, request_seed, sample_prompt_ids,
+    GENERATION_SCHEMA, Concept, build_jobs, load_concepts, load_prompts, read_parts, request_seed, sample_prompt_ids,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "flas_vllm" / "data"
@@ -61,6 +61,126 @@ def test_parquet_concepts_from_axbench_training_file(tmp_path):
     table = pa.table({"output_concept": ["a", "a", "b", "neg"], "concept_id": [3, 3, 5, -1]})
     pq.write_table(table, tmp_path / "train.parquet")
     assert [(c.concept_id, c.concept) for c in load_concepts(tmp_path / "train.parquet")] == [(3, "a"), (5, "b")]
+
+
+def test_jobs_carry_the_position_in_the_sampled_list():
+    prompts = load_prompts(DATA / "alpaca_eval.json")
+    sampled = random.Random(17).sample(prompts, 5)
+    jobs = build_jobs([Concept(17, "pirates")], prompts, [1.0, 2.0], 5, seed=0)
+    assert sorted({j.prompt_position for j in jobs}) == [0, 1, 2, 3, 4]
+    assert all(prompts[j.prompt_id] == sampled[j.prompt_position] == j.prompt for j in jobs)
+
+
+def test_string_concept_ids_keep_their_type(tmp_path):
+    prompts = load_prompts(DATA / "alpaca_eval.json")
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text('{"concept_id": "3f2a9c", "concept": "pirates"}\n{"concept_id": "7", "concept": "sea"}\n')
+    concepts = load_concepts(meta)
+    assert [c.concept_id for c in concepts] == ["3f2a9c", "7"]  # "7" stays a string: it seeds the sample
+    jobs = build_jobs(concepts, prompts, [1.0], 3, seed=0)
+    assert [j.prompt for j in jobs if j.concept_id == "7"] == random.Random("7").sample(prompts, 3)
+    assert random.Random("7").sample(range(805), 3) != random.Random(7).sample(range(805), 3)
+    (tmp_path / "mixed.jsonl").write_text('{"concept_id": 1, "concept": "a"}\n{"concept_id": "b", "concept": "b"}\n')
+    with pytest.raises(ValueError, match="mix integers and strings"):
+        load_concepts(tmp_path / "mixed.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"concept_id": 1.5, "concept": "a"}\n')
+    with pytest.raises(ValueError, match="row 0 has concept_id 1.5"):
+        load_concepts(tmp_path / "bad.jsonl")
+
+
+def test_string_ids_round_trip_through_parts_and_a_directory_holds_one_kind(tmp_path):
+    import pyarrow as pa
+
+    from flas_vllm.eval import merge_generations
+    from flas_vllm.offline import PartWriter, schema_for_ids
+
+    def gen_row(cid, pid):
+        return {"concept_id": cid, "concept": "c", "prompt_id": pid, "prompt": "p", "flowtime": 1.0,
+                "generation": "g", "finish_reason": "length", "n_tokens": 1, "seed": 0, "checkpoint": "ck",
+                "prompt_position": 0}
+
+    rows = [gen_row("b7", 3), gen_row("a1", 9)]
+    PartWriter(tmp_path / "s", schema_for_ids(GENERATION_SCHEMA, ["b7", "a1"])).write(rows)
+    merged = merge_generations([tmp_path / "s"], tmp_path / "g.parquet")
+    assert merged.schema.field("concept_id").type == pa.string()
+    assert [r["concept_id"] for r in pq.read_table(tmp_path / "g.parquet").to_pylist()] == ["a1", "b7"]
+    PartWriter(tmp_path / "s", GENERATION_SCHEMA).write([gen_row(5, 1)])
+    with pytest.raises(ValueError, match="both integer and string concept ids"):
+        read_parts(tmp_path / "s", GENERATION_SCHEMA)
+
+
+def test_concept_ids_files_bundled_lists_and_lookup(tmp_path):
+    from flas_vllm.concept_sets import BUNDLED_ID_LISTS, load_concept_ids, select_concepts
+
+    lists = {name: load_concept_ids(name) for name in BUNDLED_ID_LISTS}
+    assert set(lists) == {"c16k-2b-ho100", "c16k-2b-hi100", "c16k-9b-ho100", "c16k-9b-hi100"}
+    for name, ids in lists.items():
+        assert len(ids) == len(set(ids)) == 100 and all(type(i) is int for i in ids), name
+    assert not set(lists["c16k-2b-ho100"]) & set(lists["c16k-2b-hi100"])
+    assert lists["c16k-2b-ho100"][:3] == [80, 273, 275]  # the original's data/eval_c16k_2b_ho100.json
+    assert load_concept_ids("eval_c16k_9b_hi100.json") == lists["c16k-9b-hi100"]
+
+    concepts = [Concept(5, "five"), Concept(2, "two"), Concept(9, "nine")]  # file order is not id order
+    assert [c.concept_id for c in select_concepts(concepts, num=2)] == [5, 2]
+    (tmp_path / "ids.json").write_text("[9, 5]")
+    assert [c.concept for c in select_concepts(concepts, ids=load_concept_ids(tmp_path / "ids.json"))] == \
+        ["nine", "five"]  # the list's order
+    with pytest.raises(ValueError, match=r"2 of 3 ids are not in m.jsonl: 404, 'x9'"):
+        select_concepts(concepts, ids=[404, 2, "x9"], source="m.jsonl")
+    with pytest.raises(ValueError, match=r"'9' .*match ids of the other type \(9\)"):
+        select_concepts(concepts, ids=["9"])
+    with pytest.raises(ValueError, match="give one of them"):
+        select_concepts(concepts, ids=[5], num=1)
+    for text, needle in (("[1, 2, 1]", "more than once: 1"), ("{}", "non-empty JSON list"), ("[]", "non-empty"),
+                         ("[true]", "entry 0 is True"), ("[1,", "not JSON")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=needle):
+            load_concept_ids(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="c16k-2b-ho100"):
+        load_concept_ids("c16k-2b-ho99")
+
+
+def test_cli_refuses_unknown_concept_ids_before_any_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from flas_vllm.cli import app
+
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text('{"concept_id": 80, "concept": "pirates"}\n{"concept_id": 81, "concept": "sea"}\n')
+    base = ["generate", "--out", str(tmp_path / "g"), "--model", str(tmp_path / "no-model"),
+            "--flas-checkpoint", str(tmp_path / "no-ckpt"), "--concepts", str(meta)]
+    res = CliRunner().invoke(app, base + ["--concept-ids-file", "c16k-2b-ho100"])
+    assert res.exit_code == 2 and "99 of 100 ids are not in" in res.output and "273" in res.output, res.output
+    res = CliRunner().invoke(app, base + ["--concept-ids-file", "c16k-2b-ho100", "--num-concepts", "1"])
+    assert res.exit_code == 2 and "--num-concepts and --concept-ids-file" in res.output, res.output
+    ev = ["eval", "--out", str(tmp_path / "e"), "--model", str(tmp_path / "no-model"), "--flas-checkpoint",
+          str(tmp_path / "no-ckpt"), "--concepts", str(meta), "--local-judge"]
+    res = CliRunner().invoke(app, ev + ["--flowtimes", "0,1", "--factors", "1,4"])
+    assert res.exit_code == 2 and "--factors" in res.output and "4 not among --flowtimes" in res.output, res.output
+    res = CliRunner().invoke(app, ev + ["--flowtimes", "0"])
+    assert res.exit_code == 2 and "no flowtime above 0" in res.output, res.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_readme_reproduction_command_and_its_counts():
+    """The README's command for the original protocol on the Concept16k held-out list, and the numbers it states."""
+    import re
+    import shlex
+
+    from flas_vllm.concept_sets import load_concept_ids
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- original-protocol -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    opts = {a: argv[k + 1] for k, a in enumerate(argv) if a.startswith("--") and k + 1 < len(argv)}
+    assert argv[:2] == ["flas-vllm", "eval"]
+    assert opts["--concept-ids-file"] == "c16k-2b-ho100" and opts["--num-prompts"] == "10"
+    assert [float(t) for t in opts["--flowtimes"].split(",")] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert opts["--n-steps"] == "2" and opts["--max-tokens"] == "256" and opts["--temperature"] == "1.0"
+    assert opts["--stop-rule"] == "original" and opts["--judge-model"] == "gpt-4o-mini"
+    generations = len(load_concept_ids(opts["--concept-ids-file"])) * 10 * 5
+    text = re.sub(r"\s+", " ", readme.split("<!-- original-protocol -->", 1)[1])
+    assert f"{generations:,} generations" in text and f"{3 * generations:,} judge calls" in text
 
 
 # -- real engine --------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ def tokenizer(tiny_model):
 
 
 def _job(prompt: str, flowtime: float = 1.0) -> Job:
-    return Job(concept_id=7, concept="sailing ships", prompt_id=3, prompt=prompt, flowtime=flowtime, seed=11)
+    return Job(concept_id=7, concept="sailing ships", prompt_id=3, prompt=prompt, flowtime=flowtime, seed=11,
+               prompt_position=0)
 
 
 @pytest.mark.parametrize("prompt_format", ["chat", "alpaca"])

@@ -4,21 +4,70 @@ from __future__ import annotations
 
 import pytest
 
-from flas_vllm.judge import JudgeSettings, judge, latest_judgements, parse_rating
-from tests.judge_server import ScriptedJudge
+from flas_vllm.judge import JudgeSettings, MixedJudgesError, judge, latest_judgements, parse_rating, public_endpoint
+from tests.judge_server import SPELLINGS, ScriptedJudge
 
 
 def _row(i, text, concept="pirates"):
     return {"concept_id": i // 2, "concept": concept, "prompt_id": i, "prompt": "Say hi", "flowtime": 1.0,
-            "generation": text, "finish_reason": "length", "n_tokens": 3, "seed": i, "checkpoint": "ck"}
+            "generation": text, "finish_reason": "length", "n_tokens": 3, "seed": i, "checkpoint": "ck",
+            "prompt_position": i % 2}
 
 
-def test_parse_rating():
-    assert parse_rating("blah Rating: [[2]]") == 2.0
-    assert parse_rating("Rating: [[ 1 ]] then Rating: [[0]]") == 0.0  # the last one counts
-    assert parse_rating("Rating: [[1.5]]") == 1.5
-    assert parse_rating("Rating: [[3]]") is None  # outside 0..2
-    assert parse_rating("Rating: 2") is None and parse_rating(None) is None
+@pytest.mark.parametrize(("text", "expected"), [
+    # spec section 7: the first line after the LAST "Rating:", [ and ] removed, then a trailing ".", quotes
+    # and "*" stripped (in that order), read as a float in 0..2
+    ("blah Rating: [[2]]", 2.0),
+    ("Rating: 2", 2.0),
+    ("Rating: **2**", 2.0),
+    ("Rating: [2]", 2.0),
+    ("Rating: [[1.5]]", 1.5),
+    ("Rating: 1.", 1.0),
+    ("Rating: [[0]].", 0.0),
+    ('Rating: "2"', 2.0),
+    ("Rating: '1'", 1.0),
+    ('Rating: "**2**"', 2.0),
+    ("Rating: **[[1]]**", 1.0),
+    ("Rating:\n  2\nbecause ...", 2.0),  # the text after the marker is stripped before its first line is taken
+    ("Rating: [[2]]\nThe fragment mentions it twice.", 2.0),
+    ("Rating: [[ 1 ]] then Rating: [[0]]", 0.0),  # the last one counts
+    ("Rating: [[2]]\nLet me reconsider. Rating: unclear", None),  # a later unparseable one fails the answer
+    ("Rating: [[3]]", None),  # outside 0..2
+    ("Rating: -1", None),
+    ("Rating: 2/2", None),
+    ("Rating: 2 out of 2", None),
+    ("Rating: **'2'**", None),  # quotes go before stars: these stay and the float fails
+    ("rating: 2", None),  # case-sensitive marker
+    ("I rate it 2.", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_rating_lenient_rule_of_the_original(text, expected):
+    assert parse_rating(text) == expected
+
+
+def test_stand_in_spellings_are_pinned_by_hand():
+    """The scripted judge's table of spellings, read by the parser: the values written next to them by hand."""
+    assert [parse_rating(text) for text, _ in SPELLINGS] == [value for _, value in SPELLINGS]
+    assert sum(v is None for _, v in SPELLINGS) >= 5 and sum(v is not None for _, v in SPELLINGS) >= 12
+
+
+def test_judge_reads_every_accepted_spelling_over_http(tmp_path):
+    """60 rows judged by a server answering in every spelling (and sometimes none): exactly the rows whose
+    answer has no usable rating fail; the rest carry the ratings the original's rule reads."""
+    rows = [_row(i, f"Generated text SPELLING{i % len(SPELLINGS)} here.") for i in range(60)]
+    with ScriptedJudge() as server:
+        settings = JudgeSettings(base_url=server.base_url, model="scripted", concurrency=8, max_attempts=2,
+                                 backoff_seconds=0.01, timeout_seconds=10)
+        stats = judge(rows, tmp_path, settings, progress=False)
+    expected = {i: SPELLINGS[i % len(SPELLINGS)][1] for i in range(60)}
+    n_fail = sum(v is None for v in expected.values())
+    assert stats == {"judged": 60, "failed": n_fail, "skipped": 0}
+    got = {k[1]: v for k, v in latest_judgements(tmp_path).items()}
+    for pid, value in expected.items():
+        r = got[pid]
+        assert r["judge_failed"] == (value is None), (pid, r["judge_error"])
+        assert [r["concept_score"], r["instruction_score"], r["fluency_score"]] == [value] * 3
 
 
 def test_judge_retries_keeps_failures_and_retries_them_on_resume(tmp_path):
@@ -138,3 +187,39 @@ def test_lexical_judge_server_rejects_bad_bodies_and_keeps_serving():
         busy = subprocess.run([sys.executable, "-m", "flas_vllm.cli", "judge-server", "--port", str(port)],
                               capture_output=True, text=True, timeout=120)
         assert busy.returncode == 2 and "--port" in busy.stderr and "cannot listen" in busy.stderr, busy.stderr
+
+
+def test_rows_carry_judge_model_and_endpoint_without_credentials(tmp_path):
+    with ScriptedJudge() as server:
+        host = server.base_url.split("//", 1)[1]
+        settings = JudgeSettings(base_url=f"http://user:secret@{host}", model="scripted-judge",
+                                 max_attempts=1, backoff_seconds=0.01)
+        assert judge([_row(0, "GOOD")], tmp_path, settings, progress=False)["failed"] == 0
+    row = next(iter(latest_judgements(tmp_path).values()))
+    assert row["judge_model"] == "scripted-judge" and row["judge_model_served"] == "scripted-judge"
+    assert row["judge_endpoint"] == server.base_url  # no user:password
+    assert "secret" not in str(row)
+    assert public_endpoint("https://k:v@api.example.com:8443/v1?api-key=abc#x") == "https://api.example.com:8443/v1"
+
+
+def test_judging_into_a_directory_of_another_judge_is_refused(tmp_path):
+    rows = [_row(0, "GOOD"), _row(1, "MALFORMED")]
+    with ScriptedJudge() as server:
+        first = JudgeSettings(base_url=server.base_url, model="judge-a", max_attempts=1, backoff_seconds=0.01)
+        assert judge(rows, tmp_path, first, progress=False)["failed"] == 1
+        second = JudgeSettings(base_url=server.base_url, model="judge-b", max_attempts=1, backoff_seconds=0.01)
+        with pytest.raises(MixedJudgesError, match=r"judge-a \(2 rows\).*judge-b"):
+            judge(rows, tmp_path, second, progress=False)
+        assert len(list(tmp_path.glob("part-*.parquet"))) == 1  # nothing written
+        server.heal()
+        stats = judge(rows, tmp_path, second, progress=False, allow_mixed=True)  # told to: retries the failure
+    assert stats == {"judged": 1, "failed": 0, "skipped": 1}
+    assert sorted(r["judge_model"] for r in latest_judgements(tmp_path).values()) == ["judge-a", "judge-b"]
+
+
+def test_string_concept_ids_round_trip_through_the_judge(tmp_path):
+    rows = [dict(_row(i, "GOOD"), concept_id=f"c{i // 2}a9f") for i in range(4)]
+    with ScriptedJudge() as server:
+        settings = JudgeSettings(base_url=server.base_url, model="j", max_attempts=1, backoff_seconds=0.01)
+        judge(rows, tmp_path, settings, progress=False)
+    assert sorted(k[0] for k in latest_judgements(tmp_path)) == ["c0a9f", "c0a9f", "c1a9f", "c1a9f"]
