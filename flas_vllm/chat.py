@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from flas_vllm.config import ENGINE_OPTION_DEFAULTS
+
 HELP = (
     "commands: /concept TEXT  /flowtime T  /on  /off  /compare  /reset  /help  /quit\n"
     "anything else is sent as your message"
@@ -20,7 +22,7 @@ HELP = (
 @dataclass
 class ChatSession:
     generate: Callable[[list[list[dict]], list[Optional[dict]]], list[str]]
-    max_flowtime: float = 8.0
+    max_flowtime: float = ENGINE_OPTION_DEFAULTS["max_flowtime"]
     concept: Optional[str] = None
     flowtime: float = 1.0
     steering_on: bool = True
@@ -90,8 +92,12 @@ class ChatSession:
         return text, True
 
 
-def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowtime: float = 8.0,
+def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowtime: float | None = None,
              input_fn=input, print_fn=print) -> None:
+    """`max_flowtime`: the engine's (FlasLLM.options) unless given."""
+    if max_flowtime is None:
+        options = getattr(llm, "options", None)
+        max_flowtime = options.max_flowtime if options is not None else ENGINE_OPTION_DEFAULTS["max_flowtime"]
     from vllm import SamplingParams
 
     def generate(conversations, steerings):

@@ -47,10 +47,14 @@ class FlasCheckpoint:
             self._fingerprint = file_sha256(self.path)[:16]
         return self._fingerprint
 
-    def build_flow(self, geometry: FlowGeometry, device: torch.device | str = "cpu") -> FlowFunction:
-        flow = FlowFunction(geometry, self.config)
-        flow.load_state_dict(self.tensors, strict=True)
-        return flow.to(device=device, dtype=self.dtype).eval()
+    def build_flow(self, geometry: FlowGeometry, device: torch.device | str = "cpu", *,
+                   load: bool = True) -> FlowFunction:
+        """The flow module in the checkpoint's dtype; `load=False` leaves the weights to the caller
+        (the vLLM model copies them in `load_weights`, once)."""
+        flow = FlowFunction(geometry, self.config).to(device=device, dtype=self.dtype)
+        if load:
+            flow.load_state_dict(self.tensors, strict=True)
+        return flow.eval()
 
 
 def file_sha256(path: Path) -> str:
@@ -161,6 +165,11 @@ def _read_config(weights: Path, embedded: dict | None, tensors: Mapping[str, tor
             ", ".join(f"{k}={CONFIG_DEFAULTS[k]!r}" for k in defaulted),
         )
     return cfg
+
+
+def checkpoint_fingerprint(spec: str | Path) -> str:
+    """Content hash of the weights file, from its bytes alone (no tensor is loaded)."""
+    return file_sha256(resolve_checkpoint(spec))[:16]
 
 
 def read_checkpoint_config(spec: str | Path) -> FlasConfig:

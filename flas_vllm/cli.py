@@ -275,7 +275,8 @@ _JUDGE_OPTS = dict(
 
 @app.command()
 def judge(
-    generations: Path = typer.Option(..., help="generations.parquet (or a parts directory)"),
+    generations: Path = typer.Option(..., help="what `flas-vllm generate --out` wrote: that directory, its "
+                                               "generations.parquet or its parts/ directory"),
     out: Path = typer.Option(..., help="judge output directory; re-run to retry failures"),
     base_url: Optional[str] = _JUDGE_OPTS["base_url"],
     judge_model: Optional[str] = _JUDGE_OPTS["judge_model"],
@@ -290,16 +291,15 @@ def judge(
     import contextlib
     import os
 
-    import pyarrow.parquet as pq
-
     from flas_vllm.judge import JudgeSettings, MixedJudgesError, judge as run_judge
     from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
-    from flas_vllm.offline import GENERATION_SCHEMA, read_parts
+    from flas_vllm.offline import load_generations
 
     _check_judge_choice(base_url, judge_model, local_judge)
-    if not generations.exists():
-        raise typer.BadParameter(f"{generations} does not exist", param_hint="--generations")
-    rows = (read_parts(generations, GENERATION_SCHEMA) if generations.is_dir() else pq.read_table(generations)).to_pylist()
+    try:
+        rows = load_generations(generations)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--generations") from None
     with (lexical_judge_server() if local_judge else contextlib.nullcontext()) as server:
         settings = JudgeSettings(base_url=server.base_url if local_judge else base_url,
                                  model=MODEL_NAME if local_judge else judge_model,

@@ -183,12 +183,13 @@ class FlasEngineOptions:
     """Engine-wide FLAS options, carried to every vLLM process as `hf_overrides["flas"]`."""
 
     checkpoint: str
-    n_steps: int | None = None  # default Euler steps per request; None: the checkpoint config's
-    max_n_steps: int | None = None  # most steps a request may ask for (flas_n_steps); None: the default
-    max_concepts: int = 64  # distinct concepts in flight at once; more wait for admission
-    max_pinned: int = 16  # preloaded concepts, held in slots of their own
-    max_flowtime: float = 8.0
-    max_concept_bytes: int = 2048
+    # every default is ENGINE_OPTION_DEFAULTS' (the one place the CLI, server, REPL and playground read)
+    n_steps: int | None = ENGINE_OPTION_DEFAULTS["n_steps"]  # None: the checkpoint config's
+    max_n_steps: int | None = ENGINE_OPTION_DEFAULTS["max_n_steps"]  # flas_n_steps limit; None: n_steps
+    max_concepts: int = ENGINE_OPTION_DEFAULTS["max_concepts"]  # distinct concepts in flight; more wait
+    max_pinned: int = ENGINE_OPTION_DEFAULTS["max_pinned"]  # preloaded concepts, in slots of their own
+    max_flowtime: float = ENGINE_OPTION_DEFAULTS["max_flowtime"]
+    max_concept_bytes: int = ENGINE_OPTION_DEFAULTS["max_concept_bytes"]
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "FlasEngineOptions":

@@ -7,6 +7,15 @@ from typing import Any
 from flas_vllm.plugin import ARCHITECTURE
 
 
+CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def flas_engine_kwargs(
     model: str,
     flas_checkpoint: str,
@@ -24,6 +33,10 @@ def flas_engine_kwargs(
                        ("max_flowtime", max_flowtime), ("max_pinned", max_pinned)):
         if value is not None:
             flas[key] = value
+    if "kv_cache_memory_bytes" not in vllm_kwargs and "gpu_memory_utilization" not in vllm_kwargs and _on_cpu():
+        # vLLM's CPU default reserves 92% of a NUMA node for the KV cache, which fails on any machine
+        # running something else; take a fixed, ample budget instead (pass either flag to change it).
+        vllm_kwargs["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
     overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
     overrides["architectures"] = [ARCHITECTURE]
     overrides["flas"] = {**overrides.get("flas", {}), **flas}
@@ -63,6 +76,9 @@ class FlasLLM:
                                     max_concepts=max_concepts, max_flowtime=max_flowtime, max_pinned=max_pinned,
                                     **vllm_kwargs)
         kwargs.setdefault("worker_extension_cls", "flas_vllm.worker_ext.FlasWorkerExtension")
+        from flas_vllm.config import FlasEngineOptions
+
+        self.options = FlasEngineOptions.from_mapping(kwargs["hf_overrides"]["flas"])  # checked before any load
         self.llm = LLM(**kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -103,7 +103,7 @@ class FlasGemma2Model(Gemma2Model):
                 "FLAS flow dtype %s differs from the model dtype %s: the flow runs in %s, "
                 "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
             )
-        self.flas_flow = ckpt.build_flow(geometry, device)
+        self.flas_flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_weights
 
         cache_config = vllm_config.cache_config
         steps: dict[str, PagedFlowAttention] = {}

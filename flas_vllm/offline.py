@@ -228,6 +228,25 @@ def read_parts(directory: str | Path, schema: pa.Schema, prefix: str = "part") -
     return pa.concat_tables([pq.read_table(p, schema=schema) for p in paths])
 
 
+def load_generations(path: str | Path) -> list[dict]:
+    """Rows of a generate stage: its output directory, its generations.parquet, or a parts directory.
+
+    An input with no rows is an error naming the path (never a silent "judged 0 rows").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() and (path / "generations.parquet").exists():
+        path = path / "generations.parquet"
+    elif path.is_dir() and (path / "parts").is_dir():
+        path = path / "parts"
+    table = read_parts(path, GENERATION_SCHEMA) if path.is_dir() else pq.read_table(path)
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no generation rows (give the directory `flas-vllm generate --out` wrote, its "
+                         "generations.parquet, or its parts/ directory)")
+    return table.to_pylist()
+
+
 def schema_as_stored(schema: pa.Schema, paths: Sequence[str | Path]) -> pa.Schema:
     """`schema` with the concept_id type the files hold; files of both kinds are refused (never cast)."""
     kinds = set()

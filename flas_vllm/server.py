@@ -21,15 +21,17 @@ ENDPOINT_PLUGIN = "flas_vllm_routes"
 
 
 def _flas_parser() -> argparse.ArgumentParser:
+    from flas_vllm.config import ENGINE_OPTION_DEFAULTS as D
+
     p = argparse.ArgumentParser(prog="flas-vllm serve", add_help=False)
     p.add_argument("model", help="a plain Gemma-2 model: directory or Hugging Face id")
     p.add_argument("--flas-checkpoint", required=True, help="FLAS checkpoint: file, directory or Hub repo id")
     p.add_argument("--n-steps", type=int, default=None, help="Euler steps (default: the checkpoint config's)")
     p.add_argument("--max-n-steps", type=int, default=None,
                    help="most Euler steps a request may ask for with flas_n_steps (default: --n-steps)")
-    p.add_argument("--max-concepts", type=int, default=None, help="concept slots held at once (default 64)")
-    p.add_argument("--max-flowtime", type=float, default=None, help="largest flowtime accepted (default 8)")
-    p.add_argument("--max-pinned", type=int, default=None, help="preloaded (pinned) concept slots (default 16)")
+    p.add_argument("--max-concepts", type=int, default=None, help=f"concept slots held at once (default {D['max_concepts']})")
+    p.add_argument("--max-flowtime", type=float, default=None, help=f"largest flowtime accepted (default {D['max_flowtime']})")
+    p.add_argument("--max-pinned", type=int, default=None, help=f"preloaded (pinned) concept slots (default {D['max_pinned']})")
     return p
 
 
@@ -50,6 +52,9 @@ def build_args(argv: list[str]):
         max_concepts=flas_args.max_concepts, max_flowtime=flas_args.max_flowtime,
         max_pinned=flas_args.max_pinned, hf_overrides=user_overrides,
     )
+    if args.kv_cache_memory_bytes is None and "kv_cache_memory_bytes" in kwargs and not any(
+            a.startswith("--gpu-memory-utilization") for a in rest):
+        args.kv_cache_memory_bytes = kwargs["kv_cache_memory_bytes"]  # the CPU default of flas_engine_kwargs
     args.model = kwargs["model"]
     args.hf_overrides = kwargs["hf_overrides"]
     if not getattr(args, "chat_template", None):
@@ -76,19 +81,17 @@ def _allow_plugins() -> None:
 
 
 def describe(args) -> str:
-    from transformers import AutoConfig
-
-    from flas_vllm.checkpoint import load_checkpoint
+    """The startup line; reads the checkpoint's config and hashes its file, loads no tensor."""
+    from flas_vllm.checkpoint import checkpoint_fingerprint, read_checkpoint_config, resolve_checkpoint
     from flas_vllm.config import FlasEngineOptions
 
     opts = FlasEngineOptions.from_mapping(args.hf_overrides["flas"])
-    base = AutoConfig.from_pretrained(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
-    ckpt = load_checkpoint(opts.checkpoint, base)
+    cfg = read_checkpoint_config(opts.checkpoint)
     host = args.host or "0.0.0.0"
     return (
-        f"FLAS server: checkpoint {ckpt.path} (fingerprint {ckpt.fingerprint}), layer {ckpt.config.layer}, "
-        f"{ckpt.config.num_blocks} block(s), n_steps {'{} (max {})'.format(*opts.step_limits(ckpt.config.n_steps))}, "
-        f"prompt format {ckpt.config.prompt_format}, "
+        f"FLAS server: checkpoint {resolve_checkpoint(opts.checkpoint)} (fingerprint "
+        f"{checkpoint_fingerprint(opts.checkpoint)}), layer {cfg.layer}, {cfg.num_blocks} block(s), "
+        f"n_steps {'{} (max {})'.format(*opts.step_limits(cfg.n_steps))}, prompt format {cfg.prompt_format}, "
         f"{opts.max_concepts} concept slots, max flowtime {opts.max_flowtime}; "
         f"serving {args.model} at http://{host}:{args.port}/v1 (playground: http://{host}:{args.port}/playground)"
     )

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from flas_vllm.config import ENGINE_OPTION_DEFAULTS
 from flas_vllm.errors import SteeringParamError
 
 CONCEPT_KEY = "flas_concept"
@@ -26,8 +27,8 @@ STOP_RULES = ("vllm", "original")
 """`vllm`: stop at every id of generation_config.eos_token_id (vLLM's rule; Gemma-2-IT: <eos> and
 <end_of_turn>). `original`: stop only at the tokenizer's <eos>, as the original FLAS generator does,
 so text after <end_of_turn> is kept and judged (spec 6)."""
-DEFAULT_MAX_FLOWTIME = 8.0
-MAX_CONCEPT_BYTES = 2048
+DEFAULT_MAX_FLOWTIME = ENGINE_OPTION_DEFAULTS["max_flowtime"]
+MAX_CONCEPT_BYTES = ENGINE_OPTION_DEFAULTS["max_concept_bytes"]
 
 
 def steering(concept: str, flowtime: float, n_steps: int | None = None,

@@ -23,14 +23,13 @@ def _flas_context(input_processor):
     hf_config = input_processor.model_config.hf_config
     if getattr(hf_config, "flas", None) is None:
         return None
-    from flas_vllm.checkpoint import load_checkpoint
+    from flas_vllm.checkpoint import checkpoint_fingerprint, read_checkpoint_config
     from flas_vllm.config import FlasEngineOptions
 
     options = FlasEngineOptions.from_hf_config(hf_config)
     cached = _FINGERPRINTS.get(options.checkpoint)
-    if cached is None:
-        ckpt = load_checkpoint(options.checkpoint, hf_config)
-        cached = (ckpt.fingerprint, ckpt.config.n_steps)
+    if cached is None:  # the front end needs the fingerprint and config only: no tensor is loaded here
+        cached = (checkpoint_fingerprint(options.checkpoint), read_checkpoint_config(options.checkpoint).n_steps)
         _FINGERPRINTS[options.checkpoint] = cached
     fingerprint, ckpt_steps = cached
     return options, options.step_limits(ckpt_steps), fingerprint
