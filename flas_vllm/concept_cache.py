@@ -8,7 +8,7 @@ for "no concept" so that unsteered tokens always index something valid.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

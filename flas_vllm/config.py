@@ -175,6 +175,7 @@ ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     "max_pinned": 16,
     "max_flowtime": 8.0,
     "max_concept_bytes": 2048,
+    "graph_path": False,
 }
 
 
@@ -190,6 +191,9 @@ class FlasEngineOptions:
     max_pinned: int = ENGINE_OPTION_DEFAULTS["max_pinned"]  # preloaded concepts, in slots of their own
     max_flowtime: float = ENGINE_OPTION_DEFAULTS["max_flowtime"]
     max_concept_bytes: int = ENGINE_OPTION_DEFAULTS["max_concept_bytes"]
+    # Force the CUDA-graph-safe flow path (flow on every token, torch.where for unsteered ones, full-length
+    # concept gather) where vLLM would take the eager skip path: how CI runs the path GPUs capture.
+    graph_path: bool = ENGINE_OPTION_DEFAULTS["graph_path"]
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "FlasEngineOptions":
@@ -211,6 +215,8 @@ class FlasEngineOptions:
                                              or opts.max_n_steps < (opts.n_steps or 1)):
             raise FlasCheckpointError(
                 f"flas option max_n_steps must be an integer >= max(1, n_steps), got {opts.max_n_steps!r}")
+        if not isinstance(opts.graph_path, bool):
+            raise FlasCheckpointError(f"flas option graph_path must be a boolean, got {opts.graph_path!r}")
         if not isinstance(opts.max_concepts, int) or opts.max_concepts < 1:
             raise FlasCheckpointError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
         if not isinstance(opts.max_pinned, int) or opts.max_pinned < 0:

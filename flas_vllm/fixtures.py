@@ -476,12 +476,9 @@ def _is_complete(path: pathlib.Path, key: str) -> bool:
 
 @contextlib.contextmanager
 def _file_lock(path: pathlib.Path) -> Iterator[None]:
-    """Exclusive inter-process lock; without fcntl (Windows) the rename still keeps builds atomic."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    """Exclusive inter-process lock (POSIX), so concurrent test sessions build the fixture once."""
+    import fcntl
+
     with open(path, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -509,50 +506,3 @@ def ensure_tiny_gemma2(name: str = "tiny-gemma2") -> pathlib.Path:
             build_tiny_gemma2(path, seed=0, train_steps=DEFAULT_TRAIN_STEPS, overwrite=True)
     return path
 
-
-if __name__ == "__main__":  # manual check that vLLM loads and runs the fixture
-    import argparse
-
-    ap = argparse.ArgumentParser(description="build (or reuse) the tiny Gemma-2 fixture and run it in vLLM")
-    ap.add_argument("--dir", default=None, help="model dir (default: the cached fixture)")
-    ap.add_argument("--no-vllm", action="store_true")
-    args = ap.parse_args()
-    model_dir = pathlib.Path(args.dir) if args.dir else ensure_tiny_gemma2()
-    print("fixture:", model_dir, (model_dir / MARKER_FILE).read_text())
-    if not args.no_vllm:
-        from vllm import LLM, SamplingParams
-
-        # On CPU the default gpu_memory_utilization sizes the KV cache from free RAM
-        # and fails on a busy machine; a fixed small cache is plenty here.
-        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-                  kv_cache_memory_bytes=256 * 1024 * 1024)
-        tok = llm.get_tokenizer()
-        rows = _load_alpaca()
-        questions = [rows[0]["instruction"], rows[2]["instruction"], "What is the capital of France?"]
-        prompts = [
-            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-            for q in questions
-        ]
-        # The chat text already starts with <bos>; vLLM must not add a second one.
-        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        outs = llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids],
-            SamplingParams(temperature=0.0, max_tokens=40, logprobs=2),
-        )
-
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        for q, ids, o in zip(questions, prompt_ids, outs):
-            c = o.outputs[0]
-            steps = [sorted((lp.logprob for lp in step.values()), reverse=True) for step in (c.logprobs or [])]
-            m = [x[0] - x[1] for x in steps if len(x) >= 2]
-            with torch.no_grad():
-                ref = hf.generate(torch.tensor([ids]), max_new_tokens=len(c.token_ids), do_sample=False,
-                                  eos_token_id=[EOS_ID, EOT_ID], pad_token_id=PAD_ID)[0, len(ids):].tolist()
-            pairs = list(zip(ref, c.token_ids))
-            same = next((k for k, (a, b) in enumerate(pairs) if a != b), len(pairs))
-            print(f"[{len(ids)} prompt tokens] {q[:50]!r}\n  vllm: {c.text!r} ({c.finish_reason})\n"
-                  f"  mean top1-top2 margin {sum(m) / max(1, len(m)):.2f};"
-                  f" HF greedy agrees on {same}/{len(c.token_ids)} tokens")

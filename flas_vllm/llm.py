@@ -25,12 +25,13 @@ def flas_engine_kwargs(
     max_concepts: int | None = None,
     max_flowtime: float | None = None,
     max_pinned: int | None = None,
+    graph_path: bool | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """vLLM engine arguments that load `model` (a plain Gemma-2) as FlasGemma2ForCausalLM."""
     flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
     for key, value in (("n_steps", n_steps), ("max_n_steps", max_n_steps), ("max_concepts", max_concepts),
-                       ("max_flowtime", max_flowtime), ("max_pinned", max_pinned)):
+                       ("max_flowtime", max_flowtime), ("max_pinned", max_pinned), ("graph_path", graph_path)):
         if value is not None:
             flas[key] = value
     if "kv_cache_memory_bytes" not in vllm_kwargs and "gpu_memory_utilization" not in vllm_kwargs and _on_cpu():
@@ -64,7 +65,8 @@ class FlasLLM:
 
     def __init__(self, model: str, flas_checkpoint: str, *, n_steps: int | None = None,
                  max_n_steps: int | None = None, max_concepts: int | None = None,
-                 max_flowtime: float | None = None, max_pinned: int | None = None, **vllm_kwargs: Any):
+                 max_flowtime: float | None = None, max_pinned: int | None = None, graph_path: bool | None = None,
+                 **vllm_kwargs: Any):
         from vllm import LLM
 
         from flas_vllm.checkpoint import read_checkpoint_config
@@ -74,7 +76,7 @@ class FlasLLM:
         self.prompt_format = read_checkpoint_config(flas_checkpoint).prompt_format
         kwargs = flas_engine_kwargs(model, flas_checkpoint, n_steps=n_steps, max_n_steps=max_n_steps,
                                     max_concepts=max_concepts, max_flowtime=max_flowtime, max_pinned=max_pinned,
-                                    **vllm_kwargs)
+                                    graph_path=graph_path, **vllm_kwargs)
         kwargs.setdefault("worker_extension_cls", "flas_vllm.worker_ext.FlasWorkerExtension")
         from flas_vllm.config import FlasEngineOptions
 
@@ -99,8 +101,27 @@ class FlasLLM:
     def preload_concepts(self, concepts: list[str]) -> list:
         return self.llm.collective_rpc("flas_preload", args=(list(concepts),))[0]
 
-    def evict_concepts(self, concepts: list[str]) -> list:
-        return self.llm.collective_rpc("flas_evict", args=(list(concepts),))[0]
+    def evict_concepts(self, concepts: list[str], settle_seconds: float = 2.0) -> list:
+        """Unpin and drop concepts; False for one absent, or still held by a request in flight.
+
+        A request that has just finished still holds its slot until the engine's next step tells the
+        worker (vLLM sends finished ids with the following step). With nothing in flight, a concept
+        reported in use is therefore asked about again for up to `settle_seconds`.
+        """
+        import time
+
+        concepts = list(concepts)
+        result = self.llm.collective_rpc("flas_evict", args=(concepts,))[0]
+        deadline = time.monotonic() + settle_seconds
+        while not all(result) and time.monotonic() < deadline and not self.llm.llm_engine.has_unfinished_requests():
+            held = {e["concept"] for e in self.concept_stats()["concepts"] if e["refs"] > 0}
+            retry = [c for c, ok in zip(concepts, result) if not ok and c in held]
+            if not retry:
+                break  # absent concepts stay False
+            time.sleep(0.05)
+            again = dict(zip(retry, self.llm.collective_rpc("flas_evict", args=(retry,))[0]))
+            result = [ok or again.get(c, False) for c, ok in zip(concepts, result)]
+        return result
 
     def concept_stats(self) -> dict:
         return self.llm.collective_rpc("flas_stats")[0]

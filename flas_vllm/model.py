@@ -144,7 +144,7 @@ class FlasGemma2Model(Gemma2Model):
         from vllm.config import CUDAGraphMode
 
         mode = vllm_config.compilation_config.cudagraph_mode
-        self._flas_skip_unsteered = mode is None or mode == CUDAGraphMode.NONE
+        self._flas_skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
         self._flas_target = f"{prefix}@{id(self)}"
         if self._flas_skip_unsteered:
             _register_steer_op()

@@ -478,6 +478,16 @@ def test_preload_counts_a_hit_and_evict_a_miss(main_llm, tiny_model):
     assert main_llm.evict_concepts([concept]) == [True]  # unpinned now, free again
 
 
+def test_evict_right_after_the_request_finished(main_llm, tiny_model):
+    """The worker hears of a finished request only with the engine's next step; an evict racing
+    that step must not report the concept as in use once its request is gone."""
+    for i in range(6):
+        concept = f"a freshly finished concept {i}"
+        run(main_llm, tiny_model, [Req(f"fresh-{i}", SHORT_A, concept, 1.0)], max_tokens=2)
+        assert main_llm.evict_concepts([concept]) == [True], i
+        assert concept not in [e["concept"] for e in main_llm.concept_stats()["concepts"]]
+
+
 # ---------------------------------------------------------------------------
 # VANILLA: unsteered / T=0 rows equal plain vLLM Gemma-2 on the same batch
 
@@ -608,3 +618,53 @@ class TestConceptSlots:
         ref = hf_reference(hf_steerer(tiny_model, ckpt2), tiny_model, reqs)
         for req, res in zip(reqs, outs):
             assert_matches_hf(res, ref[req.name], f"{req.name} with 2 concept slots vs HF")
+
+
+# ---------------------------------------------------------------------------
+# GRAPH: the CUDA-graph-safe flow path (flow on every token, torch.where for unsteered tokens, the
+# full-length concept gather), forced on CPU, under chunked prefill, preemption and the prefix cache
+
+
+@pytest.fixture(scope="class")
+def graph_llm(tiny_model, ckpt2):
+    t0 = time.perf_counter()
+    llm = start_flas(
+        tiny_model, ckpt2, "graph path (compiled)", max_concepts=MAX_CONCEPTS, max_n_steps=MAX_N_STEPS,
+        graph_path=True, enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16,
+        block_size=32, num_gpu_blocks_override=96, max_model_len=512, disable_log_stats=False,
+    )
+    yield llm
+    TIMINGS["graph total"] = time.perf_counter() - t0
+    shutdown_engine(llm)
+
+
+class TestGraphPath:
+    def test_mixed_batch_equals_solo_under_chunked_prefill_and_preemption(self, graph_llm, tiny_model, solo):
+        reqs = MIXED + N_STEPS_MIX
+        own_solo = {r.name: run(graph_llm, tiny_model, [r])[0] for r in reqs}
+        before = _metric(graph_llm, "vllm:num_preemptions")
+        twice = reqs + reqs
+        for req, res in zip(twice, run(graph_llm, tiny_model, twice)):
+            assert_same(res, own_solo[req.name], f"{req.name} (graph path, mixed batch)")
+        assert _metric(graph_llm, "vllm:num_preemptions") > before, "no preemption was forced"
+        # unsteered and T=0 rows: bit-identical to MAIN's, which TestVanilla pins to plain vLLM Gemma-2
+        for req in MIXED:
+            if not req.steered:
+                assert_same(own_solo[req.name], solo[req.name], f"{req.name} (graph path) vs plain Gemma-2")
+
+    def test_steered_matches_transformers(self, graph_llm, tiny_model, ckpt2):
+        reqs = [r for r in MIXED + N_STEPS_MIX if r.steered]
+        outs = run(graph_llm, tiny_model, reqs)
+        steerer = hf_steerer(tiny_model, ckpt2)
+        for req, res in zip(reqs, outs):
+            ref = steerer.generate([prompt_ids(tiny_model, req.text)], req.concept, req.flowtime,
+                                   max_new_tokens=MAX_TOKENS, ignore_eos=True, n_steps=req.n_steps)[0]
+            assert_matches_hf(res, ref, f"{req.name} (graph path)")
+
+    def test_prefix_cache_is_shared_only_by_identical_steering(self, graph_llm, tiny_model):
+        a = Req("prefix-love", PREFIX_LONG, LOVE, 1.0)
+        first, again = run(graph_llm, tiny_model, [a])[0], run(graph_llm, tiny_model, [a])[0]
+        assert again.num_cached_tokens and again.num_cached_tokens >= 32
+        assert_same(again, first, "prefix-cache hit on the graph path")
+        other = run(graph_llm, tiny_model, [Req("prefix-ocean", PREFIX_LONG, OCEAN, 1.0)])[0]
+        assert not other.num_cached_tokens, "a differently steered request reused steered KV"

@@ -874,7 +874,6 @@ def test_own_concept_encoder_from_a_training_checkpoint(tiny_model, make_ckpt, d
     dt = getattr(torch, dtype)
     h = w.embed_tokens.weight[ids] * torch.tensor(cfg.hidden_size ** 0.5).to(dt)
     pos = torch.arange(len(ids))
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     with torch.no_grad():
         for layer in w.layers:
             h = _ref_decoder_layer(layer, h, pos, cfg, freq_dtype=dt)

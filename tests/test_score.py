@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from flas_vllm.score import Sample, bootstrap_ci, hmean, score, score_rows, split_prompts
+from flas_vllm.score import bootstrap_ci, hmean, score_rows, split_prompts
 
 ASPECTS = ("concept_score", "instruction_score", "fluency_score")
 
