@@ -116,9 +116,10 @@ class StepBuffers(nn.Module):
         self.register_buffer("slot", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         pin = device is not None and torch.device(device).type == "cuda"
         # Host staging: on GPUs the copies are non-blocking from pinned memory (async scheduling safe).
-        self._host_steered = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pin)
-        self._host_dt = torch.zeros(max_tokens, dtype=flow_dtype, pin_memory=pin)
-        self._host_slot = torch.zeros(max_tokens, dtype=torch.long, pin_memory=pin)
+        # device="cpu" explicitly: vLLM builds the model inside `with torch.device(<gpu>)`.
+        self._host_steered = torch.zeros(max_tokens, dtype=torch.bool, device="cpu", pin_memory=pin)
+        self._host_dt = torch.zeros(max_tokens, dtype=flow_dtype, device="cpu", pin_memory=pin)
+        self._host_slot = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)
         self.max_tokens = max_tokens
 
     def publish(self, steered: np.ndarray, dt: torch.Tensor, slot: np.ndarray) -> None:
