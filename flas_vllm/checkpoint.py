@@ -43,13 +43,18 @@ class FlasCheckpoint:
     def fingerprint(self) -> str:
         """Content hash of the flow weights: part of every steered prefix-cache key."""
         if self._fingerprint is None:
-            self._fingerprint = file_sha256(self.path)[:16]
+            self._fingerprint = weights_fingerprint(self.path)
         return self._fingerprint
 
     def build_flow(self, geometry: FlowGeometry, device: torch.device | str = "cpu") -> FlowFunction:
         flow = FlowFunction(geometry, self.config)
         flow.load_state_dict(self.tensors, strict=True)
         return flow.to(device=device, dtype=self.dtype).eval()
+
+
+def weights_fingerprint(path: Path) -> str:
+    """The fingerprint of a resolved weights file, without loading it (see `resolve_checkpoint`)."""
+    return file_sha256(path)[:16]
 
 
 def file_sha256(path: Path) -> str:

@@ -54,9 +54,13 @@ def make_fixture(
     "[--max-flowtime T], plus any vLLM server flag: the OpenAI-compatible steering server.",
 )
 def serve(ctx: typer.Context) -> None:
+    from flas_vllm.errors import FlasError
     from flas_vllm.server import serve as run_server
 
-    run_server(list(ctx.args))
+    try:
+        run_server(list(ctx.args))
+    except FlasError as exc:  # a setting or checkpoint refused before the engine started: say which, no traceback
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()

@@ -27,6 +27,7 @@ from vllm.sequence import IntermediateTensors
 
 from flas_vllm.checkpoint import load_checkpoint
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
+from flas_vllm.engine_checks import check_fingerprint, check_runner
 from flas_vllm.flow import integrate
 from flas_vllm.runtime import FlasRuntime, SlotTableKV, StepBuffers
 
@@ -85,6 +86,7 @@ class FlasGemma2Model(Gemma2Model):
                 "flas-vllm supports tensor_parallel_size=1 and pipeline_parallel_size=1; "
                 "scale out with data parallel replicas (one engine per GPU) instead"
             )
+        check_runner(vllm_config)  # a runner without the FLAS hook would steer nothing, silently
         config = vllm_config.model_config.hf_config
         model_dtype = vllm_config.model_config.dtype
         self.flas_options = FlasEngineOptions.from_hf_config(config)
@@ -96,6 +98,7 @@ class FlasGemma2Model(Gemma2Model):
                 "Use the transformers path (flas_vllm.hf) for this checkpoint."
             )
         self.flas_checkpoint = ckpt
+        check_fingerprint(config, ckpt.fingerprint)  # the checkpoint the compile-cache key was made for
         geometry = FlowGeometry.from_base_config(config)
         self.flas_layer = ckpt.config.layer
         self.flas_n_steps = self.flas_options.n_steps or ckpt.config.n_steps
