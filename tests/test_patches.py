@@ -10,6 +10,8 @@ patches = pytest.importorskip("flas_vllm.patches")
 
 
 def test_install_all_is_idempotent_and_marks_wrappers():
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -25,6 +27,8 @@ def test_install_all_is_idempotent_and_marks_wrappers():
         (Scheduler, "_handle_blocked_waiting_request"),
         (GPUModelRunner, "_sample"),
         (GPUModelRunner, "_bookkeeping_sync"),
+        (EngineArgs, "create_engine_config"),
+        (VllmConfig, "_get_v2_model_runner_unsupported_features"),
     ]:
         fn = getattr(owner, name)
         assert getattr(fn, "__flas_patched__", False), f"{owner.__name__}.{name} is not patched"
@@ -84,8 +88,12 @@ def test_other_vllm_versions_are_refused(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.31.9")
     with pytest.raises(patches.UnsupportedVllmVersion):
         patches.check_vllm_version()
-    monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
-    patches.check_vllm_version()
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    with pytest.raises(patches.UnsupportedVllmVersion):
+        patches.check_vllm_version()
+    for accepted in ("0.32.0+cpu", "0.33.0", "0.33.1"):
+        monkeypatch.setattr(vllm, "__version__", accepted)
+        patches.check_vllm_version()
 
 
 def test_wrap_once_refuses_a_vanished_function():
