@@ -387,6 +387,17 @@ def eval_command(
     score(judgements=out / "judge", out=out / "report", seed=seed)
 
 
+@app.command("check-vllm")
+def check_vllm(
+    source: Optional[Path] = typer.Argument(None, help="a vLLM wheel (.whl) or source directory; "
+                                                       "default: the installed vllm"),
+) -> None:
+    """Check a vLLM release's source (not installed) for everything flas-vllm wraps, subclasses or calls."""
+    from flas_vllm.compat import main
+
+    raise typer.Exit(main([str(source)] if source is not None else []))
+
+
 @app.command()
 def version() -> None:
     """Print versions of flas-vllm, vLLM and torch."""

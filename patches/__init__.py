@@ -16,6 +16,9 @@ logger = logging.getLogger("flas_vllm.patches")
 SUPPORTED_VLLM = ((0, 32, 0), (0, 34, 0))  # [min, max): 0.32 run here; 0.33's source passes flas_vllm.compat
 
 
+WRAPPED: set[tuple[type, str]] = set()  # (owner, name) of every wrap: each must be a flas_vllm.compat anchor
+
+
 class UnsupportedVllmVersion(RuntimeError):
     pass
 
@@ -48,6 +51,7 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
     current = getattr(owner, name, None)
     if current is None:
         raise UnsupportedVllmVersion(f"{owner.__module__}.{owner.__qualname__}.{name} no longer exists")
+    WRAPPED.add((owner, name))
     if getattr(current, "__flas_patched__", False):
         return False
     wrapper = make_wrapper(current)
