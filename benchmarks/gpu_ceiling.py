@@ -13,6 +13,7 @@ soft-cap is left out of both (FlashAttention applies it in-kernel).
 
     python benchmarks/gpu_ceiling.py              # one GPU, well under 5 minutes
     python benchmarks/gpu_ceiling.py --quick      # tiny geometry on CPU: a smoke test
+    python benchmarks/gpu_ceiling.py --workspace-mib 1000000   # one unbounded concept gather, to compare
 """
 
 from __future__ import annotations
@@ -173,14 +174,16 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tokens", default=None, help="comma-separated tokens per step (default 1..8192)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per causal sequence in a step (default 512)")
     p.add_argument("--concepts", type=int, default=64, help="distinct concepts in the slot table (default 64)")
+    p.add_argument("--workspace-mib", type=int, default=None,
+                   help="concept gather workspace (default: the engine's); a huge value times one gather")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     geometries = QUICK_GEOMETRIES if args.quick else GEOMETRIES
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(QUICK_TOKENS if args.quick else TOKENS)
-    if any(t < 1 for t in tokens) or args.seq_len < 1 or args.concepts < 1:
-        p.error("--tokens, --seq-len and --concepts must be >= 1")
+    if any(t < 1 for t in tokens) or args.seq_len < 1 or args.concepts < 1 or (args.workspace_mib or 1) < 1:
+        p.error("--tokens, --seq-len, --concepts and --workspace-mib must be >= 1")
     warmup, reps = (1, 2) if args.quick else (3, 10)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"{args.dtype}, flow: {FLOW.num_blocks} block, {FLOW.n_steps} steps, {args.concepts} concepts of "
@@ -190,6 +193,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name, (g, layers) in geometries.items():
         case = build(name, g, layers, device, dtype, args.concepts)
+        if args.workspace_mib is not None:
+            case.table.workspace_bytes = args.workspace_mib << 20
         for n in tokens:
             row = measure(case, n, args.seq_len, args.concepts, warmup, reps)
             rows.append(row)
