@@ -44,7 +44,7 @@ class FlasCheckpoint:
     def fingerprint(self) -> str:
         """Content hash of the flow weights: part of every steered prefix-cache key."""
         if self._fingerprint is None:
-            self._fingerprint = file_sha256(self.path)[:16]
+            self._fingerprint = weights_fingerprint(self.path)
         return self._fingerprint
 
     def build_flow(self, geometry: FlowGeometry, device: torch.device | str = "cpu", *,
@@ -55,6 +55,11 @@ class FlasCheckpoint:
         if load:
             flow.load_state_dict(self.tensors, strict=True)
         return flow.eval()
+
+
+def weights_fingerprint(path: Path) -> str:
+    """The fingerprint of a resolved weights file, without loading it (see `resolve_checkpoint`)."""
+    return file_sha256(path)[:16]
 
 
 def file_sha256(path: Path) -> str:
@@ -169,7 +174,7 @@ def _read_config(weights: Path, embedded: dict | None, tensors: Mapping[str, tor
 
 def checkpoint_fingerprint(spec: str | Path) -> str:
     """Content hash of the weights file, from its bytes alone (no tensor is loaded)."""
-    return file_sha256(resolve_checkpoint(spec))[:16]
+    return weights_fingerprint(resolve_checkpoint(spec))
 
 
 def read_checkpoint_config(spec: str | Path) -> FlasConfig:

@@ -54,9 +54,13 @@ def make_fixture(
     "[--max-flowtime T], plus any vLLM server flag: the OpenAI-compatible steering server.",
 )
 def serve(ctx: typer.Context) -> None:
+    from flas_vllm.errors import FlasError
     from flas_vllm.server import serve as run_server
 
-    run_server(list(ctx.args))
+    try:
+        run_server(list(ctx.args))
+    except FlasError as exc:  # a setting or checkpoint refused before the engine started: say which, no traceback
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()
@@ -446,6 +450,17 @@ def eval_command(
           max_attempts=5, timeout=60.0, allow_mixed_judges=allow_mixed_judges)
     score(judgements=out / "judge", out=out / "report", seed=seed, factors=factors,
           allow_mixed_judges=allow_mixed_judges)
+
+
+@app.command("check-vllm")
+def check_vllm(
+    source: Optional[Path] = typer.Argument(None, help="a vLLM wheel (.whl) or source directory; "
+                                                       "default: the installed vllm"),
+) -> None:
+    """Check a vLLM release's source (not installed) for everything flas-vllm wraps, subclasses or calls."""
+    from flas_vllm.compat import main
+
+    raise typer.Exit(main([str(source)] if source is not None else []))
 
 
 @app.command()

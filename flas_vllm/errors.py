@@ -15,3 +15,7 @@ class SteeringParamError(FlasError, ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class FlasConfigError(FlasError, ValueError):
+    """An engine setting FLAS cannot honour; raised before weights load, naming the setting and what works."""

@@ -29,6 +29,7 @@ from flas_vllm.checkpoint import load_checkpoint
 from flas_vllm.concept import inference_concept_len
 from flas_vllm.concept_encoder import build_own_encoder
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
+from flas_vllm.engine_checks import check_fingerprint, check_runner
 from flas_vllm.flow import integrate
 from flas_vllm.runtime import FlasRuntime, SlotTableKV, StepBuffers
 
@@ -87,11 +88,13 @@ class FlasGemma2Model(Gemma2Model):
                 "flas-vllm supports tensor_parallel_size=1 and pipeline_parallel_size=1; "
                 "scale out with data parallel replicas (one engine per GPU) instead"
             )
+        check_runner(vllm_config)  # a runner without the FLAS hook would steer nothing, silently
         config = vllm_config.model_config.hf_config
         model_dtype = vllm_config.model_config.dtype
         self.flas_options = FlasEngineOptions.from_hf_config(config)
         ckpt = load_checkpoint(self.flas_options.checkpoint, config)
         self.flas_checkpoint = ckpt
+        check_fingerprint(config, ckpt.fingerprint)  # the checkpoint the compile-cache key was made for
         geometry = FlowGeometry.from_base_config(config)
         self.flas_layer = ckpt.config.layer
         # a request's default Euler steps, and the most any request may ask for (one KV layer set each)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 logger = logging.getLogger("flas_vllm")
 
@@ -15,10 +14,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    # FLAS publishes per-step data through the V1 runner hook; Model Runner V2 (the GPU
-    # default) is not implemented yet, so unless the user chose explicitly we ask for V1.
-    if os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0") == "0":
-        logger.debug("flas-vllm: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    # No process-wide settings here: other models in this process keep vLLM's defaults. The runner
+    # choice for FLAS engines alone lives in patches/engine_config.py.
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

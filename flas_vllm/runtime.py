@@ -29,6 +29,45 @@ logger = logging.getLogger(__name__)
 
 
 LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped
+ATTEND_WORKSPACE_BYTES = 256 << 20  # gathered concept keys + values of one chunk of tokens, per attend
+
+
+def attend_slots(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 valid: torch.Tensor, cap: float | None, chunk: int) -> torch.Tensor:
+    """Each token's cross-attention to its own slot's keys, `chunk` tokens at a time.
+
+    q [n, nH, D]; slots [n]; keys/values [slots, nH, L, D]; valid [slots, L]. A
+    token's gathered keys and values take nH*L*D elements each (at Gemma-2-2B
+    geometry and 16384 tokens, 4 GiB per tensor all at once), so they are gathered
+    one chunk at a time. Per-token arithmetic does not depend on the chunking.
+    """
+    n = q.shape[0]
+    if n <= chunk:
+        return _attend_rows(q, slots, keys, values, valid, cap)
+    out = torch.empty_like(q)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        out[start:end] = _attend_rows(q[start:end], slots[start:end], keys, values, valid, cap)
+    return out
+
+
+def _attend_rows(q, slots, keys, values, valid, cap):
+    kk = keys.index_select(0, slots)  # [n, nH, L, D], contiguous
+    vv = values.index_select(0, slots)
+    return cross_attend_heads(q[:, None], kk, vv, valid.index_select(0, slots), cap)[:, 0]
+
+
+@torch.library.custom_op("flas::attend_slots", mutates_args=())
+def _attend_slots_op(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     valid: torch.Tensor, cap: float | None, chunk: int) -> torch.Tensor:
+    """`attend_slots` as one opaque op for traced graphs: its chunk loop follows the token count at run
+    time (a compiled graph has a symbolic count; a captured CUDA graph runs it at its capture size)."""
+    return attend_slots(q, slots, keys, values, valid, cap, chunk)
+
+
+@_attend_slots_op.register_fake
+def _(q, slots, keys, values, valid, cap, chunk):
+    return torch.empty_like(q)
 
 
 class SlotTableKV(nn.Module):
@@ -55,7 +94,9 @@ class SlotTableKV(nn.Module):
         self.register_buffer("valid", valid, persistent=False)
         self.cap = g.attn_logit_softcapping
         self.num_heads = g.num_heads
+        self.head_dim = g.head_dim
         self.max_len = max_len
+        self.workspace_bytes = ATTEND_WORKSPACE_BYTES
         self.token_slots: torch.Tensor | None = None
         # host copy: each slot's key length rounded up to LENGTH_BUCKET (the null slot: one bucket)
         self.bucket_len = np.full(capacity + 1, min(LENGTH_BUCKET, max_len), dtype=np.int64)
@@ -80,15 +121,21 @@ class SlotTableKV(nn.Module):
             groups = [(self.max_len, None, self.token_slots[:n])]  # traced graphs: one full-length gather
         out = None if len(groups) == 1 else torch.empty_like(q)
         for length, idx, slots in groups:
-            kk = self.keys[block, :, :, :length].index_select(0, slots)  # [n_g, nH, length, D], contiguous
-            vv = self.values[block, :, :, :length].index_select(0, slots)
-            valid = self.valid[:, :length].index_select(0, slots)
             qg = q if idx is None else q.index_select(0, idx)
-            res = cross_attend_heads(qg[:, None], kk, vv, valid, self.cap)[:, 0]
+            keys, values = self.keys[block, :, :, :length], self.values[block, :, :, :length]
+            valid = self.valid[:, :length]
+            chunk = self.chunk_tokens(length, q.element_size())
+            attend = _attend_slots_op if torch.compiler.is_compiling() else attend_slots
+            res = attend(qg, slots, keys, values, valid, self.cap, chunk)
             if out is None:
                 return res
             out.index_copy_(0, idx, res)
         return out
+
+    def chunk_tokens(self, length: int, itemsize: int) -> int:
+        """Tokens per gather so that one chunk's keys + values fit in `workspace_bytes`."""
+        per_token = 2 * self.num_heads * length * self.head_dim * itemsize
+        return max(1, self.workspace_bytes // per_token)
 
     @torch.inference_mode()
     def write(self, slot: int, per_block_kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:

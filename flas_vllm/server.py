@@ -41,8 +41,9 @@ def build_args(argv: list[str]):
 
     flas_args, rest = _flas_parser().parse_known_args(argv)
     _allow_plugins()
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    make_arg_parser, validate_parsed_serve_args = _serve_arg_helpers()
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="flas-vllm serve"))
     args = parser.parse_args(rest)
@@ -68,6 +69,15 @@ def build_args(argv: list[str]):
         args.worker_extension_cls = "flas_vllm.worker_ext.FlasWorkerExtension"
     validate_parsed_serve_args(args)
     return args
+
+
+def _serve_arg_helpers():
+    """vLLM's server argument parser and its checks: in `entrypoints.common` from 0.33, `launchers` in 0.32."""
+    try:
+        from vllm.entrypoints.common import cli_args
+    except ImportError:
+        from vllm.entrypoints.launchers import cli_args
+    return cli_args.make_arg_parser, cli_args.validate_parsed_serve_args
 
 
 def _allow_plugins() -> None:

@@ -13,7 +13,10 @@ import logging
 
 logger = logging.getLogger("flas_vllm.patches")
 
-SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))  # [min, max): the range these patches were written for
+SUPPORTED_VLLM = ((0, 32, 0), (0, 34, 0))  # [min, max): 0.32 run here; 0.33's source passes flas_vllm.compat
+
+
+WRAPPED: set[tuple[type, str]] = set()  # (owner, name) of every wrap: each must be a flas_vllm.compat anchor
 
 
 class UnsupportedVllmVersion(RuntimeError):
@@ -48,6 +51,7 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
     current = getattr(owner, name, None)
     if current is None:
         raise UnsupportedVllmVersion(f"{owner.__module__}.{owner.__qualname__}.{name} no longer exists")
+    WRAPPED.add((owner, name))
     if getattr(current, "__flas_patched__", False):
         return False
     wrapper = make_wrapper(current)
@@ -59,9 +63,10 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
 
 def install_all() -> None:
     check_vllm_version()
-    from . import admission, cpu_seeded_rewind, runner_hook, scheduler_admission
+    from . import admission, cpu_seeded_rewind, engine_config, runner_hook, scheduler_admission
 
     runner_hook.install()
+    engine_config.install()
     admission.install()
     scheduler_admission.install()
     cpu_seeded_rewind.install()

@@ -70,3 +70,52 @@ def test_each_token_is_bit_identical_alone_and_in_any_batch(table):
         alone = _attend(t, [s], q[i:i + 1])
         assert torch.equal(batch[i], alone[0]), f"token {i} (slot {s}) depends on its batch"
         assert torch.equal(other[shuffled.index(i)], batch[i])
+
+
+@pytest.fixture
+def small_workspace(table):
+    """A workspace of 3 tokens' full-length keys + values: every multi-token step is chunked."""
+    t, _ = table
+    saved = t.workspace_bytes
+    t.workspace_bytes = 3 * 2 * G.num_heads * t.max_len * G.head_dim * 4
+    yield t
+    t.workspace_bytes = saved
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "graph-path"])
+def test_chunked_gathers_are_bit_identical_to_one_gather(table, small_workspace, grouped):
+    t, kv = table
+    slots = [4, 2, 1, 3, 2, 0, 1, 4, 3, 3, 2, 4, 4, 1]
+    q = torch.randn(len(slots), G.num_heads, G.head_dim)
+    assert t.chunk_tokens(t.max_len, 4) == 3
+    chunked = _attend(t, slots, q, grouped=grouped)
+    t.workspace_bytes = 1 << 40
+    whole = _attend(t, slots, q, grouped=grouped)
+    assert torch.equal(chunked, whole)
+    for i, s in enumerate(slots[:4]):
+        k, v = kv[s][1]
+        want = cross_attend(q[i:i + 1], k, v, None, G.attn_logit_softcapping)[0]
+        torch.testing.assert_close(chunked[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_compiled_graph_serves_every_token_count_with_chunking(table, small_workspace):
+    """Traced with a symbolic token count (as vLLM compiles), the chunk loop must not freeze one count."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    t, _ = table
+    t.groups = None
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True, dynamic=True)
+    def graph(q):
+        return t.attend(1, q) * 1.0
+
+    t.token_slots = torch.zeros(32, dtype=torch.long)  # the engine's persistent per-token buffer
+    compiled = []
+    for n in (5, 17, 2):
+        t.token_slots[:n] = torch.arange(n) % 5
+        q = torch.randn(n, G.num_heads, G.head_dim)
+        assert torch.equal(graph(q), t.attend(1, q) * 1.0), n
+        compiled.append(counter.frame_count)
+    assert compiled[0] == compiled[-1], "recompiled for another token count"
+    assert sum("flas.attend_slots" in gm.code for gm in counter.graphs) == 1

@@ -1,0 +1,213 @@
+"""The GPU throughput ceiling of FLAS steering, from kernels alone: torch only, no vLLM.
+
+Times, at Gemma-2-2B and 9B geometry (bf16), for 1 to 8192 tokens per step:
+the flow (1 block, 3 Euler steps, the engine's own modules and concept slot
+table on its graph path), its concept cross-attention alone, and one Gemma-2
+decoder layer. Prints per token: flow / (num_layers x layer), and the ceiling
+base / (base + flow) that a steered step cannot beat (the LM head, embedding
+and sampling are left out of "base", so the real ceiling is a little higher).
+
+Attention (the decoder layer's and the flow's causal self-attention) is torch's
+SDPA over sequences of --seq-len tokens, for both, so the ratio is fair; the
+soft-cap is left out of both (FlashAttention applies it in-kernel).
+
+    python benchmarks/gpu_ceiling.py              # one GPU, well under 5 minutes
+    python benchmarks/gpu_ceiling.py --quick      # tiny geometry on CPU: a smoke test
+    python benchmarks/gpu_ceiling.py --workspace-mib 1000000   # one unbounded concept gather, to compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flas_vllm.config import FlasConfig, FlowGeometry
+from flas_vllm.flow import FlowFunction, RMSNorm, activation, integrate
+from flas_vllm.runtime import SlotTableKV
+
+
+def _gemma2(hidden, inter, heads, kv_heads, layers) -> tuple[FlowGeometry, int]:
+    return FlowGeometry(hidden_size=hidden, intermediate_size=inter, num_heads=heads, num_kv_heads=kv_heads,
+                        head_dim=256 if hidden > 256 else 16, num_hidden_layers=layers, rms_norm_eps=1e-6,
+                        rope_theta=10000.0, query_pre_attn_scalar=256 if hidden > 256 else 16,
+                        attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh",
+                        attention_bias=False), layers
+
+
+GEOMETRIES = {  # Gemma-2 configs (hidden, intermediate, heads, kv heads, layers)
+    "gemma-2-2b": _gemma2(2304, 9216, 8, 4, 26),
+    "gemma-2-9b": _gemma2(3584, 14336, 16, 8, 42),
+}
+QUICK_GEOMETRIES = {"tiny": _gemma2(64, 128, 4, 2, 4)}
+TOKENS = (1, 8, 64, 512, 2048, 8192)
+QUICK_TOKENS = (1, 8, 64)
+FLOW = FlasConfig(num_blocks=1, n_steps=3, concept_max_len=64)
+
+
+class Gemma2Layer(nn.Module):
+    """One Gemma-2 decoder layer's compute (four RMSNorms, attention, gated MLP), from the flow's own parts."""
+
+    def __init__(self, g: FlowGeometry):
+        super().__init__()
+        from flas_vllm.flow import FlowSelfAttention
+
+        h = g.hidden_size
+        self.norms = nn.ModuleList(RMSNorm(h, g.rms_norm_eps) for _ in range(4))
+        self.attn = FlowSelfAttention(g)
+        self.gate_up = nn.Linear(h, 2 * g.intermediate_size, bias=False)  # merged, as vLLM runs it
+        self.down = nn.Linear(g.intermediate_size, h, bias=False)
+        self.act = activation(g.hidden_activation)
+
+    def forward(self, x, cos, sin, core):
+        x = x + self.norms[1](self.attn(self.norms[0](x), cos, sin, core))
+        gate, up = self.gate_up(self.norms[2](x)).chunk(2, dim=-1)
+        return x + self.norms[3](self.down(self.act(gate) * up))
+
+
+class CausalSDPA:
+    """Causal self-attention over [B, S] token blocks: q [B, S, nH*D], k/v [B, S, nKV*D]."""
+
+    def __init__(self, g: FlowGeometry):
+        self.g = g
+
+    def __call__(self, q, k, v):
+        g = self.g
+        b, s = q.shape[:2]
+        q = q.view(b, s, g.num_heads, g.head_dim).transpose(1, 2)
+        k = k.view(b, s, g.num_kv_heads, g.head_dim).transpose(1, 2)
+        v = v.view(b, s, g.num_kv_heads, g.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=g.query_pre_attn_scalar ** -0.5,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+@dataclass
+class Case:
+    name: str
+    g: FlowGeometry
+    layers: int
+    flow: FlowFunction
+    layer: Gemma2Layer
+    table: SlotTableKV
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build(name: str, g: FlowGeometry, layers: int, device, dtype, concepts: int) -> Case:
+    torch.manual_seed(0)
+    with torch.device(device):
+        flow = FlowFunction(g, FLOW).to(dtype).eval()
+        layer = Gemma2Layer(g).to(dtype).eval()
+        for module in (flow, layer):
+            for p in module.parameters():
+                nn.init.normal_(p, std=0.02)
+    table = SlotTableKV(g, FLOW.num_blocks, concepts, FLOW.concept_max_len, dtype, device)
+    with torch.no_grad():
+        for slot in range(1, concepts + 1):
+            c = torch.randn(FLOW.concept_max_len, g.hidden_size, device=device, dtype=dtype)
+            table.write(slot, flow.project_concept(c))
+    return Case(name, g, layers, flow, layer, table, torch.device(device), dtype)
+
+
+def _shape(n: int, seq_len: int) -> tuple[int, int]:
+    s = min(n, seq_len)
+    return max(1, n // s), s  # [B, S] blocks of tokens; B*S == n for the powers of two used here
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(case: Case, n: int, seq_len: int, concepts: int, warmup: int, reps: int) -> dict:
+    g, dev, dt = case.g, case.device, case.dtype
+    b, s = _shape(n, seq_len)
+    h = torch.randn(b, s, g.hidden_size, device=dev, dtype=dt)
+    positions = torch.arange(s, device=dev).expand(b, s)
+    slots = (torch.arange(b * s, device=dev) % concepts) + 1  # every token steered, concepts round robin
+    case.table.token_slots = slots
+    case.table.groups = None  # the graph path: one full-length gather
+    dts = torch.full((b, s), 1.0 / FLOW.n_steps, device=dev, dtype=dt)
+    core = CausalSDPA(g)
+    cores = [[core] * FLOW.num_blocks for _ in range(FLOW.n_steps)]
+    from flas_vllm.flow import rope_cos_sin
+
+    cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, dt)
+    q = torch.randn(b * s, g.num_heads, g.head_dim, device=dev, dtype=dt)
+
+    flow_ms = timed(lambda: integrate(case.flow, h, dts, FLOW.n_steps, positions, case.table, cores), dev,
+                    warmup, reps)
+    cross_ms = timed(lambda: case.table.attend(0, q), dev, warmup, reps)
+    layer_ms = timed(lambda: case.layer(h, cos, sin, core), dev, warmup, reps)
+    base_ms = case.layers * layer_ms
+    return {"geometry": case.name, "tokens": n, "flow_ms": flow_ms, "cross_attention_ms": cross_ms,
+            "layer_ms": layer_ms, "flow_over_base": flow_ms / base_ms, "ceiling": base_ms / (base_ms + flow_ms)}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny geometry, few token counts and repeats (CPU smoke)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--tokens", default=None, help="comma-separated tokens per step (default 1..8192)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per causal sequence in a step (default 512)")
+    p.add_argument("--concepts", type=int, default=64, help="distinct concepts in the slot table (default 64)")
+    p.add_argument("--workspace-mib", type=int, default=None,
+                   help="concept gather workspace (default: the engine's); a huge value times one gather")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    geometries = QUICK_GEOMETRIES if args.quick else GEOMETRIES
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(QUICK_TOKENS if args.quick else TOKENS)
+    if any(t < 1 for t in tokens) or args.seq_len < 1 or args.concepts < 1 or (args.workspace_mib or 1) < 1:
+        p.error("--tokens, --seq-len, --concepts and --workspace-mib must be >= 1")
+    warmup, reps = (1, 2) if args.quick else (3, 10)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"{args.dtype}, flow: {FLOW.num_blocks} block, {FLOW.n_steps} steps, {args.concepts} concepts of "
+          f"{FLOW.concept_max_len} keys, sequences of {args.seq_len} tokens")
+    print(f"{'geometry':<12} {'tokens':>6} {'flow ms':>9} {'cross ms':>9} {'layer ms':>9} "
+          f"{'flow/base':>9} {'ceiling':>8}")
+    rows = []
+    for name, (g, layers) in geometries.items():
+        case = build(name, g, layers, device, dtype, args.concepts)
+        if args.workspace_mib is not None:
+            case.table.workspace_bytes = args.workspace_mib << 20
+        for n in tokens:
+            row = measure(case, n, args.seq_len, args.concepts, warmup, reps)
+            rows.append(row)
+            print(f"{name:<12} {n:>6} {row['flow_ms']:>9.3f} {row['cross_attention_ms']:>9.3f} "
+                  f"{row['layer_ms']:>9.3f} {row['flow_over_base']:>9.4f} {row['ceiling']:>8.4f}", flush=True)
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": str(device), "dtype": args.dtype, "rows": rows}, fh, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
