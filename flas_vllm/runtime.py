@@ -261,6 +261,7 @@ class FlasRuntime:
         out = self.slots.snapshot()
         out["steered_requests"] = self.steered_requests
         out["concepts"] = self.slots.entries()
+        out["flow_path"] = "skip" if self.group_by_length else "graph"  # eager skip path, or CUDA-graph-safe
         return out
 
     # -- per step -----------------------------------------------------------------

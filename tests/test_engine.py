@@ -639,7 +639,10 @@ def graph_llm(tiny_model, ckpt2):
 
 
 class TestGraphPath:
-    def test_mixed_batch_equals_solo_under_chunked_prefill_and_preemption(self, graph_llm, tiny_model, solo):
+    def test_mixed_batch_equals_solo_under_chunked_prefill_and_preemption(self, graph_llm, main_llm, tiny_model,
+                                                                           solo):
+        assert graph_llm.concept_stats()["flow_path"] == "graph"
+        assert main_llm.concept_stats()["flow_path"] == "skip"
         reqs = MIXED + N_STEPS_MIX
         own_solo = {r.name: run(graph_llm, tiny_model, [r])[0] for r in reqs}
         before = _metric(graph_llm, "vllm:num_preemptions")
