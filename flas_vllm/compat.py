@@ -59,7 +59,9 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.v1.request:Request.__init__", "patches/scheduler_admission.py",
            contains=("self.sampling_params =", "self.status =", "self.num_computed_tokens =", "self.num_preemptions =")),
     Anchor("vllm.v1.core.sched.scheduler:Scheduler.__init__", "patches/scheduler_admission.py",
-           contains=("self.requests: dict[str, Request]",)),
+           contains=("self.requests: dict[str, Request]", "self.grammar_compile_error_reqs")),
+    Anchor("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "patches/scheduler_admission.py",
+           contains=("self.grammar_compile_error_reqs", "RequestStatus.FINISHED_ERROR")),
     Anchor("vllm.v1.engine:EngineCoreRequest.cache_salt", "patches/admission.py"),
     # patches/engine_config.py, flas_vllm/engine_checks.py
     Anchor("vllm.engine.arg_utils:EngineArgs.create_engine_config", "patches/engine_config.py",

@@ -23,7 +23,7 @@ from flas_vllm.concept_cache import ConceptSlotTable
 from flas_vllm.concept_encoder import encode_with_decoder
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.flow import FlowFunction, cross_attend_heads, dense_causal_attention, euler_dt, expand_concept_kv
-from flas_vllm.steering import Steering, parse_steering
+from flas_vllm.steering import Steering, read_canonical
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +312,7 @@ class FlasRuntime:
     def _admit(self, rid: str, request_state: Any) -> tuple[Steering | None, int]:
         params = getattr(request_state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) if params is not None else None
-        steer = parse_steering(extra, max_flowtime=self.options.max_flowtime,
-                               max_concept_bytes=self.options.max_concept_bytes, max_n_steps=self.max_n_steps)
+        steer = read_canonical(extra)  # validated once, in the front end; the scheduler failed invalid ones
         slot = 0
         if steer is not None:
             slot = self._ensure_encoded(steer.concept)

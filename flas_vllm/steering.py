@@ -124,6 +124,39 @@ def parse_steering(
     return Steering(concept=concept, flowtime=flowtime, n_steps=n_steps)
 
 
+CANONICAL_KEY = "_flas"
+"""Where the front end leaves a request's validated steering for the engine core and the worker:
+{"concept", "flowtime", "n_steps"} (n_steps resolved), or {} for a validated unsteered request."""
+
+
+def canonical_form(steer: Steering | None, n_steps: int) -> dict[str, Any]:
+    if steer is None:
+        return {}
+    return {"concept": steer.concept, "flowtime": steer.flowtime, "n_steps": n_steps}
+
+
+def read_canonical(extra_args: Mapping[str, Any] | None) -> Steering | None:
+    """The steering the front end validated (parsed once there; the engine only reads it).
+
+    A request with flas_* fields but no canonical form did not pass the front end: it is an
+    error for that request (SteeringParamError), never served unsteered.
+    """
+    if not extra_args:
+        return None
+    form = extra_args.get(CANONICAL_KEY)
+    if form is None:
+        flas_keys = sorted(k for k in extra_args if str(k).startswith("flas_"))
+        if flas_keys:
+            raise SteeringParamError(flas_keys[0], "reached the engine without the FLAS front end's validation "
+                                                   "(is the flas_vllm plugin loaded in the API process?)")
+        return None
+    if not isinstance(form, Mapping):
+        raise SteeringParamError(CANONICAL_KEY, f"malformed canonical steering form {form!r}")
+    if not form:
+        return None
+    return Steering(concept=form["concept"], flowtime=float(form["flowtime"]), n_steps=int(form["n_steps"]))
+
+
 def cache_salt(steer: Steering, *, n_steps: int, fingerprint: str, user_salt: str | None) -> str:
     """Prefix-cache salt: identical steering shares KV, anything else never does."""
     key = json.dumps([steer.concept, repr(steer.flowtime), n_steps, fingerprint])

@@ -123,12 +123,26 @@ def _salt(request, steer, ctx) -> None:
     request.cache_salt = cache_salt(steer, n_steps=n_steps, fingerprint=fingerprint, user_salt=request.cache_salt)
 
 
+def _attach_canonical(params, steer, ctx):
+    """Leave the validated steering on the request (the engine reads it, never re-parses);
+    a client-sent `_flas` is always overwritten. Returns the params to use (a copy when changed)."""
+    from flas_vllm.steering import CANONICAL_KEY, canonical_form
+
+    extra = getattr(params, "extra_args", None)
+    if not extra or not any(str(k).startswith(("flas_", CANONICAL_KEY)) for k in extra):
+        return params
+    n_steps, _ = ctx
+    params = params.clone()
+    params.extra_args = {**params.extra_args, CANONICAL_KEY: canonical_form(steer, n_steps)}
+    return params
+
+
 def _make_sync(original):
     @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         steer, ctx = _check(self, params)
         if ctx is not None:
-            params = _apply_stop_rule(self, params)
+            params = _attach_canonical(_apply_stop_rule(self, params), steer, ctx)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         _salt(request, steer, ctx)
         return request

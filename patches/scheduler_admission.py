@@ -11,8 +11,11 @@ per step) and `Scheduler._handle_blocked_waiting_request` (the per-request
 from __future__ import annotations
 
 import functools
+import logging
 
 from . import wrap_once
+
+logger = logging.getLogger("flas_vllm")
 
 
 def _limits(scheduler):
@@ -28,20 +31,25 @@ def _limits(scheduler):
     return cached
 
 
+_INVALID = object()
+
+
 def _concept(request, options):
-    """The request's concept (None if unsteered), parsed once and remembered on the request."""
+    """The request's concept (None if unsteered), read from the front end's canonical form and
+    remembered on the request; _INVALID if the request carries flas_* fields the front end never saw."""
     cached = getattr(request, "_flas_concept", False)
     if cached is not False:
         return cached
-    from flas_vllm.steering import parse_steering
+    from flas_vllm.errors import SteeringParamError
+    from flas_vllm.steering import read_canonical
 
     params = request.sampling_params
     try:
-        steer = parse_steering(params.extra_args if params else None, max_flowtime=options.max_flowtime,
-                               max_concept_bytes=options.max_concept_bytes)
-    except ValueError:
-        steer = None
-    request._flas_concept = steer.concept if steer is not None else None
+        steer = read_canonical(params.extra_args if params else None)
+        request._flas_concept = steer.concept if steer is not None else None
+    except SteeringParamError as exc:
+        logger.error("request %s: %s; failing it", request.request_id, exc)
+        request._flas_concept = _INVALID
     return request._flas_concept
 
 
@@ -56,12 +64,25 @@ def _make_schedule(original):
             for req in self.requests.values():
                 if req.status == RequestStatus.RUNNING or req.num_preemptions > 0 or req.num_computed_tokens > 0:
                     concept = _concept(req, options)
-                    if concept is not None:
+                    if concept is not None and concept is not _INVALID:
                         inflight.add(concept)
             self._flas_inflight = inflight
         return original(self, *args, **kwargs)
 
     return schedule
+
+
+def _fail(scheduler, request_id: str) -> None:
+    """Finish one request with an error through vLLM's own per-request error set (grammar errors use it):
+    a set of ids in 0.32, a dict of id -> RequestError (with the message) in 0.33."""
+    errors = scheduler.grammar_compile_error_reqs
+    if isinstance(errors, dict):
+        from vllm.outputs import RequestError
+
+        errors[request_id] = RequestError(code="validation_error", message=(
+            "flas_* steering fields reached the engine without the FLAS front end's validation"))
+    else:
+        errors.add(request_id)
 
 
 def _make_gate(original):
@@ -74,6 +95,11 @@ def _make_gate(original):
         if options is None or inflight is None:
             return True
         concept = _concept(request, options)
+        if concept is _INVALID:
+            # vLLM's own per-request error path (as for a grammar that failed to compile): the request
+            # finishes with finish_reason "error" at this step's output; nothing else is affected.
+            _fail(self, request.request_id)
+            return False
         if concept is None or concept in inflight:
             return True
         if len(inflight) >= options.max_concepts:

@@ -478,6 +478,31 @@ def test_preload_counts_a_hit_and_evict_a_miss(main_llm, tiny_model):
     assert main_llm.evict_concepts([concept]) == [True]  # unpinned now, free again
 
 
+def test_steering_is_parsed_once_in_the_front_end(main_llm, tiny_model, solo):
+    """The engine reads only the front end's canonical form: a client-sent one is overwritten, and a
+    request whose flas_* fields bypassed the front end fails alone (never served unsteered)."""
+    ids = {"prompt_token_ids": prompt_ids(tiny_model, SHORT_A)}
+    fake = {"_flas": {"concept": LOVE, "flowtime": 8.0, "n_steps": 1}}
+    out = main_llm.generate([ids], [sampling(extra=fake)], use_tqdm=False)[0]
+    assert_same(Result.of(out), solo["unsteered-short"], "a client-sent canonical form is ignored")
+
+    core = main_llm.llm_engine.engine_core
+    original = core.add_request
+
+    def bypass(request, *args, **kwargs):  # what a front end without the FLAS plugin would send
+        request.sampling_params.extra_args.pop("_flas", None)
+        return original(request, *args, **kwargs)
+
+    core.add_request = bypass
+    try:
+        out = main_llm.generate([ids], [sampling(Req("x", SHORT_A, LOVE, 1.0))], use_tqdm=False)[0]
+    finally:
+        core.add_request = original
+    assert out.outputs[0].finish_reason == "error" and not out.outputs[0].token_ids
+    assert_same(run(main_llm, tiny_model, [Req("love-2.5", SHORT_A, LOVE, 2.5)])[0], solo["love-2.5"],
+                "the engine keeps serving")
+
+
 def test_evict_right_after_the_request_finished(main_llm, tiny_model):
     """The worker hears of a finished request only with the engine's next step; an evict racing
     that step must not report the concept as in use once its request is gone."""
