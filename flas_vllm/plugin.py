@@ -7,7 +7,6 @@ import os
 
 logger = logging.getLogger("flas_vllm")
 
-ARCHITECTURE = "FlasGemma2ForCausalLM"
 _registered = False
 
 
@@ -21,8 +20,13 @@ def register() -> None:
         logger.debug("flas-vllm: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "flas_vllm.model:FlasGemma2ForCausalLM")
+    from flas_vllm.families import FAMILIES
+
+    supported = ModelRegistry.get_supported_archs()
+    for family in FAMILIES:  # one architecture per family (and per multimodal wrapper), built lazily
+        for arch in filter(None, (family.architecture, family.multimodal_architecture)):
+            if arch not in supported:
+                ModelRegistry.register_model(arch, f"flas_vllm.model:{arch}")
     from flas_vllm import patches
 
     patches.install_all()
