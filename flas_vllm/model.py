@@ -205,6 +205,10 @@ class _SteeredLayer:
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
         return self.flas(positions, hidden_states, residual)
 
+    def flas_unsteered_forward(self, positions, hidden_states, residual, **kwargs):
+        """The layer alone: the concept encoder runs layers 0-1 outside any engine step, and L may be one."""
+        return super().forward(positions, hidden_states, residual, **kwargs)
+
 
 _LAYER_CLASSES: dict[type, type] = {}
 
