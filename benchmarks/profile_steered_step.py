@@ -26,18 +26,19 @@ def main():
                   enforce_eager=True, max_model_len=1024, kv_cache_memory_bytes=512 * 1024 * 1024,
                   enable_prefix_caching=False)
     acc = {"steer": 0.0, "steer_calls": 0, "fwd": 0.0, "prep": 0.0}
-    orig_steer = fm.FlasGemma2Model._steer_in_place
+    from vllm.model_executor.models.gemma2 import Gemma2Model
+    orig_steer = fm.FlasSteer._steer_in_place
     def steer(self, *a):
         t = time.perf_counter(); orig_steer(self, *a); acc["steer"] += time.perf_counter() - t; acc["steer_calls"] += 1
-    fm.FlasGemma2Model._steer_in_place = steer
-    orig_fwd = fm.FlasGemma2Model.forward
+    fm.FlasSteer._steer_in_place = steer
+    orig_fwd = Gemma2Model.forward
     def fwd(self, *a, **kw):
         t = time.perf_counter(); r = orig_fwd(self, *a, **kw); acc["fwd"] += time.perf_counter() - t; return r
-    fm.FlasGemma2Model.forward = fwd
-    orig_prep = fm.FlasGemma2ForCausalLM.flas_prepare_step
+    Gemma2Model.forward = fwd
+    orig_prep = fm.FlasCausalLMMixin.flas_prepare_step
     def prep(self, *a):
         t = time.perf_counter(); orig_prep(self, *a); acc["prep"] += time.perf_counter() - t
-    fm.FlasGemma2ForCausalLM.flas_prepare_step = prep
+    fm.FlasCausalLMMixin.flas_prepare_step = prep
 
     def run(params, label):
         for key in acc: acc[key] = 0

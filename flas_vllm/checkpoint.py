@@ -200,21 +200,28 @@ def load_checkpoint(spec: str | Path, base_config: Any) -> FlasCheckpoint:
         raise FlasCheckpointError(
             f"flas checkpoint {weights.name}: missing tensor {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f"; config: num_blocks={cfg.num_blocks}, disable_self_attn={cfg.disable_self_attn}, "
-            f"disable_cross_attn={cfg.disable_cross_attn}, disable_mlp={cfg.disable_mlp}"
+            + f" for a {geometry.model_type} base model; config: num_blocks={cfg.num_blocks}, "
+            f"disable_self_attn={cfg.disable_self_attn}, disable_cross_attn={cfg.disable_cross_attn}, "
+            f"disable_mlp={cfg.disable_mlp}"
         )
     for name, shape in expected.items():
         got = tuple(tensors[name].shape)
         if got != shape:
             raise FlasCheckpointError(
                 f"flas checkpoint {weights.name}: tensor {name!r} has shape {list(got)}, "
-                f"expected {list(shape)} for this base model"
+                f"expected {list(shape)} for this {geometry.model_type} base model (was it trained on another one?)"
             )
     # disable_cross_attn / disable_mlp: the original still builds and stores those modules, and
     # only skips them in the forward pass, so their tensors are expected, not "unknown".
     stored_unused = set(expected_tensor_shapes(
         geometry, dataclasses.replace(cfg, disable_cross_attn=False, disable_mlp=False))) - set(expected)
     ignored = sorted(n for n in tensors if n not in expected and n not in stored_unused)
+    foreign = [n for n in ignored if not cfg.disable_self_attn and re.search(r"\.self_attn\.[qk]_norm\.", n)]
+    if foreign:  # Qwen3's flow self-attention has q/k norms, no other family's does
+        raise FlasCheckpointError(
+            f"flas checkpoint {weights.name}: tensor {foreign[0]!r} belongs to a flow self-attention with q/k "
+            f"norms, which a {geometry.model_type} base model does not have: the checkpoint was trained on "
+            "another model family")
     if ignored:
         logger.warning(
             "flas checkpoint %s: ignoring %d tensor(s) the flow does not use: %s",

@@ -91,7 +91,7 @@ def chat(
 
 @app.command()
 def bench(
-    model: str = typer.Option("fixture", help="fixture (tiny trained Gemma-2) or bench-2b-shape "
+    model: str = typer.Option("fixture", help="fixture (tiny trained Gemma-2), bench-2b-shape or bench-qwen3-8b-shape "
                               "(Gemma-2-2B proportions, narrow, random weights)"),
     ks: str = typer.Option("1,8,64,256,1024", help="numbers of distinct concepts K, comma-separated"),
     num_prompts: Optional[int] = typer.Option(None, min=1, help="requests per run (default: the largest K)"),

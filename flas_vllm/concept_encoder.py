@@ -9,6 +9,7 @@ paths (engine and transformers) run such an encoder through `encode_with_decoder
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -57,6 +58,15 @@ def build_own_encoder(base_config: Any, state: Mapping[str, torch.Tensor], dtype
     return encoder.to(device).eval()
 
 
+def _layer_rope(decoder, h: torch.Tensor, pos: torch.Tensor, index: int):
+    """(cos, sin) for decoder layer `index`: its own layer type's RoPE where the rotary module keeps
+    one per type (Gemma-3: layers 0-1 are local, theta 1e4), else the one RoPE of the model."""
+    types = getattr(decoder.config, "layer_types", None)
+    if types and "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters:
+        return decoder.rotary_emb(h, pos, types[index])
+    return decoder.rotary_emb(h, pos)
+
+
 @torch.inference_mode()
 def encode_with_decoder(decoder, ids: Sequence[int]) -> torch.Tensor:
     """Embedding + layers 0-1 with a plain causal mask (no window) + final norm -> [Lc, H].
@@ -68,10 +78,10 @@ def encode_with_decoder(decoder, ids: Sequence[int]) -> torch.Tensor:
     x = torch.tensor([list(ids)], device=device)
     h = decoder.embed_tokens(x)
     pos = torch.arange(len(ids), device=device)[None]
-    pos_emb = decoder.rotary_emb(h, pos)
     n = len(ids)
     mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=device).triu(1)
-    for layer in decoder.layers[:ENCODER_LAYERS]:
+    for i, layer in enumerate(decoder.layers[:ENCODER_LAYERS]):
+        pos_emb = _layer_rope(decoder, h, pos, i)
         out = layer(h, position_embeddings=pos_emb, attention_mask=mask[None, None], position_ids=pos)
         h = out[0] if isinstance(out, tuple) else out
     return decoder.norm(h)[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from flas_vllm.errors import FlasCheckpointError
+from flas_vllm.families import family_of, text_config
 
 # Defaults the original code applies when a key is missing (spec section 1).
 CONFIG_DEFAULTS: dict[str, Any] = {
@@ -29,7 +30,6 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "T_max": 2.0,
 }
 
-SUPPORTED_MODEL_TYPES = ("gemma2",)
 PROMPT_FORMATS = ("chat", "alpaca")
 
 
@@ -101,9 +101,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
 @dataclass(frozen=True)
 class FlowGeometry:
-    """Sizes and constants the flow inherits from its base model's config."""
+    """Sizes and constants the flow inherits from its base model's (text) config and family."""
 
     hidden_size: int
     intermediate_size: int
@@ -117,23 +120,21 @@ class FlowGeometry:
     attn_logit_softcapping: float | None
     hidden_activation: str
     attention_bias: bool
+    model_type: str = "gemma2"
+    norm_offset: bool = True  # Gemma (1 + w) norms; False: plain w * x^ (families.Family.norm_offset)
+    self_attn_qk_norm: bool = False
+    # RoPE scaling of the flow's frequencies: sorted (key, value) pairs with at least rope_type
+    rope_scaling: tuple[tuple[str, Any], ...] = (("rope_type", "default"),)
 
     @classmethod
     def from_base_config(cls, base: Any) -> "FlowGeometry":
-        get = base.get if isinstance(base, Mapping) else lambda k, d=None: getattr(base, k, d)
-        model_type = get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise FlasCheckpointError(
-                f"base model config: model_type {model_type!r} is not supported; "
-                f"flas-vllm steers {', '.join(SUPPORTED_MODEL_TYPES)} models"
-            )
+        family = family_of(base)
+        tc = text_config(base)
+        get = tc.get if isinstance(tc, Mapping) else lambda k, d=None: getattr(tc, k, d)
         hidden = int(get("hidden_size"))
         heads = int(get("num_attention_heads"))
         head_dim = int(get("head_dim", None) or hidden // heads)
-        rope_theta = get("rope_theta", None)
-        if rope_theta is None:
-            params = get("rope_parameters", None) or {}
-            rope_theta = params.get("rope_theta", 10000.0)
+        rope_theta, scaling = _flow_rope(get, family.rope_layer_type)
         softcap = get("attn_logit_softcapping", None)
         return cls(
             hidden_size=hidden,
@@ -150,7 +151,31 @@ class FlowGeometry:
                 get("hidden_activation", None) or get("hidden_act", None) or "gelu_pytorch_tanh"
             ),
             attention_bias=bool(get("attention_bias", False)),
+            model_type=str(get("model_type")),
+            norm_offset=family.norm_offset,
+            self_attn_qk_norm=family.self_attn_qk_norm,
+            rope_scaling=scaling,
         )
+
+
+def _flow_rope(get, layer_type: str | None) -> tuple[float, tuple[tuple[str, Any], ...]]:
+    """(theta, scaling) of the flow's RoPE: `rope_parameters` (per layer type where the family says so),
+    else the legacy `rope_theta` + `rope_scaling` keys."""
+    params = get("rope_parameters", None) or {}
+    if layer_type is not None and isinstance(params.get(layer_type), Mapping):
+        params = params[layer_type]
+    if "rope_theta" in params:
+        theta, scaling = params["rope_theta"], dict(params)
+    else:
+        theta, scaling = get("rope_theta", None) or 10000.0, dict(get("rope_scaling", None) or {})
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    if kind not in ROPE_TYPES:
+        raise FlasCheckpointError(
+            f"base model config ({get('model_type')}): rope_type {kind!r} is not supported by the FLAS flow "
+            f"(supported: {', '.join(ROPE_TYPES)})")
+    keep = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    items = {k: float(v) for k, v in scaling.items() if k in keep and kind != "default"}
+    return theta, tuple(sorted({"rope_type": kind, **items}.items()))
 
 
 def check_against_base(cfg: FlasConfig, geometry: FlowGeometry) -> None:
@@ -158,8 +183,14 @@ def check_against_base(cfg: FlasConfig, geometry: FlowGeometry) -> None:
     n = geometry.num_hidden_layers
     if not 0 <= cfg.layer < n:
         raise FlasCheckpointError(
-            f"config.json: 'layer' = {cfg.layer} is out of range for a base model with "
+            f"config.json: 'layer' = {cfg.layer} is out of range for a {geometry.model_type} base model with "
             f"{n} decoder layers (valid: 0..{n - 1})"
+        )
+    family = family_of({"model_type": geometry.model_type})
+    if not cfg.disable_self_attn and not family.self_attn_supported:
+        raise FlasCheckpointError(
+            f"config.json: 'disable_self_attn' is false, but FLAS on {geometry.model_type} has no flow "
+            "self-attention (the original trains these checkpoints with --disable-self-attn only)"
         )
     if n < 2:
         raise FlasCheckpointError(

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flas_vllm.errors import FlasCheckpointError, FlasConfigError
-from flas_vllm.plugin import ARCHITECTURE
+from flas_vllm.families import ARCHITECTURES
 
 V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 FINGERPRINT_ATTR = "flas_fingerprint"  # on the HF config, which vLLM hashes into its compile-cache key
@@ -26,14 +26,14 @@ FINGERPRINT_ATTR = "flas_fingerprint"  # on the HF config, which vLLM hashes int
 def overrides_are_flas(hf_overrides: Any) -> bool:
     if not isinstance(hf_overrides, Mapping):
         return False
-    return "flas" in hf_overrides or ARCHITECTURE in (hf_overrides.get("architectures") or [])
+    return "flas" in hf_overrides or bool(ARCHITECTURES & set(hf_overrides.get("architectures") or []))
 
 
 def is_flas_model(model_config: Any) -> bool:
     if model_config is None:
         return False
     hf_config = getattr(model_config, "hf_config", None)
-    return ARCHITECTURE in (getattr(model_config, "architectures", None) or []) or (
+    return bool(ARCHITECTURES & set(getattr(model_config, "architectures", None) or [])) or (
         getattr(hf_config, "flas", None) is not None
     )
 
@@ -61,9 +61,9 @@ def check_parallelism(*, tensor_parallel_size: int, pipeline_parallel_size: int,
 
 def flas_drives_v2() -> bool:
     """True once the FLAS model provides a Model Runner V2 model state (`get_model_state_cls`)."""
-    from flas_vllm.model import FlasGemma2ForCausalLM
+    from flas_vllm.model import FlasCausalLMMixin
 
-    return hasattr(FlasGemma2ForCausalLM, "get_model_state_cls")
+    return hasattr(FlasCausalLMMixin, "get_model_state_cls")
 
 
 def _v2_refusal(reason: str) -> FlasConfigError:

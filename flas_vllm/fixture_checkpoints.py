@@ -21,14 +21,18 @@ GATE_SCALE = 2.0
 
 def randomize_flow(flow: FlowFunction, seed: int, *, gate_scale: float = 1.0, norm_std: float = 0.2,
                    bias_std: float = 0.02) -> FlowFunction:
-    """Seeded random weights, in place: gates in gate_scale*[0.5, 1.5), fan-in-scaled matrices."""
+    """Seeded random weights, in place: gates in gate_scale*[0.5, 1.5), fan-in-scaled matrices.
+
+    Norm weights scatter around the family's identity: 0 for Gemma's (1 + w), 1 for plain norms.
+    """
     gen = torch.Generator().manual_seed(seed)
+    norm_base = 0.0 if flow.g.norm_offset else 1.0
     with torch.no_grad():
         for name, p in flow.named_parameters():
             if name.endswith("_gate"):
                 p.copy_(gate_scale * (0.5 + torch.rand(p.shape, generator=gen)))
             elif "norm" in name:
-                p.copy_(norm_std * torch.randn(p.shape, generator=gen))
+                p.copy_(norm_base + norm_std * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
                 p.copy_(bias_std * torch.randn(p.shape, generator=gen))
             else:

@@ -151,24 +151,31 @@ def _recipe_key(seed: int, train_steps: int) -> str:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _build_tokenizer(rows: list[dict], out_dir: pathlib.Path):
-    """Byte-level BPE on the bundled corpus, dressed up as a Gemma tokenizer.
+GEMMA_TOKENIZER: dict = {
+    "special_tokens": SPECIAL_TOKENS, "bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>",
+    "extra": ["<start_of_turn>", "<end_of_turn>"], "template": GEMMA2_CHAT_TEMPLATE,
+}
 
-    Byte-level means no <unk> ever appears; the post-processor adds <bos> the
-    way Gemma's tokenizer does, so the chat template (which also emits
-    ``{{ bos_token }}``) must be tokenized with ``add_special_tokens=False``
-    exactly as with the real model.
+
+def _build_tokenizer(rows: list[dict], out_dir: pathlib.Path, spec: dict = GEMMA_TOKENIZER):
+    """Byte-level BPE on the bundled corpus, dressed up as the family's tokenizer (`spec`; Gemma's default).
+
+    Byte-level means no <unk> ever appears; the post-processor adds the BOS the
+    way the real tokenizer does (none where `spec["bos"]` is None, as Qwen's), so a
+    chat template that also emits ``{{ bos_token }}`` must be tokenized with
+    ``add_special_tokens=False`` exactly as with the real model.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    specials, bos, extra = spec["special_tokens"], spec["bos"], spec["extra"]
+    tk = Tokenizer(models.BPE(unk_token=spec["unk"]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=2,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -176,23 +183,22 @@ def _build_tokenizer(rows: list[dict], out_dir: pathlib.Path):
     tk.train_from_iterator(corpus, trainer)
     if tk.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"BPE produced {tk.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
-    for i, t in enumerate(SPECIAL_TOKENS):
+    for i, t in enumerate(specials):
         assert tk.token_to_id(t) == i, (t, tk.token_to_id(t))
-    tk.post_processor = processors.TemplateProcessing(
-        single="<bos> $A",
-        pair="<bos> $A <bos> $B",
-        special_tokens=[("<bos>", BOS_ID)],
-    )
+    if bos is not None:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, specials.index(bos))],
+        )
 
+    names = {k: spec[k] for k in ("bos", "eos", "pad", "unk") if spec[k] is not None}
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tk,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        **{f"{k}_token": v for k, v in names.items()},
+        additional_special_tokens=extra,
         padding_side="left",
-        chat_template=GEMMA2_CHAT_TEMPLATE,
+        chat_template=spec["template"],
         model_max_length=TINY_GEMMA2_CONFIG["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
@@ -206,20 +212,14 @@ def _build_tokenizer(rows: list[dict], out_dir: pathlib.Path):
     cfg = json.loads(cfg_path.read_text())
     cfg.update(
         tokenizer_class="PreTrainedTokenizerFast",
-        chat_template=GEMMA2_CHAT_TEMPLATE,
-        add_bos_token=True,
+        chat_template=spec["template"],
+        add_bos_token=bos is not None,
         add_eos_token=False,
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=extra,
         padding_side="left",
     )
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    special_map = {
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-    }
+    special_map = {**{f"{k}_token": v for k, v in names.items()}, "additional_special_tokens": extra}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
     # Hand back the tokenizer as a consumer will see it after loading.

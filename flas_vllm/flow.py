@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flas_vllm.config import FlasConfig, FlowGeometry
+from flas_vllm.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: F401  (re-exported)
 
 TIME_EMBED_DIM = 128
 CONCEPT_MASK_VALUE = -1e4
@@ -33,17 +34,28 @@ CONCEPT_MASK_VALUE = -1e4
 
 
 class RMSNorm(nn.Module):
-    """Gemma RMSNorm: float32 math, `(1 + w)` scale, result in the input dtype."""
+    """RMSNorm in the base family's formula (same tensor names, different meaning of the weight).
 
-    def __init__(self, dim: int, eps: float):
+    offset=True (Gemma): float32 math, `(1 + w)` scale, one rounding to the input dtype.
+    offset=False (Qwen3, Llama): `w * x^.to(dtype)`: normalised in float32, rounded, then scaled.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if not self.offset:
+            return self.weight * xf.to(x.dtype)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def flow_norm(g: FlowGeometry, dim: int) -> RMSNorm:
+    return RMSNorm(dim, g.rms_norm_eps, g.norm_offset)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -54,34 +66,6 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name == "silu":
         return F.silu
     raise ValueError(f"hidden_activation {name!r} is not supported by the FLAS flow")
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE tables for the flow, in float32, then cast to the flow dtype (spec 2, 3.2).
-
-    Quirk: the original's flow owns its rotary module and casting the flow to the
-    checkpoint dtype casts its inverse frequencies too, so they are rounded to `dtype`
-    (bf16 for released checkpoints) before `positions * inv_freq` is formed in float32.
-    At head_dim 256 this moves the steered stream by 10-15% at positions 250-500.
-    """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    )
-    inv_freq = inv_freq.to(dtype).to(torch.float32)
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., heads, D]; cos/sin: [..., D] (broadcast over heads)."""
-    cos = cos.unsqueeze(-2)
-    sin = sin.unsqueeze(-2)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -190,8 +174,8 @@ class _Projections(nn.Module):
 class ConceptCrossAttention(_Projections):
     def __init__(self, g: FlowGeometry):
         super().__init__(g)
-        self.q_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
-        self.k_norm = RMSNorm(g.head_dim, g.rms_norm_eps)
+        self.q_norm = flow_norm(g, g.head_dim)
+        self.k_norm = flow_norm(g, g.head_dim)
 
     def project_concept(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of an encoded concept c [Lc, H]; RoPE positions 0..Lc-1 (quirk)."""
@@ -200,7 +184,7 @@ class ConceptCrossAttention(_Projections):
         k = self.k_norm(self.k_proj(c).view(lc, g.num_kv_heads, g.head_dim))
         v = self.v_proj(c).view(lc, g.num_kv_heads, g.head_dim)
         pos = torch.arange(lc, device=c.device)
-        cos, sin = rope_cos_sin(pos, g.head_dim, g.rope_theta, k.dtype)
+        cos, sin = rope_cos_sin(pos, g.head_dim, g.rope_theta, k.dtype, g.rope_scaling)
         return apply_rope(k, cos, sin), v
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -210,15 +194,25 @@ class ConceptCrossAttention(_Projections):
 
 
 class FlowSelfAttention(_Projections):
-    """The base model's attention math; the KV handling is the pluggable core."""
+    """The base model's attention math (with its per-head q/k norms where the family has them);
+    the KV handling is the pluggable core."""
+
+    def __init__(self, g: FlowGeometry):
+        super().__init__(g)
+        if g.self_attn_qk_norm:
+            self.q_norm = flow_norm(g, g.head_dim)
+            self.k_norm = flow_norm(g, g.head_dim)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, core: SelfAttentionCore
     ) -> torch.Tensor:
         g = self.g
         lead = x.shape[:-1]
-        q = apply_rope(self.q_proj(x).view(*lead, g.num_heads, g.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(*lead, g.num_kv_heads, g.head_dim), cos, sin)
+        q = self.q_proj(x).view(*lead, g.num_heads, g.head_dim)
+        k = self.k_proj(x).view(*lead, g.num_kv_heads, g.head_dim)
+        if g.self_attn_qk_norm:  # before RoPE: cached keys are post-norm, post-RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x)
         out = core(q.reshape(*lead, -1), k.reshape(*lead, -1), v)
         return self.o_proj(out)
@@ -255,18 +249,18 @@ class FlowBlock(nn.Module):
         self.has_self = not cfg.disable_self_attn
         self.has_mlp = not cfg.disable_mlp
         if self.has_cross:
-            self.pre_cross_norm = RMSNorm(h, g.rms_norm_eps)
-            self.post_cross_norm = RMSNorm(h, g.rms_norm_eps)
+            self.pre_cross_norm = flow_norm(g, h)
+            self.post_cross_norm = flow_norm(g, h)
             self.cross_attn = ConceptCrossAttention(g)
             self.cross_gate = nn.Parameter(torch.zeros(h))
         if self.has_self:
-            self.pre_sa_norm = RMSNorm(h, g.rms_norm_eps)
-            self.post_sa_norm = RMSNorm(h, g.rms_norm_eps)
+            self.pre_sa_norm = flow_norm(g, h)
+            self.post_sa_norm = flow_norm(g, h)
             self.self_attn = FlowSelfAttention(g)
             self.self_attn_gate = nn.Parameter(torch.zeros(h))
         if self.has_mlp:
-            self.pre_mlp_norm = RMSNorm(h, g.rms_norm_eps)
-            self.post_mlp_norm = RMSNorm(h, g.rms_norm_eps)
+            self.pre_mlp_norm = flow_norm(g, h)
+            self.post_mlp_norm = flow_norm(g, h)
             self.gate_proj = nn.Linear(h, g.intermediate_size, bias=False)
             self.up_proj = nn.Linear(h, g.intermediate_size, bias=False)
             self.down_proj = nn.Linear(g.intermediate_size, h, bias=False)
@@ -308,7 +302,7 @@ class FlowFunction(nn.Module):
         """h: [..., H] (flow dtype); te: time embedding broadcastable to h; positions: h.shape[:-1]."""
         g = self.g
         h_in = h
-        cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, h.dtype, g.rope_scaling)
         lead = h.shape[:-1]
         for i, block in enumerate(self.blocks):
             h = h + te  # quirk: the time embedding enters at EVERY block

@@ -1,4 +1,5 @@
-"""FLAS on a Hugging Face Gemma-2, the way the original code runs it: a forward hook on layer L.
+"""FLAS on a Hugging Face model of any registered family, the way the original runs it: a forward
+hook on decoder layer L of the text decoder (`model.model.language_model` for multimodal Gemma-3).
 
 This path is the parity oracle for the vLLM model and the "original
 implementation" baseline in benchmarks. It batches several prompts for ONE
@@ -20,6 +21,7 @@ from flas_vllm.checkpoint import FlasCheckpoint, load_checkpoint
 from flas_vllm.concept import inference_concept_len, tokenize_concept
 from flas_vllm.concept_encoder import build_own_encoder, encode_with_decoder
 from flas_vllm.config import FlowGeometry
+from flas_vllm.families import text_config
 from flas_vllm.flow import SingleConceptKV, dense_causal_attention, euler_dt, integrate
 from flas_vllm.prompts import format_prompt
 
@@ -74,7 +76,7 @@ class DenseFlowCache:
 
 
 class HFSteerer:
-    """Steers a transformers Gemma2ForCausalLM with a FLAS checkpoint (eager attention, softcap on)."""
+    """Steers a transformers causal LM with a FLAS checkpoint (eager attention, softcap on)."""
 
     def __init__(
         self,
@@ -84,8 +86,9 @@ class HFSteerer:
         *,
         n_steps: int | None = None,
     ):
-        if getattr(model.config, "_attn_implementation", "eager") != "eager":
-            model.config._attn_implementation = "eager"  # sdpa would drop the attention softcap
+        for cfg in {id(c): c for c in (model.config, text_config(model.config))}.values():
+            if getattr(cfg, "_attn_implementation", "eager") != "eager":
+                cfg._attn_implementation = "eager"  # sdpa would drop the attention softcap
         self.model = model.eval()
         self.tokenizer = tokenizer
         if not isinstance(checkpoint, FlasCheckpoint):
@@ -97,9 +100,11 @@ class HFSteerer:
         self.flow = checkpoint.build_flow(self.geometry, self.device)
         self.n_steps = n_steps or self.cfg.n_steps
         self.concept_len = inference_concept_len(self.cfg.concept_max_len)
-        self.encoder = self.model.model
+        self.decoder = text_decoder(model)
+        self.encoder = self.decoder
         if checkpoint.concept_encoder is not None:
-            self.encoder = build_own_encoder(model.config, checkpoint.concept_encoder, checkpoint.dtype, self.device)
+            self.encoder = build_own_encoder(text_config(model.config), checkpoint.concept_encoder,
+                                             checkpoint.dtype, self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._concept_cache: dict[str, list] = {}
 
@@ -257,7 +262,7 @@ class HFSteerer:
     @contextlib.contextmanager
     def _hook(self, state, caches, concept_kv, dt, steered, n_steps):
         self._active_caches = caches  # a list object the hook reads, replaced in place on recompute
-        layer = self.model.model.layers[self.cfg.layer]
+        layer = self.decoder.layers[self.cfg.layer]
 
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -272,6 +277,12 @@ class HFSteerer:
             yield
         finally:
             handle.remove()
+
+
+def text_decoder(model):
+    """The decoder whose layers are steered: the language model of a multimodal model, else `.model`."""
+    inner = model.model
+    return getattr(inner, "language_model", None) or inner
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

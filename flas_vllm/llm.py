@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flas_vllm.plugin import ARCHITECTURE
+
+def base_model_config(model: str, **kwargs: Any):
+    """The base model's HF config (its family picks the FLAS architecture)."""
+    from transformers import AutoConfig
+
+    keep = {k: kwargs[k] for k in ("revision", "trust_remote_code") if kwargs.get(k) is not None}
+    return AutoConfig.from_pretrained(str(model), **keep)
 
 
 CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
@@ -28,7 +34,14 @@ def flas_engine_kwargs(
     graph_path: bool | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
-    """vLLM engine arguments that load `model` (a plain Gemma-2) as FlasGemma2ForCausalLM."""
+    """vLLM engine arguments that load `model` (any supported family) as its FLAS architecture.
+
+    Multimodal checkpoints (Gemma-3) run their text decoder only: images are refused by vLLM
+    (`limit_mm_per_prompt` 0) and the vision tower is never built (`language_model_only`).
+    """
+    from flas_vllm.families import architecture_for, is_multimodal
+
+    base = base_model_config(model, **vllm_kwargs)
     flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
     for key, value in (("n_steps", n_steps), ("max_n_steps", max_n_steps), ("max_concepts", max_concepts),
                        ("max_flowtime", max_flowtime), ("max_pinned", max_pinned), ("graph_path", graph_path)):
@@ -39,8 +52,11 @@ def flas_engine_kwargs(
         # running something else; take a fixed, ample budget instead (pass either flag to change it).
         vllm_kwargs["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
     overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
-    overrides["architectures"] = [ARCHITECTURE]
+    overrides["architectures"] = [architecture_for(base)]
     overrides["flas"] = {**overrides.get("flas", {}), **flas}
+    if is_multimodal(base):
+        vllm_kwargs.setdefault("limit_mm_per_prompt", {"image": 0})
+        vllm_kwargs.setdefault("language_model_only", True)
     return {"model": str(model), "hf_overrides": overrides, **vllm_kwargs}
 
 
@@ -90,10 +106,13 @@ class FlasLLM:
         return self.llm.generate(*args, **kwargs)
 
     def chat(self, *args, **kwargs):
-        if self.prompt_format == "alpaca" and kwargs.get("chat_template") is None:
-            from flas_vllm.prompts import ALPACA_CHAT_TEMPLATE
+        from flas_vllm.prompts import ALPACA_CHAT_TEMPLATE, chat_template_kwargs
 
+        if self.prompt_format == "alpaca" and kwargs.get("chat_template") is None:
             kwargs["chat_template"] = ALPACA_CHAT_TEMPLATE
+        template = kwargs.get("chat_template") or getattr(self.llm.get_tokenizer(), "chat_template", None)
+        # non-thinking by default (Qwen3), as the original; a caller's own kwargs win
+        kwargs["chat_template_kwargs"] = {**chat_template_kwargs(template), **(kwargs.get("chat_template_kwargs") or {})}
         return self.llm.chat(*args, **kwargs)
 
     # -- concept management (runs in every worker) -------------------------------------

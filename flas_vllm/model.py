@@ -1,18 +1,21 @@
-"""FlasGemma2ForCausalLM: vLLM's Gemma-2 with the FLAS flow after decoder layer L.
+"""FLAS on vLLM's own model classes: the flow after decoder layer L of any registered family.
 
-Every token of a steered request has its residual stream replaced by the
-Euler-integrated flow of its own request; unsteered tokens pass through
-`torch.where` untouched, so they are bit-identical to vanilla Gemma-2. The
-flow's causal self-attention gets one paged vLLM `Attention` per (Euler step,
-block), named `model.flas_steps.{num_hidden_layers + k*num_blocks + b}.attn`
-(vLLM wants exactly one integer in a layer name).
+`flas_vllm.families` names, per family, the vLLM causal LM to extend. `steered_class`
+subclasses it once for every family: the base model is built exactly as vLLM builds it,
+then layer L's class gets `_SteeredLayer` in front, which hands the layer's output
+(hidden, residual) to a `FlasSteer` module. Every token of a steered request has its
+residual stream replaced by the Euler-integrated flow of its own request; unsteered tokens
+pass through `torch.where` untouched, so they are bit-identical to the vanilla model.
+The flow's causal self-attention gets one paged vLLM `Attention` per (Euler step, block),
+named `<text model>.flas_steps.{num_hidden_layers + k*num_blocks + b}.attn` (vLLM wants
+exactly one integer in a layer name).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterable
-from itertools import islice
 
 import torch
 from torch import nn
@@ -20,28 +23,26 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM, Gemma2Model
-from vllm.model_executor.models.utils import maybe_prefix
-from vllm.sequence import IntermediateTensors
 
 from flas_vllm.checkpoint import load_checkpoint
 from flas_vllm.concept import inference_concept_len
 from flas_vllm.concept_encoder import build_own_encoder
 from flas_vllm.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine_checks import check_fingerprint, check_runner
+from flas_vllm.families import FAMILIES, Family, text_config
 from flas_vllm.flow import integrate
 from flas_vllm.runtime import FlasRuntime, SlotTableKV, StepBuffers
 
 logger = logging.getLogger(__name__)
 
-# Models that take the eager "skip when nothing is steered" path, by key (one per process, normally).
-_STEER_TARGETS: dict[str, "FlasGemma2Model"] = {}
-
-
 def _flas_steer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
-    """Opaque to the compiler, so it may look at the data: no steered token, no flow work at all."""
-    _STEER_TARGETS[target]._steer_in_place(positions, hidden, residual)
+    """Opaque to the compiler, so it may look at the data: no steered token, no flow work at all.
+
+    Finds its `FlasSteer` by name in the forward context, as vLLM's own custom ops find their layers.
+    """
+    from vllm.forward_context import get_forward_context
+
+    get_forward_context().no_compile_layers[target]._steer_in_place(positions, hidden, residual)
 
 
 def _flas_steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
@@ -80,65 +81,63 @@ class PagedFlowAttention(nn.Module):
         return out.to(dtype)
 
 
-class FlasGemma2Model(Gemma2Model):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+class FlasSteer(nn.Module):
+    """The flow, its paged self-attention layers and per-step state, for one vLLM text decoder."""
+
+    def __init__(self, text_model: nn.Module, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
         if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
             raise NotImplementedError(
                 "flas-vllm supports tensor_parallel_size=1 and pipeline_parallel_size=1; "
                 "scale out with data parallel replicas (one engine per GPU) instead"
             )
-        check_runner(vllm_config)  # a runner without the FLAS hook would steer nothing, silently
-        config = vllm_config.model_config.hf_config
+        config = vllm_config.model_config.hf_config  # the top-level config: it carries `flas`
         model_dtype = vllm_config.model_config.dtype
+        check_runner(vllm_config)  # a runner without the FLAS hook would steer nothing, silently
         self.flas_options = FlasEngineOptions.from_hf_config(config)
         ckpt = load_checkpoint(self.flas_options.checkpoint, config)
-        self.flas_checkpoint = ckpt
         check_fingerprint(config, ckpt.fingerprint)  # the checkpoint the compile-cache key was made for
+        self.checkpoint = ckpt
         geometry = FlowGeometry.from_base_config(config)
-        self.flas_layer = ckpt.config.layer
+        self.layer = ckpt.config.layer
         # a request's default Euler steps, and the most any request may ask for (one KV layer set each)
-        self.flas_n_steps, self.flas_max_n_steps = self.flas_options.step_limits(ckpt.config.n_steps)
+        self.n_steps, self.max_n_steps = self.flas_options.step_limits(ckpt.config.n_steps)
         num_blocks = ckpt.config.num_blocks
-        device = self.embed_tokens.weight.device
+        device = text_model.embed_tokens.weight.device
         if ckpt.dtype != model_dtype:
             logger.warning(
                 "FLAS flow dtype %s differs from the model dtype %s: the flow runs in %s, "
                 "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
             )
-        self.flas_flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_weights
+        self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights, once
 
-        cache_config = vllm_config.cache_config
         steps: dict[str, PagedFlowAttention] = {}
         if not ckpt.config.disable_self_attn:
-            for k in range(self.flas_max_n_steps):
+            for k in range(self.max_n_steps):
                 for b in range(num_blocks):
-                    idx = config.num_hidden_layers + k * num_blocks + b
+                    idx = geometry.num_hidden_layers + k * num_blocks + b
                     steps[str(idx)] = PagedFlowAttention(
-                        geometry, self.flas_flow.self_attn_scale, model_dtype, cache_config,
+                        geometry, self.flow.self_attn_scale, model_dtype, vllm_config.cache_config,
                         prefix=f"{prefix}.flas_steps.{idx}",
                     )
-        self.flas_steps = nn.ModuleDict(steps)
-        cores = list(self.flas_steps.values())
-        self._flas_cores = [
-            [cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
-            for k in range(self.flas_max_n_steps)
-        ]
-        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-        self.flas_buffers = StepBuffers(max_tokens, ckpt.dtype, device)
+        self.steps = nn.ModuleDict(steps)
+        cores = list(self.steps.values())
+        self._cores = [[cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
+                       for k in range(self.max_n_steps)]
+        self.step_buffers = StepBuffers(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
         concept_len = inference_concept_len(ckpt.config.concept_max_len)
-        self.flas_table = SlotTableKV(
+        self.table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
             concept_len, ckpt.dtype, device
         )
-        self.flas_table.token_slots = self.flas_buffers.slot
+        self.table.token_slots = self.step_buffers.slot
         mc = vllm_config.model_config
-        self.flas_runtime = FlasRuntime(
-            self, self.flas_options, self.flas_flow, (self.flas_n_steps, self.flas_max_n_steps), concept_len,
-            self.flas_table, self.flas_buffers, tokenizer_name=mc.tokenizer,
+        self.runtime = FlasRuntime(
+            text_model, self.flas_options, self.flow, (self.n_steps, self.max_n_steps), concept_len,
+            self.table, self.step_buffers, tokenizer_name=mc.tokenizer,
             tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
             own_encoder=None if ckpt.concept_encoder is None else build_own_encoder(
-                config, ckpt.concept_encoder, ckpt.dtype, device),
+                text_config(config), ckpt.concept_encoder, ckpt.dtype, device),
         )
         ckpt.concept_encoder = None  # the runtime's encoder owns those weights now
         # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
@@ -147,43 +146,26 @@ class FlasGemma2Model(Gemma2Model):
         from vllm.config import CUDAGraphMode
 
         mode = vllm_config.compilation_config.cudagraph_mode
-        self._flas_skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
-        self._flas_target = f"{prefix}@{id(self)}"
-        if self._flas_skip_unsteered:
+        self.skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
+        self.target = f"{prefix}.flas"
+        if self.skip_unsteered:
             _register_steer_op()
-            _STEER_TARGETS[self._flas_target] = self
-            self.flas_runtime.group_by_length = True
+            vllm_config.compilation_config.static_forward_context[self.target] = self  # found by name
+            self.runtime.group_by_length = True
         logger.info(
-            "FLAS: checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), %d concept slots, "
-            "%d extra KV layers", ckpt.path, ckpt.fingerprint, self.flas_layer, num_blocks, self.flas_n_steps,
-            self.flas_max_n_steps,
-            self.flas_options.max_concepts, len(steps),
+            "FLAS: %s base, checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), "
+            "%d concept slots, %d extra KV layers", geometry.model_type, ckpt.path, ckpt.fingerprint, self.layer,
+            num_blocks, self.n_steps, self.max_n_steps, self.flas_options.max_concepts, len(steps),
         )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        if inputs_embeds is not None:
-            hidden_states = inputs_embeds
-        else:
-            hidden_states = self.embed_input_ids(input_ids)
-        residual = None
-        for idx, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer)):
-            hidden_states, residual = layer(positions, hidden_states, residual)
-            if idx == self.flas_layer:
-                if self._flas_skip_unsteered:
-                    torch.ops.vllm.flas_steer(hidden_states, residual, positions, self._flas_target)
-                else:
-                    hidden_states, residual = self._steer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor):
+        if self.skip_unsteered:
+            torch.ops.vllm.flas_steer(hidden, residual, positions, self.target)
+            return hidden, residual
+        return self._steer(positions, hidden, residual)
 
     def _steer_in_place(self, positions, hidden, residual) -> None:
-        runtime = self.flas_runtime
+        runtime = self.runtime
         if not runtime.any_steered:  # a host-side fact of the step: no device sync
             return  # unsteered requests never read their flow KV, so nothing needs writing
         # Only as many Euler steps as this step's steered tokens need: a request never reads
@@ -193,57 +175,117 @@ class FlasGemma2Model(Gemma2Model):
         residual.copy_(new_residual)
 
     def _steer(self, positions, hidden, residual, n_steps: int | None = None):
-        """Replace the residual stream (hidden + residual) of steered tokens with the flow's output."""
+        """Replace the residual stream (hidden + residual) of steered tokens with the flow's output.
+
+        Every registered family's decoder layer returns (hidden, residual) and the next layer's
+        (or the final) norm adds them first, so that sum is the residual stream after layer L.
+        """
         n = hidden.shape[0]
-        buffers = self.flas_buffers
+        buffers = self.step_buffers
         steered = buffers.steered[:n, None]
         stream = (hidden.float() + residual.float()).to(hidden.dtype)  # what the next fused add produces
-        flow = self.flas_flow
-        h = stream.to(flow.dtype)
-        h = integrate(flow, h, buffers.dt[:n], n_steps or self.flas_max_n_steps, positions, self.flas_table,
-                      self._flas_cores, token_steps=buffers.steps[:n])
+        h = stream.to(self.flow.dtype)
+        h = integrate(self.flow, h, buffers.dt[:n], n_steps or self.max_n_steps, positions, self.table,
+                      self._cores, token_steps=buffers.steps[:n])
         new_residual = torch.where(steered, h.to(hidden.dtype), residual)
         new_hidden = torch.where(steered, torch.zeros_like(hidden), hidden)
         return new_hidden, new_residual
 
+    def load_flow_weights(self) -> set[str]:
+        """Copy the checkpoint's tensors into the flow; returns the flow's parameter names (relative)."""
+        tensors = self.checkpoint.tensors
+        with torch.no_grad():
+            for name, param in self.flow.named_parameters():
+                param.copy_(tensors[name].to(param.dtype))
+        self.checkpoint.tensors = {}  # the flow module owns the weights now
+        _use_platform_gemm(self.flow)
+        return {f"flow.{name}" for name, _ in self.flow.named_parameters()}
 
-class FlasGemma2ForCausalLM(Gemma2ForCausalLM):
-    """Registered as an out-of-tree architecture; load it with a plain Gemma-2 model directory."""
+
+class _SteeredLayer:
+    """Put in front of decoder layer L's own class: the layer's output, then the flow."""
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
+        return self.flas(positions, hidden_states, residual)
+
+    def flas_unsteered_forward(self, positions, hidden_states, residual, **kwargs):
+        """The layer alone: the concept encoder runs layers 0-1 outside any engine step, and L may be one."""
+        return super().forward(positions, hidden_states, residual, **kwargs)
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _steer_layer(layer: nn.Module, steer: FlasSteer) -> None:
+    cls = type(layer)
+    if cls not in _LAYER_CLASSES:
+        _LAYER_CLASSES[cls] = type(f"FlasSteered{cls.__name__}", (_SteeredLayer, cls), {})
+    layer.__class__ = _LAYER_CLASSES[cls]
+    layer.flas = steer
+
+
+class FlasCausalLMMixin:
+    """What every FLAS architecture adds to its vLLM base class (see `steered_class`)."""
+
+    flas_text_model_path: tuple[str, ...] = ("model",)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        # Build the inner model exactly once: Gemma2ForCausalLM.__init__ would register
-        # a second set of Attention layers under the same names.
-        nn.Module.__init__(self)
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.quant_config = vllm_config.quant_config
-        self.model = FlasGemma2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.logits_processor = LogitsProcessor(config.vocab_size, soft_cap=config.final_logit_softcapping)
-        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        text_model = self
+        for attr in self.flas_text_model_path:
+            text_model = getattr(text_model, attr)
+        text_prefix = ".".join(p for p in (prefix, *self.flas_text_model_path) if p)
+        steer = FlasSteer(text_model, vllm_config, text_prefix)
+        n = len(text_model.layers)
+        if not 0 <= steer.layer < n:  # the checkpoint check already refused this; guard the wiring
+            raise ValueError(f"FLAS layer {steer.layer} is not a decoder layer of this model ({n} layers)")
+        _steer_layer(text_model.layers[steer.layer], steer)
+        self.flas_steer_prefix = f"{'.'.join(self.flas_text_model_path)}.layers.{steer.layer}.flas"
+        object.__setattr__(self, "_flas", steer)  # not a second registration of the same module
+        text_model.flas_runtime = steer.runtime
 
     # Called by patches/runner_hook.py before each forward.
     def flas_prepare_step(self, req_ids, num_scheduled_tokens, requests) -> None:
-        self.model.flas_runtime.prepare_step(req_ids, num_scheduled_tokens, requests)
+        self._flas.runtime.prepare_step(req_ids, num_scheduled_tokens, requests)
 
     # Called by patches/runner_hook.py when the runner drops a finished or aborted request.
     def flas_request_finished(self, req_id: str) -> None:
-        self.model.flas_runtime.finish(req_id)
+        self._flas.runtime.finish(req_id)
 
     @property
     def flas_runtime(self) -> FlasRuntime:
-        return self.model.flas_runtime
+        return self._flas.runtime
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
-        flow = self.model.flas_flow
-        tensors = self.model.flas_checkpoint.tensors
-        with torch.no_grad():
-            for name, param in flow.named_parameters():
-                param.copy_(tensors[name].to(param.dtype))
-        loaded |= {f"model.flas_flow.{name}" for name, _ in flow.named_parameters()}
-        self.model.flas_checkpoint.tensors = {}  # the flow module owns the weights now
-        _use_platform_gemm(flow)
-        return loaded
+        return loaded | {f"{self.flas_steer_prefix}.{n}" for n in self._flas.load_flow_weights()}
+
+
+def steered_class(family: Family, multimodal: bool = False) -> type:
+    """The registered FLAS architecture of a family: its vLLM class with `FlasCausalLMMixin` in front."""
+    spec = family.multimodal_vllm_class if multimodal else family.vllm_class
+    module, _, name = spec.partition(":")
+    base = getattr(importlib.import_module(module), name)
+    attrs = {"__module__": __name__, "__doc__": f"{name} steered by FLAS (family {family.name})."}
+    if multimodal:
+        attrs["flas_text_model_path"] = ("language_model", "model")
+    arch = family.multimodal_architecture if multimodal else family.architecture
+    return type(arch, (FlasCausalLMMixin, base), attrs)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """`flas_vllm.model:<architecture>` for every registered family, built on first use."""
+    for family in FAMILIES:
+        for multimodal, arch in ((False, family.architecture), (True, family.multimodal_architecture)):
+            if name == arch:
+                if name not in _CLASSES:
+                    _CLASSES[name] = steered_class(family, multimodal)
+                return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _PlatformLinear(nn.Linear):

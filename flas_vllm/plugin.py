@@ -6,7 +6,6 @@ import logging
 
 logger = logging.getLogger("flas_vllm")
 
-ARCHITECTURE = "FlasGemma2ForCausalLM"
 _registered = False
 
 
@@ -18,8 +17,13 @@ def register() -> None:
     # choice for FLAS engines alone lives in patches/engine_config.py.
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "flas_vllm.model:FlasGemma2ForCausalLM")
+    from flas_vllm.families import FAMILIES
+
+    supported = ModelRegistry.get_supported_archs()
+    for family in FAMILIES:  # one architecture per family (and per multimodal wrapper), built lazily
+        for arch in filter(None, (family.architecture, family.multimodal_architecture)):
+            if arch not in supported:
+                ModelRegistry.register_model(arch, f"flas_vllm.model:{arch}")
     from flas_vllm import patches
 
     patches.install_all()

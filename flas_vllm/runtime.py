@@ -199,7 +199,7 @@ class FlasRuntime:
     def __init__(self, model, options: FlasEngineOptions, flow: FlowFunction, n_steps: tuple[int, int],
                  concept_max_len: int, table: SlotTableKV, buffers: StepBuffers, tokenizer_name: str,
                  tokenizer_kwargs: Mapping[str, Any], own_encoder: nn.Module | None = None):
-        self.model = model  # the FlasGemma2Model whose layers 0-1 encode concepts
+        self.model = model  # the vLLM text decoder whose layers 0-1 encode concepts
         self.options = options
         self.flow = flow
         self.n_steps, self.max_n_steps = n_steps  # a request's default, and the most it may ask for
@@ -373,7 +373,8 @@ def encode_concept(model, ids: Sequence[int]) -> torch.Tensor:
     layers = [model.layers[0], model.layers[1]]
     hidden, residual = model.embed_input_ids(x), None
     with _dense_attention(layers, getattr(model.config, "attn_logit_softcapping", None)):
-        for layer in layers:
-            hidden, residual = layer(positions, hidden, residual)
+        for layer in layers:  # never steered here, even where layer L is 0 or 1
+            forward = getattr(layer, "flas_unsteered_forward", layer)
+            hidden, residual = forward(positions, hidden, residual)
     out, _ = model.norm(hidden, residual)
     return out

@@ -58,6 +58,9 @@ def build_args(argv: list[str]):
         args.kv_cache_memory_bytes = kwargs["kv_cache_memory_bytes"]  # the CPU default of flas_engine_kwargs
     args.model = kwargs["model"]
     args.hf_overrides = kwargs["hf_overrides"]
+    for key in ("limit_mm_per_prompt", "language_model_only"):  # multimodal bases: text decoder only
+        if key in kwargs and not getattr(args, key, None):
+            setattr(args, key, kwargs[key])
     if not getattr(args, "chat_template", None):
         from flas_vllm.checkpoint import read_checkpoint_config
 
@@ -65,6 +68,16 @@ def build_args(argv: list[str]):
             from flas_vllm.prompts import ALPACA_CHAT_TEMPLATE
 
             args.chat_template = ALPACA_CHAT_TEMPLATE  # trained on a base model: the alpaca format
+    if getattr(args, "chat_template", None) is None:
+        from transformers import AutoTokenizer
+
+        template = getattr(AutoTokenizer.from_pretrained(getattr(args, "tokenizer", None) or args.model), "chat_template", None)
+    else:
+        template = args.chat_template
+    from flas_vllm.prompts import chat_template_kwargs
+
+    # non-thinking by default (Qwen3), as the original; the user's --default-chat-template-kwargs win
+    args.default_chat_template_kwargs = {**chat_template_kwargs(template), **(args.default_chat_template_kwargs or {})}
     if not getattr(args, "worker_extension_cls", None):
         args.worker_extension_cls = "flas_vllm.worker_ext.FlasWorkerExtension"
     validate_parsed_serve_args(args)

@@ -39,10 +39,10 @@ def _make_unsupported(original):
     def _get_v2_model_runner_unsupported_features(self, *args, **kwargs):
         found = original(self, *args, **kwargs)
         from flas_vllm.engine_checks import flas_drives_v2, is_flas_model
-        from flas_vllm.plugin import ARCHITECTURE
 
         if is_flas_model(self.model_config) and not flas_drives_v2():
-            found = [*found, f"FLAS steering ({ARCHITECTURE})"]
+            archs = ", ".join(getattr(self.model_config, "architectures", None) or []) or "FLAS"
+            found = [*found, f"FLAS steering ({archs})"]
         return found
 
     return _get_v2_model_runner_unsupported_features
