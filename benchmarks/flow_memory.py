@@ -30,8 +30,8 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ceiling import FLOW, GEOMETRIES, Gemma2Layer  # noqa: E402
 
-from flas_vllm.flow import FlowFunction, integrate, rope_cos_sin  # noqa: E402
-from flas_vllm.runtime import SlotTableKV  # noqa: E402
+from flas_vllm.core.flow import FlowFunction, integrate, rope_cos_sin  # noqa: E402
+from flas_vllm.engine.runtime import SlotTableKV  # noqa: E402
 
 MIB = 1 << 20
 TARGET_EXTRA_MIB = 512

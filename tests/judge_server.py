@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 
-from flas_vllm.lexical_judge import ChatCompletionServer
+from flas_vllm.eval.lexical_judge import ChatCompletionServer
 
 
 SPELLINGS: list[tuple[str, float | None]] = [

@@ -60,7 +60,7 @@ def test_repl_commands_through_a_pty(tiny_model, make_ckpt):
 
 
 def test_session_rejects_bad_commands_without_generating():
-    from flas_vllm.chat import ChatSession
+    from flas_vllm.serve.repl import ChatSession
 
     calls = []
     session = ChatSession(generate=lambda convs, steers: calls.append((convs, steers)) or ["x"] * len(convs))

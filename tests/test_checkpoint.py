@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flas_vllm.checkpoint import expected_tensor_shapes, load_checkpoint, resolve_checkpoint
-from flas_vllm.config import FlasConfig, FlowGeometry
-from flas_vllm.errors import FlasCheckpointError
+from flas_vllm.core.checkpoint import expected_tensor_shapes, load_checkpoint, resolve_checkpoint
+from flas_vllm.core.config import FlasConfig, FlowGeometry
+from flas_vllm.core.errors import FlasCheckpointError
 
-LOGGER = "flas_vllm.checkpoint"
+LOGGER = "flas_vllm.core.checkpoint"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

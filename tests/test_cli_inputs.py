@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flas_vllm.cli import app
-from flas_vllm.offline import GENERATION_SCHEMA, PartWriter, load_generations
+from flas_vllm.eval.generate import GENERATION_SCHEMA, PartWriter, load_generations
 
 
 def _rows(n):
@@ -54,9 +54,10 @@ def test_judge_takes_the_directory_generate_wrote(tmp_path):
     assert res.exit_code == 2 and "no generation rows" in text and "--generations" in text
 
 
-def test_cpu_engines_get_a_fixed_kv_budget_unless_told():
-    from flas_vllm.llm import CPU_DEFAULT_KV_CACHE_BYTES, flas_engine_kwargs
+def test_cpu_engines_get_a_fixed_kv_budget_unless_told(tiny_model):
+    from flas_vllm.engine.llm import CPU_DEFAULT_KV_CACHE_BYTES, flas_engine_kwargs
 
-    assert flas_engine_kwargs("m", "c")["kv_cache_memory_bytes"] == CPU_DEFAULT_KV_CACHE_BYTES  # CPU here
-    assert flas_engine_kwargs("m", "c", kv_cache_memory_bytes=5)["kv_cache_memory_bytes"] == 5
-    assert "kv_cache_memory_bytes" not in flas_engine_kwargs("m", "c", gpu_memory_utilization=0.5)
+    m = str(tiny_model)
+    assert flas_engine_kwargs(m, "c")["kv_cache_memory_bytes"] == CPU_DEFAULT_KV_CACHE_BYTES  # CPU here
+    assert flas_engine_kwargs(m, "c", kv_cache_memory_bytes=5)["kv_cache_memory_bytes"] == 5
+    assert "kv_cache_memory_bytes" not in flas_engine_kwargs(m, "c", gpu_memory_utilization=0.5)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flas_vllm import compat
+from flas_vllm.engine import compat
 
 PROCESS_INPUTS = next(a for a in compat.ANCHORS if a.target.endswith("InputProcessor.process_inputs"))
 INPUT_PROCESSOR_INIT = next(a for a in compat.ANCHORS if a.target.endswith("InputProcessor.__init__"))
@@ -45,7 +45,7 @@ def test_installed_vllm_has_every_anchor(capsys):
 
 
 def test_every_function_the_patches_wrap_is_an_anchor():
-    patches = pytest.importorskip("flas_vllm.patches")
+    patches = pytest.importorskip("flas_vllm.engine.patches")
     patches.install_all()
     targets = {t.strip() for a in compat.ANCHORS for t in a.target.split("|")}
     wrapped = {f"{owner.__module__}:{owner.__qualname__}.{name}" for owner, name in patches.WRAPPED}

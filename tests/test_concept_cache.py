@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flas_vllm.concept_cache import ConceptSlotTable, ConceptTableFull
+from flas_vllm.engine.concept_cache import ConceptSlotTable, ConceptTableFull
 
 
 def test_hits_misses_and_slot_reuse():

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from flas_vllm.llm import shutdown_engine
+from flas_vllm.engine.llm import shutdown_engine
 from tests.texts import LONG, LONG_CONCEPT, MID, SHORT as SHORT_A
 
 pytestmark = pytest.mark.engine
@@ -63,7 +63,7 @@ class Req:
         return self.concept is not None and bool(self.flowtime)
 
     def extra_args(self):
-        from flas_vllm.steering import steering
+        from flas_vllm.core.steering import steering
 
         if self.concept is None:
             return None
@@ -111,7 +111,7 @@ _TOKENIZERS: dict[str, object] = {}
 def prompt_ids(model_dir, text: str) -> list[int]:
     from transformers import AutoTokenizer
 
-    from flas_vllm.prompts import format_prompt
+    from flas_vllm.core.prompts import format_prompt
 
     key = str(model_dir)
     if key not in _TOKENIZERS:
@@ -154,7 +154,7 @@ def assert_same(got: Result, want: Result, what: str) -> None:
 
 
 def start_flas(model_dir, ckpt, label: str, **kw):
-    from flas_vllm.llm import FlasLLM
+    from flas_vllm.engine.llm import FlasLLM
 
     kw.setdefault("dtype", "float32")
     kw.setdefault("kv_cache_memory_bytes", KV_BYTES)
@@ -233,7 +233,7 @@ def hf_steerer(model_dir, ckpt, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flas_vllm.hf import HFSteerer
+    from flas_vllm.reference.hf import HFSteerer
 
     key = (str(model_dir), dtype)
     if key not in _HF:
@@ -311,7 +311,7 @@ def test_original_stop_rule_keeps_generating_past_end_of_turn(main_llm, tiny_mod
     """`flas_stop_rule: original` stops at <eos> only; vLLM's rule also stops at <end_of_turn>."""
     from vllm import SamplingParams
 
-    from flas_vllm.fixtures import EOS_ID, EOT_ID
+    from flas_vllm.testing.tokenizer import EOS_ID, EOT_ID
 
     prompt = {"prompt_token_ids": prompt_ids(tiny_model, SHORT_A)}
     outs = {}
@@ -338,7 +338,7 @@ def test_original_stop_rule_keeps_generating_past_end_of_turn(main_llm, tiny_mod
 
 
 def steering_args(concept, flowtime):
-    from flas_vllm.steering import steering
+    from flas_vllm.core.steering import steering
 
     return steering(concept, flowtime)
 

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from flas_vllm.errors import FlasCheckpointError, FlasConfigError  # noqa: E402
-from flas_vllm.llm import flas_engine_kwargs  # noqa: E402
+from flas_vllm.core.errors import FlasCheckpointError, FlasConfigError  # noqa: E402
+from flas_vllm.engine.llm import flas_engine_kwargs  # noqa: E402
 
 V2 = "VLLM_USE_V2_MODEL_RUNNER"
 
@@ -34,7 +34,7 @@ def _no_runner_choice(monkeypatch):
 def _config(model, ckpt=None, **extra):
     from vllm.engine.arg_utils import EngineArgs
 
-    from flas_vllm.plugin import register
+    from flas_vllm.engine.plugin import register
 
     register()
     kwargs = flas_engine_kwargs(model, ckpt, **extra) if ckpt is not None else {"model": str(model), **extra}
@@ -62,7 +62,7 @@ def test_plain_models_are_left_alone(tiny_model, monkeypatch):
 
 
 def test_plugin_sets_no_process_wide_runner_choice(monkeypatch):
-    from flas_vllm import plugin
+    from flas_vllm.engine import plugin
 
     monkeypatch.setattr(plugin, "_registered", False)
     plugin.register()
@@ -90,7 +90,7 @@ def test_v2_forced_by_an_option_is_refused_in_the_worker_too(tiny_model, ckpt, m
     """Watermarking or HiSparse select V2 even over VLLM_USE_V2_MODEL_RUNNER=0; the model must not start."""
     from vllm.config import VllmConfig
 
-    from flas_vllm.engine_checks import check_runner
+    from flas_vllm.engine.checks import check_runner
 
     config = _config(tiny_model, ckpt)
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
@@ -101,7 +101,7 @@ def test_v2_forced_by_an_option_is_refused_in_the_worker_too(tiny_model, ckpt, m
 def test_a_v1_runner_without_the_flas_hook_is_refused(tiny_model, ckpt, monkeypatch):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from flas_vllm.engine_checks import check_runner
+    from flas_vllm.engine.checks import check_runner
 
     config = _config(tiny_model, ckpt)
     check_runner(config)
@@ -130,7 +130,7 @@ def test_compile_cache_key_follows_the_checkpoint_contents(tiny_model, make_ckpt
 
 
 def test_worker_refuses_a_checkpoint_that_changed_after_the_key_was_made(tiny_model, ckpt):
-    from flas_vllm.engine_checks import check_fingerprint
+    from flas_vllm.engine.checks import check_fingerprint
 
     hf_config = _config(tiny_model, ckpt).model_config.hf_config
     check_fingerprint(hf_config, hf_config.flas_fingerprint)

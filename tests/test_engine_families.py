@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from flas_vllm.llm import shutdown_engine
+from flas_vllm.engine.llm import shutdown_engine
 from tests.test_engine import KV_BYTES, Req, assert_matches_hf, assert_same, hf_reference, hf_steerer, prompt_ids, run
 from tests.texts import LONG, LONG_CONCEPT, MID, SHORT
 
@@ -37,9 +37,9 @@ REQS = [
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def family(request):
     """(name, model dir, checkpoint dir, solo results on the FLAS engine, mixed-batch results)."""
-    from flas_vllm.family_fixtures import ensure_family_model
-    from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
-    from flas_vllm.llm import FlasLLM
+    from flas_vllm.testing.family_models import ensure_family_model
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.engine.llm import FlasLLM
 
     name = request.param
     model = ensure_family_model(name)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from flas_vllm.llm import shutdown_engine
+from flas_vllm.engine.llm import shutdown_engine
 from tests.texts import LONG, LONG_CONCEPT, MID, SHORT
 
 pytestmark = pytest.mark.engine
@@ -49,7 +49,7 @@ TIMINGS: dict[str, float] = {}
 
 
 def _ids(tok, text):
-    from flas_vllm.prompts import format_prompt
+    from flas_vllm.core.prompts import format_prompt
 
     return format_prompt(tok, text)
 
@@ -57,7 +57,7 @@ def _ids(tok, text):
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def variant(request, tiny_model, make_ckpt):
     """(name, engine, checkpoint dir, dtype) for one checkpoint variant; one engine alive at a time."""
-    from flas_vllm.llm import FlasLLM
+    from flas_vllm.engine.llm import FlasLLM
 
     name = request.param
     spec = VARIANTS[name]
@@ -80,7 +80,7 @@ def _hf(tiny_model, ckpt, dtype):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flas_vllm.hf import HFSteerer
+    from flas_vllm.reference.hf import HFSteerer
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=getattr(torch, dtype),
                                                  attn_implementation="eager")
@@ -90,7 +90,7 @@ def _hf(tiny_model, ckpt, dtype):
 def _vllm(llm, prompts, cases):
     from vllm import SamplingParams
 
-    from flas_vllm.steering import steering
+    from flas_vllm.core.steering import steering
 
     params = [
         SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0,
@@ -119,7 +119,7 @@ def test_matches_transformers(variant, tiny_model):
     steerer = _hf(tiny_model, ckpt, dtype)
     prompts = [_ids(steerer.tokenizer, text) for text, _, _ in CASES]
     assert max(len(p) for p in prompts) > 100  # well past the 32-token sliding window
-    from flas_vllm.concept import tokenize_concept
+    from flas_vllm.core.concept import tokenize_concept
 
     assert len(steerer.tokenizer(LONG_CONCEPT)["input_ids"]) > 64
     assert len(tokenize_concept(steerer.tokenizer, LONG_CONCEPT, steerer.concept_len)) == 64
@@ -171,7 +171,7 @@ def test_chat_uses_the_checkpoints_prompt_format(variant, tiny_model):
     """FlasLLM.chat formats a base-model checkpoint's prompts in the alpaca format, others with the template."""
     from vllm import SamplingParams
 
-    from flas_vllm.prompts import format_prompt
+    from flas_vllm.core.prompts import format_prompt
 
     name, llm, ckpt, _ = variant
     fmt = VARIANTS[name].get("prompt_format", "chat")

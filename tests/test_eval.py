@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flas_vllm.offline import (
+from flas_vllm.eval.generate import (
     GENERATION_SCHEMA, Concept, build_jobs, load_concepts, load_prompts, read_parts, request_seed, sample_prompt_ids,
 )
 
@@ -91,8 +91,8 @@ def test_string_concept_ids_keep_their_type(tmp_path):
 def test_string_ids_round_trip_through_parts_and_a_directory_holds_one_kind(tmp_path):
     import pyarrow as pa
 
-    from flas_vllm.eval import merge_generations
-    from flas_vllm.offline import PartWriter, schema_for_ids
+    from flas_vllm.eval.pipeline import merge_generations
+    from flas_vllm.eval.generate import PartWriter, schema_for_ids
 
     def gen_row(cid, pid):
         return {"concept_id": cid, "concept": "c", "prompt_id": pid, "prompt": "p", "flowtime": 1.0,
@@ -110,7 +110,7 @@ def test_string_ids_round_trip_through_parts_and_a_directory_holds_one_kind(tmp_
 
 
 def test_concept_ids_files_bundled_lists_and_lookup(tmp_path):
-    from flas_vllm.concept_sets import BUNDLED_ID_LISTS, load_concept_ids, select_concepts
+    from flas_vllm.eval.concept_sets import BUNDLED_ID_LISTS, load_concept_ids, select_concepts
 
     lists = {name: load_concept_ids(name) for name in BUNDLED_ID_LISTS}
     assert set(lists) == {"c16k-2b-ho100", "c16k-2b-hi100", "c16k-9b-ho100", "c16k-9b-hi100"}
@@ -167,7 +167,7 @@ def test_readme_reproduction_command_and_its_counts():
     import re
     import shlex
 
-    from flas_vllm.concept_sets import load_concept_ids
+    from flas_vllm.eval.concept_sets import load_concept_ids
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- original-protocol -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
@@ -250,8 +250,8 @@ def test_ray_eval_with_a_killed_actor_matches_the_single_process_run(tiny_model,
     import psutil
     import ray
 
-    from flas_vllm.eval import GenerateSpec, run_generate_ray
-    from flas_vllm.offline import GenerationSettings
+    from flas_vllm.eval.pipeline import GenerateSpec, run_generate_ray
+    from flas_vllm.eval.generate import GenerationSettings
 
     ckpt = make_ckpt(num_blocks=1)
     spec = GenerateSpec(
@@ -321,7 +321,7 @@ def test_quickstart_path_bundled_concepts_and_the_offline_judge(tiny_model, make
     assert "EngineCore" not in again.stderr  # a finished generate stage starts no engine
     assert pq.read_table(tmp_path / "generate" / "generations.parquet").to_pylist() == gens
     assert sorted({r["concept_id"] for r in gens}) == [0, 1, 2] and len(gens) == 3 * 2 * 2
-    from flas_vllm.judge import latest_judgements
+    from flas_vllm.eval.judge import latest_judgements
 
     judged = latest_judgements(tmp_path / "judge").values()
     assert {r["judge_model"] for r in judged} == {"flas-lexical-judge"}
@@ -332,7 +332,9 @@ def test_quickstart_path_bundled_concepts_and_the_offline_judge(tiny_model, make
 def test_fixture_alias_is_resolved_only_when_asked_for(monkeypatch, tmp_path):
     import typer
 
-    from flas_vllm import cli, fixtures
+    from flas_vllm.testing import fixtures
+
+    from flas_vllm import cli
 
     def no_build(*a, **k):
         raise AssertionError("the fixture must not be built for a real model")

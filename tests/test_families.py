@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flas_vllm.config import FlasConfig, FlowGeometry
-from flas_vllm.errors import FlasCheckpointError
-from flas_vllm.family_fixtures import FAMILY_FIXTURES
-from flas_vllm.fixture_checkpoints import randomize_flow
-from flas_vllm.flow import FlowFunction, SingleConceptKV, euler_dt, integrate, rope_inv_freq
+from flas_vllm.core.config import FlasConfig, FlowGeometry
+from flas_vllm.core.errors import FlasCheckpointError
+from flas_vllm.testing.family_models import FAMILY_FIXTURES
+from flas_vllm.testing.checkpoints import randomize_flow
+from flas_vllm.core.flow import FlowFunction, SingleConceptKV, euler_dt, integrate
+from flas_vllm.core.rope import rope_inv_freq
 from tests.test_flow_quirks import full_causal_core, max_diff, r_attention, r_linear, r_time_embed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,7 +146,7 @@ def test_flow_matches_family_reference(family, dtype):
 @pytest.mark.parametrize("family", sorted(MODEL_TYPES))
 def test_norm_formula_follows_the_family(family):
     """Same tensor names, different formula: Gemma-3 (1 + w) in fp32, Qwen3/Llama w * bf16(x^)."""
-    from flas_vllm.flow import flow_norm
+    from flas_vllm.core.flow import flow_norm
 
     g = FlowGeometry.from_base_config(base_config(family))
     norm = flow_norm(g, 16).to(torch.bfloat16)
@@ -181,21 +182,21 @@ def test_rope_frequencies_match_transformers(family):
 
 @pytest.fixture(scope="module")
 def family_model():
-    from flas_vllm.family_fixtures import ensure_family_model
+    from flas_vllm.testing.family_models import ensure_family_model
 
     return ensure_family_model
 
 
 def steerer_for(model_dir, **variant):
-    from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
-    from flas_vllm.hf import HFSteerer
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.reference.hf import HFSteerer
 
     return HFSteerer.from_pretrained(model_dir, ensure_flas_checkpoint(model_dir, **variant))
 
 
 def ref_encode(steerer, family, concept):
     """Embedding (x bf16-free model-dtype sqrt(H) for Gemma) + layers 0-1 with their own RoPE + final norm."""
-    from flas_vllm.hf import text_decoder
+    from flas_vllm.reference.hf import text_decoder
 
     dec = text_decoder(steerer.model)
     cfg = dec.config
@@ -220,7 +221,7 @@ def ref_encode(steerer, family, concept):
 @pytest.mark.parametrize("family", sorted(VARIANTS))
 def test_hf_steering_matches_reference(family_model, family):
     """Layer L's steered output equals the reference flow on the raw output, prefill and decode."""
-    from flas_vllm.hf import text_decoder
+    from flas_vllm.reference.hf import text_decoder
 
     model_dir = family_model(family)
     steerer = steerer_for(model_dir, **VARIANTS[family])
@@ -267,8 +268,8 @@ def test_disable_self_attn_checkpoint_loads_and_steers(family_model, family):
 def test_concept_tokens_and_prompts_per_family(family_model):
     from transformers import AutoTokenizer
 
-    from flas_vllm.concept import tokenize_concept
-    from flas_vllm.prompts import format_prompt_text
+    from flas_vllm.core.concept import tokenize_concept
+    from flas_vllm.core.prompts import format_prompt_text
 
     toks = {f: AutoTokenizer.from_pretrained(family_model(f)) for f in MODEL_TYPES}
     words = " ".join(["sailing ships on the ocean"] * 40)
@@ -289,8 +290,8 @@ def test_concept_tokens_and_prompts_per_family(family_model):
 
 
 def test_checkpoint_of_another_family_is_refused(family_model):
-    from flas_vllm.checkpoint import load_checkpoint
-    from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
+    from flas_vllm.core.checkpoint import load_checkpoint
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
 
     qwen_ckpt = ensure_flas_checkpoint(family_model("qwen3"), num_blocks=1, layer=1)
     with pytest.raises(FlasCheckpointError, match=r"flas\.safetensors.*has shape.*llama base model"):
@@ -302,8 +303,8 @@ def test_qwen3_self_attention_norms_on_a_llama_base_are_refused(family_model, tm
 
     from safetensors.torch import load_file, save_file
 
-    from flas_vllm.checkpoint import load_checkpoint
-    from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
+    from flas_vllm.core.checkpoint import load_checkpoint
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
 
     d = tmp_path / "c"
     shutil.copytree(ensure_flas_checkpoint(family_model("llama"), num_blocks=1, layer=1), d)
@@ -315,8 +316,8 @@ def test_qwen3_self_attention_norms_on_a_llama_base_are_refused(family_model, tm
 
 
 def test_gemma3_checkpoint_with_self_attention_is_refused(family_model):
-    from flas_vllm.checkpoint import load_checkpoint
-    from flas_vllm.fixture_checkpoints import make_random_flas_checkpoint
+    from flas_vllm.core.checkpoint import load_checkpoint
+    from flas_vllm.testing.checkpoints import make_random_flas_checkpoint
 
     with pytest.raises(FlasCheckpointError, match=r"disable_self_attn.*gemma3_text"):
         load_checkpoint(make_random_flas_checkpoint(
@@ -328,8 +329,8 @@ def test_layer_out_of_range_names_the_model_type(family_model, family, tmp_path)
     import json
     import shutil
 
-    from flas_vllm.checkpoint import load_checkpoint
-    from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
+    from flas_vllm.core.checkpoint import load_checkpoint
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
 
     d = tmp_path / "c"
     shutil.copytree(ensure_flas_checkpoint(family_model(family), **VARIANTS[family]), d)
@@ -341,7 +342,7 @@ def test_layer_out_of_range_names_the_model_type(family_model, family, tmp_path)
 
 
 def test_multimodal_gemma3_config_is_unwrapped_to_its_text_decoder():
-    from flas_vllm.families import architecture_for, family_of
+    from flas_vllm.core.families import architecture_for, family_of
 
     text = base_config("gemma3")
     multimodal = {"model_type": "gemma3", "text_config": text, "vision_config": {"model_type": "siglip_vision_model"}}

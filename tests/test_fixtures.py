@@ -13,8 +13,8 @@ import pathlib
 import pytest
 import torch
 
-from flas_vllm import fixtures
-from flas_vllm.fixtures import (
+from flas_vllm.testing import fixtures
+from flas_vllm.testing.fixtures import (
     FIXTURE_VERSION,
     GEMMA2_CHAT_TEMPLATE,
     MARKER_FILE,

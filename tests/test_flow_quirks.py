@@ -1,7 +1,7 @@
 """Every quirk of the FLAS math contract (docs/flas-spec.md, sections 2-5) against an
 independent reference written here in plain torch, straight from the spec.
 
-Each test compares the library (flas_vllm.flow, flas_vllm.hf, flas_vllm.concept) with
+Each test compares the library (flas_vllm.core.flow, flas_vllm.reference.hf, flas_vllm.core.concept) with
 the reference and, where it helps, shows that the "natural but wrong" variant of the
 quirk gives a different answer, so the test fails if the quirk is dropped.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flas_vllm.config import FlasConfig, FlowGeometry
-from flas_vllm.fixture_checkpoints import randomize_flow
-from flas_vllm.flow import (
+from flas_vllm.core.config import FlasConfig, FlowGeometry
+from flas_vllm.testing.checkpoints import randomize_flow
+from flas_vllm.core.flow import (
     FlowFunction,
     SingleConceptKV,
     TimeEmbedding,
@@ -634,7 +634,7 @@ def test_flow_self_attention_has_no_window():
 
 def test_dense_flow_cache_incremental_equals_full_causal_reference():
     """DenseFlowCache (the HF path's per-(step, block) cache): prefill 40 + 6 decodes, left padding."""
-    from flas_vllm.hf import DenseFlowCache, _StreamState
+    from flas_vllm.reference.hf import DenseFlowCache, _StreamState
 
     nh, nkv, d = 4, 2, 8
     g = small_geometry()
@@ -682,7 +682,7 @@ CONCEPT = "sailing ships on a stormy ocean"
 
 @pytest.fixture(scope="module")
 def steerer(tiny_model, make_ckpt):
-    from flas_vllm.hf import HFSteerer
+    from flas_vllm.reference.hf import HFSteerer
 
     return HFSteerer.from_pretrained(tiny_model, make_ckpt(num_blocks=2))
 
@@ -697,7 +697,7 @@ def long_text():
 
 
 def test_concept_tokenization(steerer, long_text):
-    from flas_vllm.concept import tokenize_concept
+    from flas_vllm.core.concept import tokenize_concept
 
     tok = steerer.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -715,7 +715,7 @@ def test_concept_tokenization(steerer, long_text):
 
 
 def test_concept_tokenization_drops_an_appended_eos():
-    from flas_vllm.concept import tokenize_concept
+    from flas_vllm.core.concept import tokenize_concept
 
     class EosTok:
         eos_token_id = 1
@@ -752,7 +752,7 @@ def _ref_decoder_layer(layer, h, pos, cfg, window=None, freq_dtype=torch.float32
 
 
 def _ref_encode(steerer, concept, *, final_norm=True, window=None):
-    from flas_vllm.concept import tokenize_concept
+    from flas_vllm.core.concept import tokenize_concept
 
     model = steerer.model
     cfg = model.config
@@ -860,8 +860,8 @@ def _modules_from(state, prefix):
 def test_own_concept_encoder_from_a_training_checkpoint(tiny_model, make_ckpt, dtype):
     """A .pt with `concept_enc` encodes concepts with ITS weights (embedding x sqrt(H), layers 0-1
     plain causal, final norm), cast to the flow dtype, RoPE frequencies rounded with it (spec 2, 4)."""
-    from flas_vllm.concept import tokenize_concept
-    from flas_vllm.hf import HFSteerer
+    from flas_vllm.core.concept import tokenize_concept
+    from flas_vllm.reference.hf import HFSteerer
 
     ckpt_dir = make_ckpt(fmt="pt", concept_encoder=True, dtype=dtype)
     blob = torch.load(str(next(ckpt_dir.glob("*.pt"))), map_location="cpu", weights_only=True)
@@ -892,9 +892,9 @@ def test_concepts_are_truncated_to_64_tokens_whatever_concept_max_len_says(tiny_
                                                                            caplog):
     import logging
 
-    from flas_vllm.hf import HFSteerer
+    from flas_vllm.reference.hf import HFSteerer
 
-    with caplog.at_level(logging.WARNING, logger="flas_vllm.concept"):
+    with caplog.at_level(logging.WARNING, logger="flas_vllm.core.concept"):
         steerer = HFSteerer.from_pretrained(tiny_model, make_ckpt(concept_max_len=8))
     assert steerer.cfg.concept_max_len == 8
     assert "concept_max_len = 8" in caplog.text

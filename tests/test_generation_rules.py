@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flas_vllm.offline import GenerationSettings, Job
+from flas_vllm.eval.generate import GenerationSettings, Job
 
 LONG_PROMPT = " ".join(f"Describe item number {i} of the long list in detail." for i in range(200))
 
@@ -24,7 +24,7 @@ def _job(prompt: str, flowtime: float = 1.0) -> Job:
 
 @pytest.mark.parametrize("prompt_format", ["chat", "alpaca"])
 def test_formatted_prompt_keeps_its_first_512_tokens(tokenizer, prompt_format):
-    from flas_vllm.offline import job_request
+    from flas_vllm.eval.generate import job_request
 
     if prompt_format == "chat":
         text = tokenizer.apply_chat_template([{"role": "user", "content": LONG_PROMPT}],
@@ -43,7 +43,7 @@ def test_formatted_prompt_keeps_its_first_512_tokens(tokenizer, prompt_format):
 
 
 def test_stop_rule_and_steering_go_with_every_request(tokenizer):
-    from flas_vllm.offline import job_request
+    from flas_vllm.eval.generate import job_request
 
     _, steered = job_request(_job("Hi."), GenerationSettings(), tokenizer, "chat")
     assert steered.extra_args == {"flas_concept": "sailing ships", "flas_flowtime": 1.0, "flas_stop_rule": "original"}
@@ -56,7 +56,7 @@ def test_prompt_format_comes_from_the_checkpoint(make_ckpt, tmp_path):
     import json
     import shutil
 
-    from flas_vllm.checkpoint import read_checkpoint_config
+    from flas_vllm.core.checkpoint import read_checkpoint_config
 
     src = make_ckpt()
     assert read_checkpoint_config(src).prompt_format == "chat"
@@ -69,7 +69,7 @@ def test_prompt_format_comes_from_the_checkpoint(make_ckpt, tmp_path):
 
 def test_alpaca_chat_template_renders_the_alpaca_prompt(tokenizer):
     """The chat route of a base-model checkpoint (serve, FlasLLM.chat) sends exactly the alpaca ids."""
-    from flas_vllm.prompts import ALPACA_CHAT_TEMPLATE, format_prompt
+    from flas_vllm.core.prompts import ALPACA_CHAT_TEMPLATE, format_prompt
 
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Name a bird."}],
                                          chat_template=ALPACA_CHAT_TEMPLATE, add_generation_prompt=True,
@@ -86,7 +86,7 @@ def test_alpaca_chat_template_renders_the_alpaca_prompt(tokenizer):
 def test_bad_generation_options_name_the_flag(tmp_path, change, words):
     import dataclasses
 
-    from flas_vllm.eval import GenerateSpec, validate_spec
+    from flas_vllm.eval.pipeline import GenerateSpec, validate_spec
 
     concepts = tmp_path / "c.txt"
     concepts.write_text("sailing\n")

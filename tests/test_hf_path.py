@@ -9,7 +9,7 @@ from importlib import resources
 import pytest
 import torch
 
-from flas_vllm.hf import HFSteerer
+from flas_vllm.reference.hf import HFSteerer
 
 CONCEPT = "sailing ships on a stormy ocean"
 LOGPROB_TOL = 1e-5

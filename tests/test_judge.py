@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flas_vllm.judge import JudgeSettings, MixedJudgesError, judge, latest_judgements, parse_rating, public_endpoint
+from flas_vllm.eval.judge import JudgeSettings, MixedJudgesError, judge, latest_judgements, parse_rating, public_endpoint
 from tests.judge_server import SPELLINGS, ScriptedJudge
 
 
@@ -110,8 +110,8 @@ def test_client_errors_are_not_retried(tmp_path):
 
 
 def test_lexical_judge_reads_axbench_templates():
-    from flas_vllm.judge import load_templates
-    from flas_vllm.lexical_judge import rate
+    from flas_vllm.eval.judge import load_templates
+    from flas_vllm.eval.lexical_judge import rate
 
     t = load_templates()
     pirate = "Arr, the pirate ship sailed across the stormy ocean with its treasure."
@@ -133,7 +133,7 @@ def test_judge_cli_with_the_local_judge_and_its_option_errors(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from flas_vllm.offline import GENERATION_SCHEMA
+    from flas_vllm.eval.generate import GENERATION_SCHEMA
 
     gens = tmp_path / "generations.parquet"
     pq.write_table(pa.Table.from_pylist([_row(0, "Arr, pirates sail the ocean."), _row(1, "x")],
@@ -159,7 +159,7 @@ def test_lexical_judge_server_rejects_bad_bodies_and_keeps_serving():
     import urllib.error
     import urllib.request
 
-    from flas_vllm.lexical_judge import lexical_judge_server
+    from flas_vllm.eval.lexical_judge import lexical_judge_server
 
     def post(url, data: bytes):
         req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-patches = pytest.importorskip("flas_vllm.patches")
+patches = pytest.importorskip("flas_vllm.engine.patches")
 
 
 def test_install_all_is_idempotent_and_marks_wrappers():
@@ -71,7 +71,7 @@ def test_cpu_seeded_rewind_restores_the_exact_generator_state():
     import numpy as np
     import torch
 
-    from flas_vllm.patches import cpu_seeded_rewind
+    from flas_vllm.engine.patches import cpu_seeded_rewind
 
     def sample(runner):  # what the sampler does with per-request generators
         return [torch.rand(3, generator=g) for g in runner.input_batch.generators.values()]

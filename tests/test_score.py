@@ -9,12 +9,12 @@ from fractions import Fraction
 
 import pytest
 
-from flas_vllm.score import bootstrap_ci, hmean, score_rows, split_prompts
+from flas_vllm.eval.score import bootstrap_ci, hmean, score_rows, split_prompts
 
 ASPECTS = ("concept_score", "instruction_score", "fluency_score")
 
 
-# -- the reference: spec section 7 as written, nothing shared with flas_vllm.score ------------------------------
+# -- the reference: spec section 7 as written, nothing shared with flas_vllm.eval.score ------------------------------
 
 
 def ref_hmean(row) -> Fraction:
@@ -231,7 +231,7 @@ def test_score_refuses_rows_from_different_judge_models_unless_told():
 
 
 def test_reports_written(tmp_path):
-    from flas_vllm.score import write_reports
+    from flas_vllm.eval.score import write_reports
 
     rows = [row(0, 0, 1), row(0, 1, 1, 1, 2, 2), row(0, 0, 2, 2, 1, 1), row(0, 1, 2, 2, 2, 1), row(0, 1, 0)]
     paths = write_reports(score_rows(rows), tmp_path, {0: "pirates"})
@@ -246,8 +246,8 @@ def test_score_cli_factors_and_judge_checks(tmp_path):
     from typer.testing import CliRunner
 
     from flas_vllm.cli import app
-    from flas_vllm.judge import JUDGE_SCHEMA
-    from flas_vllm.offline import PartWriter
+    from flas_vllm.eval.judge import JUDGE_SCHEMA
+    from flas_vllm.eval.generate import PartWriter
 
     rows = [row(0, p, t) for p in range(2) for t in (1, 2)] + [row(1, p, 1, model="other") for p in range(2)]
     full = [{name: r.get(name) for name in JUDGE_SCHEMA.names} for r in rows]

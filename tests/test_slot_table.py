@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flas_vllm.config import FlowGeometry
-from flas_vllm.flow import cross_attend
-from flas_vllm.runtime import SlotTableKV
+from flas_vllm.core.config import FlowGeometry
+from flas_vllm.core.flow import cross_attend
+from flas_vllm.engine.runtime import SlotTableKV
 
 G = FlowGeometry(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
                  num_hidden_layers=4, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=16,

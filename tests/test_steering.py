@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from flas_vllm.errors import SteeringParamError
-from flas_vllm.steering import Steering, cache_salt, parse_steering, steering
+from flas_vllm.core.errors import SteeringParamError
+from flas_vllm.core.steering import Steering, cache_salt, parse_steering, steering
 
 
 def test_helper_builds_extra_args():

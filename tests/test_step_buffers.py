@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flas_vllm.runtime import SlotTableKV, StepBuffers
+from flas_vllm.engine.runtime import SlotTableKV, StepBuffers
 from tests.test_slot_table import G
 
 

@@ -1,0 +1,69 @@
+"""What one benchmark run measures: its configuration."""
+
+from __future__ import annotations
+
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from flas_vllm.bench.models import DEFAULT_KS, DEFAULT_OUT, MIB, MODELS
+
+
+# ---------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class BenchConfig:
+    model: str = "fixture"  # one of MODELS
+    ks: Sequence[int] = DEFAULT_KS
+    num_prompts: int | None = None  # default: max(ks), so every K really has K concepts in flight
+    output_len: int = 32
+    out_dir: Path = DEFAULT_OUT
+    enforce_eager: bool = True
+    dtype: str = "float32"
+    kv_cache_memory_bytes: int = 512 * MIB
+    max_model_len: int = 1024
+    max_prompt_tokens: int = 192  # longer AlpacaEval instructions are skipped
+    hf: bool = True  # run the transformers path
+    hf_batch_size: int = 16
+    hf_max_prompts: int | None = None  # cap the (slow) transformers path; None = the same prompts as vLLM
+    # torch threads for the transformers path on CPU; None = what vLLM's CPU worker binds
+    # (all cores but one it reserves, at least 1), so both paths get the same cores
+    hf_threads: int | None = None
+    # untimed warm-up batch per engine, 2 output tokens each: None = every prompt of the workload
+    # (covers the batch shapes of the timed runs)
+    warmup_requests: int | None = None
+    encode_probe_concepts: int = 8
+    seed: int = 0
+    plot: bool = True
+
+    def resolved(self) -> "BenchConfig":
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        ks = sorted({int(k) for k in self.ks})
+        if not ks or ks[0] < 1:
+            raise ValueError(f"ks must be positive integers, got {list(self.ks)}")
+        n = self.num_prompts if self.num_prompts is not None else max(ks)
+        if n < 1 or self.output_len < 1:
+            raise ValueError("num_prompts and output_len must be >= 1")
+        return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir))
+
+    @property
+    def max_concepts(self) -> int:
+        # >= max K so nothing waits for a slot; room for the warm-up and encode probes too
+        return max(max(self.ks), self.encode_probe_concepts, 2)
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from exc
+    if not ks or min(ks) < 1:
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return ks
+
+

@@ -1,0 +1,195 @@
+"""The report: environment, markdown table, PNG plot, summary lines."""
+
+from __future__ import annotations
+
+
+import os
+import platform
+import time
+from pathlib import Path
+
+from flas_vllm.bench.config import BenchConfig
+from flas_vllm.bench.runners import _cpu_count
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def _environment(cfg: BenchConfig) -> dict:
+    import torch
+
+    from flas_vllm import __version__
+
+    env = {"flas_vllm": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "machine": platform.machine(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "torch_threads": torch.get_num_threads(), "compile": not cfg.enforce_eager,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    env["cpus"] = _cpu_count()
+    for mod in ("vllm", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception as exc:  # pragma: no cover
+            env[mod] = f"not importable ({exc})"
+    try:
+        env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    return env
+
+
+def _fmt(x, nd=1) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return f"{x:,}"
+
+
+def _pct(p: dict | None) -> str:
+    if not p:
+        return "n/a"
+    return " / ".join(_fmt(p[k], 1) for k in ("p50", "p90", "p99"))
+
+
+def render_markdown(report: dict) -> str:
+    cfg, runs = report["config"], report["runs"]
+    lines = [f"# flas-vllm benchmark: `{cfg['model']}`", ""]
+    env = report["environment"]
+    lines.append(
+        f"{cfg['num_prompts']} prompts ({report['workload']['mean_prompt_tokens']:.1f} prompt tokens on average), "
+        f"{cfg['output_len']} output tokens each (greedy, ignore_eos), dtype {cfg['dtype']}, "
+        f"{'compiled' if not cfg['enforce_eager'] else 'eager'}; vLLM {env.get('vllm')}, torch {env.get('torch')}, "
+        f"{env.get('cuda') or str(env.get('cpus')) + ' CPU cores'}; {env.get('time')}."
+    )
+    lines += ["", "TTFT and TPOT in ms as p50 / p90 / p99. TTFT counts from the start of the offline batch "
+              "(every request arrives at once), so it includes queueing.", ""]
+    lines.append("| run | K | concepts | requests | wall s | output tok/s | total tok/s | x vanilla (output) "
+                 "| x vanilla (total) | TTFT ms | TPOT ms | encode s |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    for r in runs:
+        name = r["name"] + (f" (= K={r['reused_from_k']})" if r.get("reused_from_k") else "")
+        lines.append(
+            f"| {name} | {_fmt(r['k']) if r['k'] else '-'} | {r['concepts_used']} | {r['num_requests']} "
+            f"| {_fmt(r['wall_s'], 2)} | {_fmt(r['output_tok_s'])} | {_fmt(r['total_tok_s'])} "
+            f"| {_fmt(r['ratio_output_to_vanilla'], 3)} | {_fmt(r['ratio_total_to_vanilla'], 3)} "
+            f"| {_pct(r['ttft_ms'])} | {_pct(r['tpot_ms'])} | {_fmt(r['encode_s'], 3)} |"
+        )
+    fl = report["flops"]
+    a, w, ref = fl["at_mean_context"], fl["weights_only"], fl["reference_gemma_2_2b_dims"]
+    lines += [
+        "",
+        "## Throughput ceiling implied by FLOPs",
+        "",
+        f"Flow: layer {fl['flas']['layer']}, {fl['flas']['num_blocks']} block(s), {fl['flas']['n_steps']} Euler "
+        f"steps, cross-attention over {fl['flas']['concept_max_len']} concept slots. {fl['note']}.",
+        "",
+        "| model | context | base MFLOP/token | flow MFLOP/token | flow / base | ceiling base/(base+flow) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, c in (("this model", a), ("this model", w), ("Gemma-2-2B dims (analytic)", ref)):
+        lines.append(f"| {label} | {c['context_tokens']} | {c['base_flops_per_token'] / 1e6:,.2f} "
+                     f"| {c['flow_flops_per_token'] / 1e6:,.2f} | {c['flow_over_base']:.3f} "
+                     f"| {c['throughput_ceiling']:.3f} |")
+    kv = report["kv_capacity"]
+    lines += ["", "## KV cache capacity (same kv_cache_memory_bytes)", "",
+              "| engine | blocks x block_size (tokens) | vLLM KV cache size (tokens, group-aware) "
+              "| flas / vanilla (blocks; group-aware) |",
+              "|---|---:|---:|---:|"]
+    ratios = kv.get("ratio_flas_to_vanilla") or {}
+    for label, key in (("vanilla vLLM", "vanilla"), ("flas-vllm", "flas")):
+        e = kv.get(key) or {}
+        if key == "vanilla":
+            ratio = "1"
+        else:
+            ratio = " / ".join(_fmt(ratios[k], 3) for k in ("blocks_x_block_size_tokens", "group_aware_tokens")
+                               if k in ratios) or "n/a"
+        lines.append(f"| {label} | {_fmt(e.get('blocks_x_block_size_tokens'))} "
+                     f"| {_fmt(e.get('group_aware_tokens'))} | {ratio} |")
+    enc = report["concept_encoding"]
+    lines += ["", "## Encoding a new concept", ""]
+    if enc.get("engine_mean_encode_ms") is not None:
+        lines.append(f"- flas-vllm engine counters: {enc['engine_encoded']} concepts encoded in "
+                     f"{enc['engine_encode_seconds']:.3f} s, {enc['engine_mean_encode_ms']:.2f} ms each "
+                     "(inside the engine step, blocks it)")
+    if enc.get("preload_one_concept_ms"):
+        lines.append(f"- `FlasLLM.preload_concepts([c])` of a fresh concept (RPC included): "
+                     f"{_pct(enc['preload_one_concept_ms'])} ms (p50 / p90 / p99)")
+    if enc.get("preload_batch"):
+        pb = enc["preload_batch"]
+        lines.append(f"- `preload_concepts` of {pb['concepts']} fresh concepts at once: {pb['seconds']:.3f} s "
+                     f"({pb['per_concept_ms']:.2f} ms per concept)")
+    if enc.get("hf_encode_one_concept_ms"):
+        lines.append(f"- transformers path, one fresh concept: {_pct(enc['hf_encode_one_concept_ms'])} ms")
+    if report.get("not_measured"):
+        lines += ["", "## Not measured", ""] + [f"- {x}" for x in report["not_measured"]]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {x}" for x in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> str | None:
+    """Output tokens/s vs K. Returns None when done, else why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "matplotlib is not installed (pip install 'flas-vllm[bench]'): no PNG plot"
+    runs = report["runs"]
+    van = next(r for r in runs if r["kind"] == "vanilla")
+    uns = next((r for r in runs if r["kind"] == "flas-unsteered"), None)
+    steered = [r for r in runs if r["kind"] == "flas-steered"]
+    hf = [r for r in runs if r["kind"] == "hf"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(van["output_tok_s"], color="black", ls="-", lw=1.2, label="vanilla vLLM")
+    ceiling = report["flops"]["at_mean_context"]["throughput_ceiling"]
+    ax.axhline(van["output_tok_s"] * ceiling, color="gray", ls=":", lw=1.2,
+               label=f"FLOPs ceiling ({ceiling:.2f} x vanilla)")
+    if uns:
+        ax.axhline(uns["output_tok_s"], color="tab:green", ls="--", lw=1.2, label="flas-vllm, unsteered")
+    if steered:
+        ax.plot([r["k"] for r in steered], [r["output_tok_s"] for r in steered], "o-", color="tab:blue",
+                label="flas-vllm, K concepts")
+    if hf:
+        ax.plot([r["k"] for r in hf], [r["output_tok_s"] for r in hf], "s-", color="tab:red",
+                label="transformers path (1 concept / batch)")
+    ax.set_xscale("log", base=2)
+    ks = sorted({r["k"] for r in steered + hf})
+    if ks:
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("K distinct concepts in the batch")
+    ax.set_ylabel("output tokens / s")
+    cfg = report["config"]
+    ax.set_title(f"{cfg['model']}: {cfg['num_prompts']} prompts x {cfg['output_len']} tokens")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def summary_lines(report: dict) -> list[str]:
+    out = [f"ratios to vanilla vLLM ({report['config']['model']}, output tokens/s; total tokens/s):"]
+    for r in report["runs"]:
+        if r["kind"] == "vanilla":
+            out.append(f"  {r['name']:<28} {r['output_tok_s']:>10.1f} tok/s  (reference)")
+            continue
+        out.append(f"  {r['name']:<28} {r['output_tok_s']:>10.1f} tok/s  x{r['ratio_output_to_vanilla']:.3f}"
+                   f"  (total x{r['ratio_total_to_vanilla']:.3f})")
+    fl = report["flops"]["at_mean_context"]
+    out.append(f"  FLOPs ceiling (all tokens through the flow): x{fl['throughput_ceiling']:.3f}")
+    kv = report["kv_capacity"].get("ratio_flas_to_vanilla") or {}
+    if kv:
+        k = "group_aware_tokens" if "group_aware_tokens" in kv else "blocks_x_block_size_tokens"
+        out.append(f"  KV capacity, flas / vanilla ({k}): x{kv[k]:.3f}")
+    return out
+
+

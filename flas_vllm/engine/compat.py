@@ -1,0 +1,304 @@
+"""Does a vLLM release still have everything flas-vllm wraps, subclasses or calls, with the same signature?
+
+Reads the release's source without importing it (an installed package, a
+source tree, or a wheel file), so a new vLLM can be checked before anyone
+installs it: `flas-vllm check-vllm PATH` or `python -m flas_vllm.engine.compat PATH`.
+Each anchor is reported OK, MISSING (gone, or no longer defined where we wrap
+it) or CHANGED (its parameters or the source fragments we rely on moved).
+The version guard in `patches/__init__.py` should only cover releases that pass.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Anchor:
+    target: str  # "vllm.module.path:Qual.name"; "a | b": either place (it moved between releases)
+    used_by: str  # the flas-vllm file that depends on it
+    params: tuple[str, ...] = ()  # leading parameters, in order (a class: its __init__)
+    keywords: tuple[str, ...] = ()  # parameters that must be accepted by name (not through **kwargs)
+    contains: tuple[str, ...] = ()  # source fragments the definition must still contain
+
+
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+ANCHORS: tuple[Anchor, ...] = (
+    # patches/runner_hook.py
+    Anchor(f"{_RUNNER}._prepare_inputs", "patches/runner_hook.py", ("self", "scheduler_output", "num_scheduled_tokens")),
+    Anchor(f"{_RUNNER}._on_request_state_removed", "patches/runner_hook.py", ("self", "req_id", "req_state")),
+    Anchor(f"{_RUNNER}.get_model", "patches/runner_hook.py, worker_ext.py", ("self",)),
+    Anchor(f"{_RUNNER}.__init__", "patches/runner_hook.py, cpu_seeded_rewind.py",
+           contains=("self.requests: dict[str, CachedRequestState]", "self.input_batch = InputBatch(",
+                     "self.discard_request_mask =")),
+    Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.req_ids", "patches/runner_hook.py", ("self",)),
+    Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.num_reqs", "patches/runner_hook.py", ("self",)),
+    # patches/cpu_seeded_rewind.py
+    Anchor(f"{_RUNNER}._sample", "patches/cpu_seeded_rewind.py", ("self", "logits", "spec_decode_metadata")),
+    Anchor(f"{_RUNNER}._bookkeeping_sync", "patches/cpu_seeded_rewind.py", ("self",),
+           contains=("discard_request_mask", "gen.set_offset(gen.get_offset() - 4)")),
+    Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.__init__", "patches/cpu_seeded_rewind.py",
+           contains=("self.generators: dict[int, torch.Generator]",)),
+    # patches/admission.py
+    Anchor("vllm.v1.engine.input_processor:InputProcessor.process_inputs", "patches/admission.py",
+           ("self", "request_id", "prompt", "params")),
+    Anchor("vllm.v1.engine.input_processor:InputProcessor.__init__", "patches/admission.py",
+           contains=("self.process_inputs_async = make_async(", "self.process_inputs,")),
+    Anchor("vllm.exceptions:VLLMValidationError", "patches/admission.py"),
+    # patches/scheduler_admission.py
+    Anchor("vllm.v1.core.sched.scheduler:Scheduler.schedule", "patches/scheduler_admission.py", ("self",)),
+    Anchor("vllm.v1.core.sched.scheduler:Scheduler._handle_blocked_waiting_request",
+           "patches/scheduler_admission.py", ("self", "request")),
+    Anchor("vllm.v1.request:RequestStatus.RUNNING", "patches/scheduler_admission.py"),
+    Anchor("vllm.v1.request:Request.__init__", "patches/scheduler_admission.py",
+           contains=("self.sampling_params =", "self.status =", "self.num_computed_tokens =", "self.num_preemptions =")),
+    Anchor("vllm.v1.core.sched.scheduler:Scheduler.__init__", "patches/scheduler_admission.py",
+           contains=("self.requests: dict[str, Request]", "self.grammar_compile_error_reqs")),
+    Anchor("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "patches/scheduler_admission.py",
+           contains=("self.grammar_compile_error_reqs", "RequestStatus.FINISHED_ERROR")),
+    Anchor("vllm.v1.engine:EngineCoreRequest.cache_salt", "patches/admission.py"),
+    # patches/engine_config.py, flas_vllm/engine_checks.py
+    Anchor("vllm.engine.arg_utils:EngineArgs.create_engine_config", "patches/engine_config.py",
+           ("self", "usage_context", "headless")),
+    *(Anchor(f"vllm.engine.arg_utils:EngineArgs.{name}", "flas_vllm/engine_checks.py")
+      for name in ("hf_overrides", "tensor_parallel_size", "pipeline_parallel_size", "enable_dbo", "ubatch_size")),
+    Anchor("vllm.config.vllm:VllmConfig._get_v2_model_runner_unsupported_features", "patches/engine_config.py",
+           ("self",)),
+    Anchor("vllm.config.vllm:VllmConfig.use_v2_model_runner", "flas_vllm/engine_checks.py", ("self",),
+           contains=("envs.VLLM_USE_V2_MODEL_RUNNER", "self._get_v2_model_runner_unsupported_features()")),
+    Anchor("vllm.config.vllm:VllmConfig.compute_hash", "flas_vllm/engine_checks.py (compile-cache key)",
+           contains=("self.model_config.compute_hash()",)),
+    Anchor("vllm.config.model:ModelConfig.compute_hash", "flas_vllm/engine_checks.py (compile-cache key)",
+           contains=("get_hash_factors(self, ignored_factors)",)),
+    Anchor("vllm.config.model:ModelConfig.hf_config", "flas_vllm/engine_checks.py (compile-cache key)"),
+    Anchor("vllm.config.model:ModelConfig.architectures", "flas_vllm/engine_checks.py", ("self",)),
+    *(Anchor(f"vllm.config.parallel:ParallelConfig.{name}", "flas_vllm/engine_checks.py")
+      for name in ("tensor_parallel_size", "pipeline_parallel_size", "enable_dbo", "ubatch_size")),
+    # flas_vllm/model.py
+    Anchor("vllm.model_executor.models.gemma2:Gemma2Model.__init__", "flas_vllm/model.py", ("self",),
+           keywords=("vllm_config", "prefix"),
+           contains=("self.embed_tokens", "self.start_layer, self.end_layer, self.layers", "self.norm")),
+    Anchor("vllm.model_executor.models.gemma2:Gemma2Model.forward", "flas_vllm/model.py",
+           ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds")),
+    Anchor("vllm.model_executor.models.gemma2:Gemma2Model.embed_input_ids", "flas_vllm/model.py, runtime.py",
+           ("self", "input_ids")),
+    Anchor("vllm.model_executor.models.gemma2:Gemma2DecoderLayer.forward", "flas_vllm/model.py, runtime.py",
+           ("self", "positions", "hidden_states", "residual")),
+    Anchor("vllm.model_executor.models.gemma2:Gemma2Attention.__init__", "flas_vllm/runtime.py",
+           contains=("self.num_heads", "self.num_kv_heads", "self.head_dim", "self.scaling", "self.attn = Attention(")),
+    Anchor("vllm.model_executor.models.gemma2:Gemma2ForCausalLM.__init__", "flas_vllm/model.py", ("self",),
+           keywords=("vllm_config", "prefix"),
+           contains=("self.model = Gemma2Model(", "self.logits_processor = LogitsProcessor(",
+                     "self.make_empty_intermediate_tensors")),
+    Anchor("vllm.model_executor.models.gemma2:Gemma2ForCausalLM.load_weights", "flas_vllm/model.py",
+           ("self", "weights")),
+    Anchor("vllm.model_executor.layers.attention.attention:Attention", "flas_vllm/model.py",
+           ("self", "num_heads", "head_size", "scale"),
+           keywords=("num_kv_heads", "cache_config", "logits_soft_cap", "per_layer_sliding_window", "prefix")),
+    Anchor("vllm.model_executor.layers.logits_processor:LogitsProcessor", "flas_vllm/model.py",
+           ("self", "vocab_size"), keywords=("soft_cap",)),
+    Anchor("vllm.model_executor.models.utils:maybe_prefix", "flas_vllm/model.py", ("prefix", "name")),
+    Anchor("vllm.distributed.parallel_state:get_pp_group", "flas_vllm/model.py"),
+    Anchor("vllm.distributed.parallel_state:get_tensor_model_parallel_world_size", "flas_vllm/model.py"),
+    Anchor("vllm.utils.torch_utils:direct_register_custom_op", "flas_vllm/model.py",
+           ("op_name", "op_func", "mutates_args", "fake_impl")),
+    Anchor("vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm", "flas_vllm/model.py",
+           ("layer", "remove_weight")),
+    Anchor("vllm.config.compilation:CUDAGraphMode.NONE", "flas_vllm/model.py"),
+    Anchor("vllm.sequence:IntermediateTensors", "flas_vllm/model.py"),
+    # plugin, server, routes
+    Anchor("vllm.model_executor.models.registry:_ModelRegistry.register_model", "flas_vllm/plugin.py",
+           ("self", "model_arch", "model_cls")),
+    Anchor("vllm.model_executor.models.registry:_ModelRegistry.get_supported_archs", "flas_vllm/plugin.py",
+           ("self",)),
+    *(Anchor(f"vllm.entrypoints.common.cli_args:{name} | vllm.entrypoints.launchers.cli_args:{name}",
+             "flas_vllm/server.py", (arg,))
+      for name, arg in (("make_arg_parser", "parser"), ("validate_parsed_serve_args", "args"))),
+    Anchor("vllm.entrypoints.launchers.api_server.entry:run_server", "flas_vllm/server.py", ("args",)),
+    Anchor("vllm.logger:configure_logging_from_args", "flas_vllm/server.py", ("args",)),
+    Anchor("vllm.utils.argparse_utils:FlexibleArgumentParser", "flas_vllm/server.py"),
+    Anchor("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.init_state", "flas_vllm/server_routes.py",
+           ("self", "engine_client", "state", "args")),
+    Anchor("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router", "flas_vllm/server_routes.py",
+           ("self", "app")),
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    anchor: Anchor
+    status: str  # OK, MISSING, CHANGED
+    detail: str = ""
+
+
+class VllmSource:
+    """vLLM's Python files from an installed package, a source tree or a wheel, read as text."""
+
+    def __init__(self, location: str | Path):
+        self.location = Path(location)
+        self._zip: zipfile.ZipFile | None = None
+        self._root: Path | None = None
+        if self.location.is_file() and self.location.suffix == ".whl":
+            self._zip = zipfile.ZipFile(self.location)
+        elif (self.location / "vllm" / "__init__.py").is_file():
+            self._root = self.location / "vllm"
+        elif (self.location / "__init__.py").is_file() and self.location.name == "vllm":
+            self._root = self.location
+        else:
+            raise FileNotFoundError(
+                f"{self.location}: not a vLLM wheel (.whl), a vllm package directory, or a directory holding one"
+            )
+        self._trees: dict[str, ast.Module | None] = {}
+
+    @classmethod
+    def installed(cls) -> "VllmSource":
+        import importlib.util
+
+        spec = importlib.util.find_spec("vllm")
+        if spec is None or not spec.origin:
+            raise FileNotFoundError("vllm is not installed in this environment")
+        return cls(Path(spec.origin).parent)
+
+    def text(self, relpath: str) -> str | None:
+        """relpath inside the package, e.g. 'config/vllm.py'."""
+        if self._zip is not None:
+            try:
+                return self._zip.read(f"vllm/{relpath}").decode()
+            except KeyError:
+                return None
+        path = self._root / relpath
+        return path.read_text() if path.is_file() else None
+
+    def module(self, dotted: str) -> tuple[ast.Module, str] | None:
+        parts = dotted.split(".")[1:]
+        for rel in ("/".join(parts) + ".py", "/".join([*parts, "__init__.py"])):
+            if rel in self._trees:
+                tree = self._trees[rel]
+                if tree is not None:
+                    return tree, self.text(rel) or ""
+                continue
+            text = self.text(rel)
+            self._trees[rel] = ast.parse(text) if text is not None else None
+            if text is not None:
+                return self._trees[rel], text
+        return None
+
+    def version(self) -> str:
+        text = self.text("_version.py") or ""
+        found = re.search(r"__version__\s*(?::[^=]+)?=\s*(?:version\s*=\s*)?['\"]([^'\"]+)['\"]", text)
+        return found.group(1) if found else "unknown"
+
+
+def _bindings(body: Iterable[ast.stmt]) -> dict[str, ast.AST]:
+    """Names a module or class body defines (the last definition wins, as at run time)."""
+    found: dict[str, ast.AST] = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found[node.name] = node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    found[target.id] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            found[node.target.id] = node
+    return found
+
+
+def _resolve(source: VllmSource, target: str) -> tuple[ast.AST, str] | None:
+    module, _, qualname = target.partition(":")
+    loaded = source.module(module)
+    if loaded is None:
+        return None
+    node: ast.AST = loaded[0]
+    for part in qualname.split("."):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list):
+            return None
+        node = _bindings(body).get(part)
+        if node is None:
+            return None
+    return node, loaded[1]
+
+
+def _signature(node: ast.AST) -> ast.arguments | None:
+    if isinstance(node, ast.ClassDef):
+        init = _bindings(node.body).get("__init__")
+        return init.args if isinstance(init, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return node.args
+    return None
+
+
+def check_anchor(source: VllmSource, anchor: Anchor) -> Result:
+    results = [_check_at(source, anchor, target.strip()) for target in anchor.target.split("|")]
+    return next((r for r in results if r.status == "OK"), results[0])
+
+
+def _check_at(source: VllmSource, anchor: Anchor, target: str) -> Result:
+    found = _resolve(source, target)
+    if found is None:
+        return Result(anchor, "MISSING", "not defined there")
+    node, text = found
+    if anchor.params or anchor.keywords:
+        args = _signature(node)
+        if args is None:
+            return Result(anchor, "CHANGED", "no longer a function or a class with __init__")
+        positional = [a.arg for a in (*args.posonlyargs, *args.args)]
+        named = set(positional) | {a.arg for a in args.kwonlyargs}
+        if positional[: len(anchor.params)] != list(anchor.params):
+            return Result(anchor, "CHANGED", f"parameters ({', '.join(positional)}), "
+                                             f"expected to start ({', '.join(anchor.params)})")
+        missing = [k for k in anchor.keywords if k not in named]
+        if missing:
+            return Result(anchor, "CHANGED", f"no parameter {', '.join(missing)}")
+    if anchor.contains:
+        segment = ast.get_source_segment(text, node) or ""
+        absent = [frag for frag in anchor.contains if frag not in segment]
+        if absent:
+            return Result(anchor, "CHANGED", f"source no longer contains {absent[0]!r}")
+    return Result(anchor, "OK")
+
+
+def check(source: VllmSource, anchors: Iterable[Anchor] = ANCHORS) -> list[Result]:
+    return [check_anchor(source, a) for a in anchors]
+
+
+def _describe(anchor: Anchor) -> str:
+    sig = ""
+    if anchor.params or anchor.keywords:
+        sig = "(" + ", ".join([*anchor.params, *("..." for _ in anchor.keywords[:1]), *anchor.keywords]) + ")"
+    return anchor.target + sig
+
+
+def report(source: VllmSource, results: list[Result]) -> str:
+    lines = [f"vLLM {source.version()} at {source.location}"]
+    for r in results:
+        lines.append(f"{r.status:<8} {_describe(r.anchor)}  [{r.anchor.used_by}]" + (f": {r.detail}" if r.detail else ""))
+    bad = sum(r.status != "OK" for r in results)
+    lines.append(f"{len(results) - bad}/{len(results)} anchors OK" + ("" if not bad else f", {bad} not OK"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0] in ("-h", "--help")):
+        print("usage: python -m flas_vllm.engine.compat [VLLM_WHEEL_OR_SOURCE_DIR]  (default: the installed vllm)")
+        return 2
+    try:
+        source = VllmSource(args[0]) if args else VllmSource.installed()
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = check(source)
+    print(report(source, results))
+    return 0 if all(r.status == "OK" for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

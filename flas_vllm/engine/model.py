@@ -1,0 +1,317 @@
+"""FLAS on vLLM's own model classes: the flow after decoder layer L of any registered family.
+
+`flas_vllm.core.families` names, per family, the vLLM causal LM to extend. `steered_class`
+subclasses it once for every family: the base model is built exactly as vLLM builds it,
+then layer L's class gets `_SteeredLayer` in front, which hands the layer's output
+(hidden, residual) to a `FlasSteer` module. Every token of a steered request has its
+residual stream replaced by the Euler-integrated flow of its own request; unsteered tokens
+pass through `torch.where` untouched, so they are bit-identical to the vanilla model.
+The flow's causal self-attention gets one paged vLLM `Attention` per (Euler step, block),
+named `<text model>.flas_steps.{num_hidden_layers + k*num_blocks + b}.attn` (vLLM wants
+exactly one integer in a layer name).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+
+from flas_vllm.core.checkpoint import load_checkpoint
+from flas_vllm.core.concept import inference_concept_len
+from flas_vllm.core.concept_encoder import build_own_encoder
+from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
+from flas_vllm.engine.checks import check_fingerprint, check_runner
+from flas_vllm.core.families import FAMILIES, Family, text_config
+from flas_vllm.core.flow import integrate
+from flas_vllm.engine.runtime import FlasRuntime, SlotTableKV, StepBuffers
+
+logger = logging.getLogger(__name__)
+
+def _flas_steer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
+    """Opaque to the compiler, so it may look at the data: no steered token, no flow work at all.
+
+    Finds its `FlasSteer` by name in the forward context, as vLLM's own custom ops find their layers.
+    """
+    from vllm.forward_context import get_forward_context
+
+    get_forward_context().no_compile_layers[target]._steer_in_place(positions, hidden, residual)
+
+
+def _flas_steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
+    return None
+
+
+def _register_steer_op() -> None:
+    if hasattr(torch.ops.vllm, "flas_steer"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("flas_steer", _flas_steer, mutates_args=["hidden", "residual"],
+                              fake_impl=_flas_steer_fake)
+
+
+class PagedFlowAttention(nn.Module):
+    """The flow's self-attention core for one (Euler step, block): paged, full (no window)."""
+
+    def __init__(self, g: FlowGeometry, scale: float, kv_dtype: torch.dtype, cache_config, prefix: str):
+        super().__init__()
+        self.kv_dtype = kv_dtype
+        self.attn = Attention(
+            g.num_heads,
+            g.head_dim,
+            scale,
+            num_kv_heads=g.num_kv_heads,
+            cache_config=cache_config,
+            logits_soft_cap=g.attn_logit_softcapping,
+            per_layer_sliding_window=None,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dtype = q.dtype
+        out = self.attn(q.to(self.kv_dtype), k.to(self.kv_dtype), v.to(self.kv_dtype))
+        return out.to(dtype)
+
+
+class FlasSteer(nn.Module):
+    """The flow, its paged self-attention layers and per-step state, for one vLLM text decoder."""
+
+    def __init__(self, text_model: nn.Module, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
+            raise NotImplementedError(
+                "flas-vllm supports tensor_parallel_size=1 and pipeline_parallel_size=1; "
+                "scale out with data parallel replicas (one engine per GPU) instead"
+            )
+        config = vllm_config.model_config.hf_config  # the top-level config: it carries `flas`
+        model_dtype = vllm_config.model_config.dtype
+        check_runner(vllm_config)  # a runner without the FLAS hook would steer nothing, silently
+        self.flas_options = FlasEngineOptions.from_hf_config(config)
+        ckpt = load_checkpoint(self.flas_options.checkpoint, config)
+        check_fingerprint(config, ckpt.fingerprint)  # the checkpoint the compile-cache key was made for
+        self.checkpoint = ckpt
+        geometry = FlowGeometry.from_base_config(config)
+        self.layer = ckpt.config.layer
+        # a request's default Euler steps, and the most any request may ask for (one KV layer set each)
+        self.n_steps, self.max_n_steps = self.flas_options.step_limits(ckpt.config.n_steps)
+        num_blocks = ckpt.config.num_blocks
+        device = text_model.embed_tokens.weight.device
+        if ckpt.dtype != model_dtype:
+            logger.warning(
+                "FLAS flow dtype %s differs from the model dtype %s: the flow runs in %s, "
+                "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
+            )
+        self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights, once
+
+        steps: dict[str, PagedFlowAttention] = {}
+        if not ckpt.config.disable_self_attn:
+            for k in range(self.max_n_steps):
+                for b in range(num_blocks):
+                    idx = geometry.num_hidden_layers + k * num_blocks + b
+                    steps[str(idx)] = PagedFlowAttention(
+                        geometry, self.flow.self_attn_scale, model_dtype, vllm_config.cache_config,
+                        prefix=f"{prefix}.flas_steps.{idx}",
+                    )
+        self.steps = nn.ModuleDict(steps)
+        cores = list(self.steps.values())
+        self._cores = [[cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
+                       for k in range(self.max_n_steps)]
+        self.step_buffers = StepBuffers(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
+        concept_len = inference_concept_len(ckpt.config.concept_max_len)
+        self.table = SlotTableKV(
+            geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
+            concept_len, ckpt.dtype, device
+        )
+        self.table.token_slots = self.step_buffers.slot
+        mc = vllm_config.model_config
+        self.runtime = FlasRuntime(
+            text_model, self.flas_options, self.flow, (self.n_steps, self.max_n_steps), concept_len,
+            self.table, self.step_buffers, tokenizer_name=mc.tokenizer,
+            tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
+            own_encoder=None if ckpt.concept_encoder is None else build_own_encoder(
+                text_config(config), ckpt.concept_encoder, ckpt.dtype, device),
+        )
+        ckpt.concept_encoder = None  # the runtime's encoder owns those weights now
+        # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
+        # work in steps where no token is steered. Captured graphs cannot branch on data, so there
+        # the flow stays in the graph and torch.where keeps unsteered tokens untouched.
+        from vllm.config import CUDAGraphMode
+
+        mode = vllm_config.compilation_config.cudagraph_mode
+        self.skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
+        self.target = f"{prefix}.flas"
+        if self.skip_unsteered:
+            _register_steer_op()
+            vllm_config.compilation_config.static_forward_context[self.target] = self  # found by name
+            self.runtime.group_by_length = True
+        logger.info(
+            "FLAS: %s base, checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), "
+            "%d concept slots, %d extra KV layers", geometry.model_type, ckpt.path, ckpt.fingerprint, self.layer,
+            num_blocks, self.n_steps, self.max_n_steps, self.flas_options.max_concepts, len(steps),
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor):
+        if self.skip_unsteered:
+            torch.ops.vllm.flas_steer(hidden, residual, positions, self.target)
+            return hidden, residual
+        return self._steer(positions, hidden, residual)
+
+    def _steer_in_place(self, positions, hidden, residual) -> None:
+        runtime = self.runtime
+        if not runtime.any_steered:  # a host-side fact of the step: no device sync
+            return  # unsteered requests never read their flow KV, so nothing needs writing
+        # Only as many Euler steps as this step's steered tokens need: a request never reads
+        # the flow KV of steps beyond its own n_steps.
+        new_hidden, new_residual = self._steer(positions, hidden, residual, runtime.step_count)
+        hidden.copy_(new_hidden)
+        residual.copy_(new_residual)
+
+    def _steer(self, positions, hidden, residual, n_steps: int | None = None):
+        """Replace the residual stream (hidden + residual) of steered tokens with the flow's output.
+
+        Every registered family's decoder layer returns (hidden, residual) and the next layer's
+        (or the final) norm adds them first, so that sum is the residual stream after layer L.
+        """
+        n = hidden.shape[0]
+        buffers = self.step_buffers
+        steered = buffers.steered[:n, None]
+        stream = (hidden.float() + residual.float()).to(hidden.dtype)  # what the next fused add produces
+        h = stream.to(self.flow.dtype)
+        h = integrate(self.flow, h, buffers.dt[:n], n_steps or self.max_n_steps, positions, self.table,
+                      self._cores, token_steps=buffers.steps[:n])
+        new_residual = torch.where(steered, h.to(hidden.dtype), residual)
+        new_hidden = torch.where(steered, torch.zeros_like(hidden), hidden)
+        return new_hidden, new_residual
+
+    def load_flow_weights(self) -> set[str]:
+        """Copy the checkpoint's tensors into the flow; returns the flow's parameter names (relative)."""
+        tensors = self.checkpoint.tensors
+        with torch.no_grad():
+            for name, param in self.flow.named_parameters():
+                param.copy_(tensors[name].to(param.dtype))
+        self.checkpoint.tensors = {}  # the flow module owns the weights now
+        _use_platform_gemm(self.flow)
+        return {f"flow.{name}" for name, _ in self.flow.named_parameters()}
+
+
+class _SteeredLayer:
+    """Put in front of decoder layer L's own class: the layer's output, then the flow."""
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
+        return self.flas(positions, hidden_states, residual)
+
+    def flas_unsteered_forward(self, positions, hidden_states, residual, **kwargs):
+        """The layer alone: the concept encoder runs layers 0-1 outside any engine step, and L may be one."""
+        return super().forward(positions, hidden_states, residual, **kwargs)
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _steer_layer(layer: nn.Module, steer: FlasSteer) -> None:
+    cls = type(layer)
+    if cls not in _LAYER_CLASSES:
+        _LAYER_CLASSES[cls] = type(f"FlasSteered{cls.__name__}", (_SteeredLayer, cls), {})
+    layer.__class__ = _LAYER_CLASSES[cls]
+    layer.flas = steer
+
+
+class FlasCausalLMMixin:
+    """What every FLAS architecture adds to its vLLM base class (see `steered_class`)."""
+
+    flas_text_model_path: tuple[str, ...] = ("model",)
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        text_model = self
+        for attr in self.flas_text_model_path:
+            text_model = getattr(text_model, attr)
+        text_prefix = ".".join(p for p in (prefix, *self.flas_text_model_path) if p)
+        steer = FlasSteer(text_model, vllm_config, text_prefix)
+        n = len(text_model.layers)
+        if not 0 <= steer.layer < n:  # the checkpoint check already refused this; guard the wiring
+            raise ValueError(f"FLAS layer {steer.layer} is not a decoder layer of this model ({n} layers)")
+        _steer_layer(text_model.layers[steer.layer], steer)
+        self.flas_steer_prefix = f"{'.'.join(self.flas_text_model_path)}.layers.{steer.layer}.flas"
+        object.__setattr__(self, "_flas", steer)  # not a second registration of the same module
+        text_model.flas_runtime = steer.runtime
+
+    # Called by patches/runner_hook.py before each forward.
+    def flas_prepare_step(self, req_ids, num_scheduled_tokens, requests) -> None:
+        self._flas.runtime.prepare_step(req_ids, num_scheduled_tokens, requests)
+
+    # Called by patches/runner_hook.py when the runner drops a finished or aborted request.
+    def flas_request_finished(self, req_id: str) -> None:
+        self._flas.runtime.finish(req_id)
+
+    @property
+    def flas_runtime(self) -> FlasRuntime:
+        return self._flas.runtime
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        return loaded | {f"{self.flas_steer_prefix}.{n}" for n in self._flas.load_flow_weights()}
+
+
+def steered_class(family: Family, multimodal: bool = False) -> type:
+    """The registered FLAS architecture of a family: its vLLM class with `FlasCausalLMMixin` in front."""
+    spec = family.multimodal_vllm_class if multimodal else family.vllm_class
+    module, _, name = spec.partition(":")
+    base = getattr(importlib.import_module(module), name)
+    attrs = {"__module__": __name__, "__doc__": f"{name} steered by FLAS (family {family.name})."}
+    if multimodal:
+        attrs["flas_text_model_path"] = ("language_model", "model")
+    arch = family.multimodal_architecture if multimodal else family.architecture
+    return type(arch, (FlasCausalLMMixin, base), attrs)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """`flas_vllm.engine.model:<architecture>` for every registered family, built on first use."""
+    for family in FAMILIES:
+        for multimodal, arch in ((False, family.architecture), (True, family.multimodal_architecture)):
+            if name == arch:
+                if name not in _CLASSES:
+                    _CLASSES[name] = steered_class(family, multimodal)
+                return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _PlatformLinear(nn.Linear):
+    """nn.Linear whose matmul is the one vLLM uses for its own unquantized layers on this platform."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cpu_linear(x, self.weight, self.bias)
+
+
+def _use_platform_gemm(flow: nn.Module) -> None:
+    """Run the flow's linear layers through vLLM's CPU GEMM dispatch (oneDNN), after weights are loaded.
+
+    torch's default CPU linear (MKL) picks different kernels for different row
+    counts (M=1 vs M>1 already differs in the last bits), so a steered
+    request's output would depend on what else is in its batch. vLLM's own
+    layers go through oneDNN, whose per-row results do not depend on M; using
+    the same path keeps fp32 mixed batches bit-identical to solo runs, as
+    they are for unsteered requests. Other platforms keep torch's linear.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for module in flow.modules():
+        if type(module) is nn.Linear:
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            module.__class__ = _PlatformLinear

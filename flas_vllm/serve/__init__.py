@@ -1,0 +1,1 @@
+"""The OpenAI-compatible steering server, its FLAS routes and playground, and the chat REPL."""

@@ -1,0 +1,124 @@
+"""`flas-vllm chat`: an interactive steering REPL over FlasLLM.
+
+Commands: /concept TEXT, /flowtime T, /off, /on, /compare (toggle steered and
+unsteered replies side by side), /reset, /help, /quit. Anything else is a user
+message; the conversation keeps the replies of the steered (or, when
+steering is off, unsteered) assistant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS
+
+HELP = (
+    "commands: /concept TEXT  /flowtime T  /on  /off  /compare  /reset  /help  /quit\n"
+    "anything else is sent as your message"
+)
+
+@dataclass
+class ChatSession:
+    generate: Callable[[list[list[dict]], list[Optional[dict]]], list[str]]
+    max_flowtime: float = ENGINE_OPTION_DEFAULTS["max_flowtime"]
+    concept: Optional[str] = None
+    flowtime: float = 1.0
+    steering_on: bool = True
+    compare: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def status(self) -> str:
+        if self.concept is None:
+            steer = "no concept set (/concept TEXT)"
+        else:
+            steer = f"concept {self.concept!r} at flowtime {self.flowtime:g}" + ("" if self.steering_on else " (off)")
+        return f"[{steer}; compare {'on' if self.compare else 'off'}]"
+
+    def _steering(self) -> Optional[dict]:
+        from flas_vllm.core.steering import steering
+
+        if self.concept is None or not self.steering_on:
+            return None
+        return steering(self.concept, self.flowtime)
+
+    def handle(self, line: str) -> tuple[str, bool]:
+        """Process one input line -> (text to print, keep going)."""
+        line = line.strip()
+        if not line:
+            return "", True
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd == "/quit":
+                return "bye", False
+            if cmd == "/help":
+                return HELP, True
+            if cmd == "/concept":
+                if not arg:
+                    return "usage: /concept TEXT (a non-empty concept)", True
+                self.concept, self.steering_on = arg, True
+                return self.status(), True
+            if cmd == "/flowtime":
+                try:
+                    value = float(arg)
+                except ValueError:
+                    return f"flowtime: expected a number, got {arg!r}", True
+                if not math.isfinite(value) or not 0 <= value <= self.max_flowtime:
+                    return f"flowtime: must be within [0, {self.max_flowtime:g}], got {arg}", True
+                self.flowtime = value
+                return self.status(), True
+            if cmd in ("/on", "/off"):
+                self.steering_on = cmd == "/on"
+                return self.status(), True
+            if cmd == "/compare":
+                self.compare = not self.compare
+                return self.status(), True
+            if cmd == "/reset":
+                self.history.clear()
+                return "conversation cleared " + self.status(), True
+            return f"unknown command {cmd}; {HELP}", True
+        messages = self.history + [{"role": "user", "content": line}]
+        steer = self._steering()
+        if self.compare and steer is not None:
+            steered, unsteered = self.generate([messages, messages], [steer, None])
+            reply = steered
+            text = f"--- unsteered ---\n{unsteered}\n--- steered ({self.concept} @ {self.flowtime:g}) ---\n{steered}"
+        else:
+            reply = self.generate([messages], [steer])[0]
+            text = reply
+        self.history = messages + [{"role": "assistant", "content": reply}]
+        return text, True
+
+
+def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowtime: float | None = None,
+             input_fn=input, print_fn=print) -> None:
+    """`max_flowtime`: the engine's (FlasLLM.options) unless given."""
+    if max_flowtime is None:
+        options = getattr(llm, "options", None)
+        max_flowtime = options.max_flowtime if options is not None else ENGINE_OPTION_DEFAULTS["max_flowtime"]
+    from vllm import SamplingParams
+
+    def generate(conversations, steerings):
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, extra_args=s) for s in steerings]
+        outs = llm.chat(conversations, params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    session = ChatSession(generate=generate, max_flowtime=max_flowtime)
+    print_fn("flas-vllm chat. " + HELP)
+    print_fn(session.status())
+    while True:
+        try:
+            line = input_fn("> ")
+        except EOFError:
+            print_fn("bye")
+            return
+        try:
+            text, keep_going = session.handle(line)
+        except ValueError as exc:  # a steering field the engine refused: report, keep the REPL
+            text, keep_going = f"error: {exc}", True
+        if text:
+            print_fn(text)
+        if not keep_going:
+            return
