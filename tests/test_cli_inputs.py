@@ -61,3 +61,17 @@ def test_cpu_engines_get_a_fixed_kv_budget_unless_told(tiny_model):
     assert flas_engine_kwargs(m, "c")["kv_cache_memory_bytes"] == CPU_DEFAULT_KV_CACHE_BYTES  # CPU here
     assert flas_engine_kwargs(m, "c", kv_cache_memory_bytes=5)["kv_cache_memory_bytes"] == 5
     assert "kv_cache_memory_bytes" not in flas_engine_kwargs(m, "c", gpu_memory_utilization=0.5)
+
+
+def test_eval_is_the_three_stages_composed():
+    """`eval` takes every option of generate, judge and score (from their signatures, not copies)."""
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    names = {name: {p.name for p in commands[name].params} for name in ("generate", "judge", "score", "eval")}
+    own = {"out", "generations", "judgements"}
+    for stage in ("generate", "judge", "score"):
+        assert names[stage] - own <= names["eval"], stage
+    assert names["eval"] - names["generate"] - names["judge"] - names["score"] == set()
+    for name in ("generate", "eval", "chat", "serve"):  # vLLM engine arguments pass through
+        assert commands[name].context_settings.get("ignore_unknown_options"), name

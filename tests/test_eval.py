@@ -332,23 +332,33 @@ def test_quickstart_path_bundled_concepts_and_the_offline_judge(tiny_model, make
 def test_fixture_alias_is_resolved_only_when_asked_for(monkeypatch, tmp_path):
     import typer
 
+    from flas_vllm import cli_common
     from flas_vllm.testing import fixtures
-
-    from flas_vllm import cli
 
     def no_build(*a, **k):
         raise AssertionError("the fixture must not be built for a real model")
 
     monkeypatch.setattr(fixtures, "ensure_tiny_gemma2", no_build)
     monkeypatch.chdir(tmp_path)  # no directory called 'fixture' here
-    args = dict(concepts=tmp_path / "c.txt", prompts=tmp_path / "p.json", num_prompts=1, flowtimes="1",
-                max_tokens=4, temperature=0.0, top_p=1.0, seed=0, dtype="auto", max_model_len=None, eager=True,
-                kv_cache_memory_bytes=None, max_concepts=None)
-    spec = cli._spec("google/gemma-2-2b-it", "flas-ai/flas-gemma-2-2b-it", **args)
-    assert spec.model == "google/gemma-2-2b-it" and "kv_cache_memory_bytes" not in spec.engine_kwargs
+    real = ("google/gemma-2-2b-it", "flas-ai/flas-gemma-2-2b-it")
+    assert cli_common.resolve_fixture(*real) == real
+    assert "kv_cache_memory_bytes" not in cli_common.engine_kwargs(real[0], [], eager=True)
     with pytest.raises(typer.BadParameter, match="--model fixture"):
-        cli._spec("google/gemma-2-2b-it", "fixture", **args)
+        cli_common.resolve_fixture("google/gemma-2-2b-it", "fixture")
     monkeypatch.setattr(fixtures, "ensure_tiny_gemma2", lambda *a, **k: tmp_path / "tiny")
-    spec = cli._spec("fixture", "/some/ckpt", **args)
-    assert spec.model == str(tmp_path / "tiny") and spec.checkpoint == "/some/ckpt"
-    assert spec.engine_kwargs["kv_cache_memory_bytes"] == cli.FIXTURE_KV_BYTES
+    assert cli_common.resolve_fixture("fixture", "/some/ckpt") == (str(tmp_path / "tiny"), "/some/ckpt")
+    kw = cli_common.engine_kwargs("fixture", ["--max-num-seqs", "4"], eager=True)
+    assert kw == {"kv_cache_memory_bytes": cli_common.FIXTURE_KV_BYTES, "max_model_len": 1024, "max_num_seqs": 4,
+                  "enforce_eager": True}
+
+
+def test_any_vllm_engine_argument_passes_through_and_unknown_ones_are_named():
+    import typer
+
+    from flas_vllm.cli_common import vllm_engine_args
+
+    got = vllm_engine_args(["--gpu-memory-utilization", "0.5", "--max-num-seqs", "8", "--quantization", "fp8",
+                            "--dtype", "bfloat16"])
+    assert got == {"gpu_memory_utilization": 0.5, "max_num_seqs": 8, "quantization": "fp8", "dtype": "bfloat16"}
+    with pytest.raises(typer.BadParameter, match="--max-tokns"):
+        vllm_engine_args(["--max-tokns", "3"])

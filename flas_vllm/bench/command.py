@@ -1,0 +1,37 @@
+"""`flas-vllm bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def bench(
+    model: str = typer.Option("fixture", help="fixture (tiny trained Gemma-2), bench-2b-shape or "
+                                              "bench-qwen3-8b-shape (real proportions, narrow, random weights)"),
+    ks: str = typer.Option("1,8,64,256,1024", help="numbers of distinct concepts K, comma-separated"),
+    num_prompts: Optional[int] = typer.Option(None, min=1, help="requests per run (default: the largest K)"),
+    output_len: int = typer.Option(32, min=1, help="output tokens per request (ignore_eos, greedy)"),
+    out: Path = typer.Option(Path("benchmarks/results"), help="directory for bench_<model>.{json,md,png}"),
+    compile: bool = typer.Option(False, "--compile/--eager", help="use vLLM's default compilation"),
+    dtype: str = typer.Option("float32", help="model dtype for every path"),
+    kv_cache_mib: int = typer.Option(512, min=16, help="KV cache size in MiB (same for every engine)"),
+    max_model_len: int = typer.Option(1024, min=64, help="context length of the vLLM engines"),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="also run the transformers path (one concept per batch)"),
+    hf_max_prompts: Optional[int] = typer.Option(None, min=1, help="cap the transformers path's prompts"),
+) -> None:
+    """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
+    from flas_vllm.bench import MODELS, BenchConfig, parse_ks, run_benchmark
+
+    if model not in MODELS:
+        raise typer.BadParameter(f"must be one of {', '.join(MODELS)}", param_hint="--model")
+    try:
+        k_list = parse_ks(ks)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ks") from exc
+    cfg = BenchConfig(model=model, ks=k_list, num_prompts=num_prompts, output_len=output_len, out_dir=out,
+                      enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
+                      max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts)
+    run_benchmark(cfg, log=typer.echo)
