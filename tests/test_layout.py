@@ -36,3 +36,15 @@ def test_every_subpackage_says_what_lives_there():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = init.read_text().strip()
         assert doc.startswith('"""') and len(doc) > 20, f"{init.parent.name}/ has no docstring"
+
+
+def test_readme_performance_table_is_generated_from_the_benchmark_output():
+    import json
+
+    from flas_vllm.bench.report import README_BEGIN, README_END, readme_table
+
+    root = PACKAGE.parent
+    report = json.loads((root / "benchmarks/results/bench_bench-2b-shape.json").read_text())
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)]
+    assert block == readme_table(report), "README table is stale: run python benchmarks/readme_table.py"
