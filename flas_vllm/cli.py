@@ -14,28 +14,35 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 @app.command()
 def demo(
-    max_tokens: int = typer.Option(24, min=1, max=512, help="tokens to generate per request"),
+    max_tokens: int = typer.Option(32, min=1, max=512, help="tokens to generate per request"),
     compile: bool = typer.Option(False, "--compile/--eager", help="use vLLM's default compilation"),
+    random_flow: bool = typer.Option(False, "--random-flow", help="random flow weights instead of the trained "
+                                     "toy flow: steering changes the text, but toward no concept"),
 ) -> None:
-    """Steer a tiny built-in fixture toward several concepts and flowtimes; print steered vs unsteered."""
+    """Steer a tiny built-in fixture toward three concepts at flowtimes 0, 1, 2; print the text and a measure."""
     from flas_vllm.demo import run_demo
 
-    run_demo(max_tokens=max_tokens, enforce_eager=not compile)
+    run_demo(max_tokens=max_tokens, enforce_eager=not compile, random_flow=random_flow)
 
 
 @app.command("make-fixture")
 def make_fixture(
     out_dir: Path = typer.Argument(..., help="directory to create (the tiny Gemma-2 model goes here)"),
-    checkpoints: bool = typer.Option(True, help="also write random FLAS checkpoints under OUT_DIR/flas-*"),
+    checkpoints: bool = typer.Option(True, help="also write FLAS checkpoints under OUT_DIR/flas-*: the trained "
+                                     "toy flow (flas-trained) and random ones"),
     overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
 ) -> None:
-    """Build a deterministic tiny Gemma-2 model (and random FLAS checkpoints) loadable by vLLM and transformers."""
+    """Build a deterministic tiny Gemma-2 model (and FLAS checkpoints) loadable by vLLM and transformers."""
     from flas_vllm.fixture_checkpoints import make_random_flas_checkpoint
+    from flas_vllm.fixture_flow import train_fixture_flow
     from flas_vllm.fixtures import make_fixture as build
 
     model_dir = build(out_dir / "model", overwrite=overwrite)
     typer.echo(f"model: {model_dir}")
     if checkpoints:
+        info = train_fixture_flow(model_dir, out_dir / "flas-trained")
+        typer.echo(f"checkpoint: {out_dir / 'flas-trained'} (trained in {info['train_seconds']} s, "
+                   f"loss {info['first_loss']} -> {info['final_loss']})")
         variants = {
             "flas-1block": dict(num_blocks=1),
             "flas-2block": dict(num_blocks=2),
@@ -159,6 +166,7 @@ def _spec(model, flas_checkpoint, concepts, prompts, num_prompts, flowtimes, max
 
 
 FIXTURE = "fixture"
+FIXTURE_CHECKPOINTS = (FIXTURE, "fixture-random")
 FIXTURE_KV_BYTES = 256 * 1024 * 1024
 
 
@@ -169,14 +177,18 @@ def _fixture_dir() -> Path:
 
 
 def _resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
-    """`--model fixture` / `--flas-checkpoint fixture`: the built-in tiny model and a random checkpoint for it."""
-    if flas_checkpoint == FIXTURE and not Path(FIXTURE).exists():
+    """`--model fixture`: the built-in tiny model; `--flas-checkpoint fixture` / `fixture-random`: its
+    trained toy flow / a random flow."""
+    if flas_checkpoint in FIXTURE_CHECKPOINTS and not Path(flas_checkpoint).exists():
         if model != FIXTURE:
-            raise typer.BadParameter("'fixture' is a random checkpoint for the built-in fixture model only: "
+            raise typer.BadParameter(f"{flas_checkpoint!r} is a checkpoint for the built-in fixture model only: "
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
         from flas_vllm.fixture_checkpoints import ensure_flas_checkpoint
+        from flas_vllm.fixture_flow import ensure_trained_flas_checkpoint
 
         model_dir = _fixture_dir()
+        if flas_checkpoint == FIXTURE:
+            return str(model_dir), str(ensure_trained_flas_checkpoint(model_dir))
         return str(model_dir), str(ensure_flas_checkpoint(model_dir, num_blocks=1))
     if model == FIXTURE and not Path(FIXTURE).exists():
         return str(_fixture_dir()), flas_checkpoint
@@ -186,10 +198,12 @@ def _resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
 _GEN_OPTS = dict(
     model=typer.Option(..., help="a plain Gemma-2 model: directory or Hugging Face id ('fixture': the built-in "
                                  "tiny test model, built and cached on first use)"),
-    flas_checkpoint=typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id ('fixture': a random "
-                                           "checkpoint for --model fixture)"),
-    concepts=typer.Option(None, help="AxBench metadata.jsonl, parquet, CSV or a text list "
-                                     "(default: the bundled AxBench Concept500 list)"),
+    flas_checkpoint=typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id (for --model fixture: "
+                                           "'fixture', a toy flow trained on the fixture's three concepts, "
+                                           "or 'fixture-random', random weights)"),
+    concepts=typer.Option(None, help="AxBench metadata.jsonl, parquet, CSV or a text list (default: the bundled "
+                                     "AxBench Concept500 list; 'fixture': the three concepts the fixture flow "
+                                     "was trained on)"),
     num_concepts=typer.Option(None, min=1, help="only the first N concepts of the concept file, in file order "
                                                 "(default: all)"),
     concept_ids_file=typer.Option(None, help="a JSON list of concept ids to run, looked up in --concepts (the "
@@ -213,8 +227,16 @@ def _bundled(path: Optional[Path], name: str) -> Path:
     return Path(str(resources.files("flas_vllm.data").joinpath(name)))
 
 
+def _concepts_path(path: Optional[Path]) -> Path:
+    """`--concepts fixture`: the concepts the fixture flow was trained on; none: Concept500."""
+    if path is not None and str(path) == FIXTURE and not path.exists():
+        return _bundled(None, FIXTURE_CONCEPTS)
+    return _bundled(path, BUNDLED_CONCEPTS)
+
+
 BUNDLED_PROMPTS = "alpaca_eval.json"
 BUNDLED_CONCEPTS = "concept500_2b_l20_metadata.jsonl"
+FIXTURE_CONCEPTS = "fixture_concepts.jsonl"
 
 
 @app.command()
@@ -249,7 +271,7 @@ def generate(
     """Bulk generation over concepts x prompts x flowtimes into parquet, resumable."""
     from flas_vllm.eval import run_generate, run_generate_ray
 
-    spec = _spec(model, flas_checkpoint, _bundled(concepts, BUNDLED_CONCEPTS), _bundled(prompts, BUNDLED_PROMPTS),
+    spec = _spec(model, flas_checkpoint, _concepts_path(concepts), _bundled(prompts, BUNDLED_PROMPTS),
                  num_prompts, flowtimes, max_tokens, temperature, top_p, seed, dtype, max_model_len, eager,
                  kv_cache_memory_bytes, max_concepts, flush_rows, max_num_seqs, num_concepts, concept_ids_file,
                  n_steps, max_prompt_tokens, stop_rule)
