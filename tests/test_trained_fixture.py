@@ -148,11 +148,9 @@ def test_trained_flow_steers_toward_each_concept_and_a_random_flow_does_not(tiny
 
 
 def run_eval(out: Path, checkpoint: str = "fixture") -> tuple[list[dict], dict]:
-    """`flas-vllm eval` on the trained concepts, greedy, local judge: (generation rows, report summary)."""
-    concepts = out.parent / f"{out.name}-concepts.txt"
-    concepts.write_text("\n".join(TRAINED_CONCEPTS) + "\n")
+    """The README quickstart on the trained concepts, greedy: (generation rows, report summary)."""
     cmd = [sys.executable, "-m", "flas_vllm.cli", "eval", "--out", str(out), "--model", "fixture",
-           "--flas-checkpoint", checkpoint, "--concepts", str(concepts), "--num-prompts", "4",
+           "--flas-checkpoint", checkpoint, "--concepts", "fixture", "--num-prompts", "4",
            "--flowtimes", "0,1,2", "--temperature", "0", "--max-tokens", "32", "--dtype", "float32", "--eager",
            "--local-judge"]
     subprocess.run(cmd, check=True, timeout=900, cwd=out.parent)
