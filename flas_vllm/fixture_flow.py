@@ -218,8 +218,8 @@ def _train(steerer, examples, *, seed: int, steps: int) -> list[float]:
         state = _StreamState()
         state.positions, state.valid = torch.arange(width).expand(b, width), valid
         concept = _RowConceptKV(flow, [encoded[c] for _, _, c in batch], width)
-        with steerer._hook(state, steerer._new_caches(state, use_cache=False), concept, dt,
-                           torch.ones(b, dtype=torch.bool)):
+        with steerer._hook(state, steerer._new_caches(state, False, N_STEPS), concept, dt,
+                           torch.ones(b, dtype=torch.bool), N_STEPS):
             loss = model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
