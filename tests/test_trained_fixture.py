@@ -20,10 +20,12 @@ import torch
 from flas_vllm import fixture_flow
 from flas_vllm.fixture_flow import TRAINED_CONCEPTS, concept_word_share
 
-# Concept-word share at T=2 minus unsteered, per concept. Measured (greedy, 32 tokens):
-# transformers path >= 0.15 and engine eval >= 0.15 for every concept on the trained flow;
-# at most 0.01 on the random one.
-MIN_EFFECT = 0.08
+# Concept-word share at T=2 minus unsteered (T=0), per concept, greedy, 32 tokens. Measured on the
+# trained flow: 0.17 / 0.22 / 0.22 (transformers path, 4 prompts) and 0.20 / 0.25 / 0.20 (engine eval,
+# 10 prompts) for ocean / cooking / music; on the random flow 0.00 / -0.02 / 0.00 on both.
+# The local judge's mean concept score at T = 0, 1, 2 (engine eval): 0.0, 1.0, 1.5 trained; 0, 0, 0 random.
+MIN_EFFECT = 0.1
+EVAL_PROMPTS = 10
 HF_PROMPTS = [
     "Give three tips for staying healthy.",
     "Describe the city of Paris in a few sentences.",
@@ -150,7 +152,7 @@ def test_trained_flow_steers_toward_each_concept_and_a_random_flow_does_not(tiny
 def run_eval(out: Path, checkpoint: str = "fixture") -> tuple[list[dict], dict]:
     """The README quickstart on the trained concepts, greedy: (generation rows, report summary)."""
     cmd = [sys.executable, "-m", "flas_vllm.cli", "eval", "--out", str(out), "--model", "fixture",
-           "--flas-checkpoint", checkpoint, "--concepts", "fixture", "--num-prompts", "4",
+           "--flas-checkpoint", checkpoint, "--concepts", "fixture", "--num-prompts", str(EVAL_PROMPTS),
            "--flowtimes", "0,1,2", "--temperature", "0", "--max-tokens", "32", "--dtype", "float32", "--eager",
            "--local-judge"]
     subprocess.run(cmd, check=True, timeout=900, cwd=out.parent)
@@ -172,12 +174,12 @@ def effects_from_eval(rows: list[dict], summary: dict) -> tuple[dict[str, float]
 @pytest.mark.engine
 def test_eval_measures_the_steering_effect_end_to_end(trained_ckpt, tmp_path):
     rows, summary = run_eval(tmp_path / "run")
-    assert len(rows) == len(TRAINED_CONCEPTS) * 4 * 3 and summary["judge_failures"] == 0
+    assert len(rows) == len(TRAINED_CONCEPTS) * EVAL_PROMPTS * 3 and summary["judge_failures"] == 0
     assert {r["checkpoint"] for r in rows} == {str(trained_ckpt)}
     effects, scores = effects_from_eval(rows, summary)
     assert all(e >= MIN_EFFECT for e in effects.values()), effects
     # the local judge's concept score (word overlap with the concept) rises with flowtime
-    assert scores[0] < scores[1] <= scores[2] and scores[2] - scores[0] >= 0.5, scores
+    assert scores[0] < scores[1] < scores[2] and scores[2] - scores[0] >= 0.5, scores
 
 
 def test_cli_fixture_aliases(monkeypatch, tmp_path):
