@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import textwrap
 
+# AlpacaEval questions the tiny model learned to answer, so the unsteered answer is fluent text.
 DEMO_PROMPTS = [
-    "Give three tips for staying healthy.",
-    "Describe the city of Paris in a few sentences.",
+    "Who is Larry Page?",
+    "What causes the northern lights?",
 ]
 DEMO_FLOWTIMES = [0.0, 1.0, 2.0]
 
