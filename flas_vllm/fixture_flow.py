@@ -158,14 +158,15 @@ def _initial_flow(model, geometry, seed: int):
 
     cfg = FlasConfig(model_id="fixture", layer=LAYER, num_blocks=NUM_BLOCKS, n_steps=N_STEPS,
                      T_min=T_MIN, T_max=T_MAX)
-    torch.manual_seed(seed)
-    flow = FlowFunction(geometry, cfg)
+    with torch.random.fork_rng():  # seeded default init, without touching the caller's RNG
+        torch.manual_seed(seed)
+        flow = FlowFunction(geometry, cfg)
     src = model.model.layers[LAYER]
     with torch.no_grad():
         torch.nn.init.zeros_(flow.time_embed.mlp[2].weight)
         torch.nn.init.zeros_(flow.time_embed.mlp[2].bias)
         for block in flow.blocks:
-            for name, p in block.named_parameters(recurse=False):
+            for p in block.parameters(recurse=False):
                 p.fill_(_INIT_GATE)  # cross_gate, self_attn_gate, mlp_gate
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 getattr(block, proj).load_state_dict(getattr(src.mlp, proj).state_dict())

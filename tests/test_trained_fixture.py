@@ -197,3 +197,18 @@ def test_cli_fixture_aliases(monkeypatch, tmp_path):
     concepts = load_concepts(cli._concepts_path(Path("fixture")))
     assert [c.concept for c in concepts] == list(TRAINED_CONCEPTS) and [c.concept_id for c in concepts] == [0, 1, 2]
     assert cli._concepts_path(None).name == cli.BUNDLED_CONCEPTS
+
+
+@pytest.mark.engine
+def test_demo_shows_concept_words_appear_with_flowtime(trained_ckpt, tmp_path):
+    """`flas-vllm demo` (what scripts/run-demo.sh runs): per concept, the printed share rises from T=0."""
+    import re
+
+    out = subprocess.run([sys.executable, "-m", "flas_vllm.cli", "demo"], check=True, timeout=900, cwd=tmp_path,
+                         capture_output=True, text=True).stdout
+    assert f"checkpoint: {trained_ckpt}" in out
+    shares = [[float(x) for x in m] for m in re.findall(r"concept-word share: T=0: ([\d.]+)\s+T=1: ([\d.]+)\s+"
+                                                          r"T=2: ([\d.]+)", out)]
+    assert len(shares) == len(TRAINED_CONCEPTS), out
+    for t0, t1, t2 in shares:
+        assert t1 > t0 and t2 > t0, shares
