@@ -30,7 +30,10 @@ def run_demo(*, max_tokens: int = 32, enforce_eager: bool = True, width: int = 9
     kind = "random" if random_flow else "trained"
     print(f"flas-vllm demo: building (or reusing) a tiny Gemma-2 fixture and a {kind} FLAS flow for it ...")
     model_dir = ensure_tiny_gemma2()
-    ckpt_dir = ensure_flas_checkpoint(model_dir, num_blocks=1) if random_flow else ensure_trained_flas_checkpoint()
+    if random_flow:
+        ckpt_dir = ensure_flas_checkpoint(model_dir, num_blocks=1)
+    else:
+        ckpt_dir = ensure_trained_flas_checkpoint(model_dir)
     print(f"  model:      {model_dir}\n  checkpoint: {ckpt_dir}")
     if random_flow:
         print("  NOTE: random flow weights: steering changes the text, but toward nothing.\n")

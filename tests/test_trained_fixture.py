@@ -191,7 +191,8 @@ def test_cli_fixture_aliases(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no directory called 'fixture' here
     monkeypatch.setattr(fixtures, "ensure_tiny_gemma2", lambda *a, **k: tmp_path / "tiny")
     monkeypatch.setattr(fixture_flow, "ensure_trained_flas_checkpoint", lambda model_dir: Path(model_dir) / "trained")
-    monkeypatch.setattr(fixture_checkpoints, "ensure_flas_checkpoint", lambda model_dir, **v: Path(model_dir) / "random")
+    monkeypatch.setattr(fixture_checkpoints, "ensure_flas_checkpoint",
+                        lambda model_dir, **variant: Path(model_dir) / "random")
     assert cli._resolve_fixture("fixture", "fixture") == (str(tmp_path / "tiny"), str(tmp_path / "tiny" / "trained"))
     assert cli._resolve_fixture("fixture", "fixture-random")[1] == str(tmp_path / "tiny" / "random")
     concepts = load_concepts(cli._concepts_path(Path("fixture")))
