@@ -20,28 +20,35 @@ app.command()(bench)
 
 @app.command()
 def demo(
-    max_tokens: int = typer.Option(24, min=1, max=512, help="tokens to generate per request"),
+    max_tokens: int = typer.Option(32, min=1, max=512, help="tokens to generate per request"),
     compile: bool = typer.Option(False, "--compile/--eager", help="use vLLM's default compilation"),
+    random_flow: bool = typer.Option(False, "--random-flow", help="random flow weights instead of the trained "
+                                     "toy flow: steering changes the text, but toward no concept"),
 ) -> None:
-    """Steer a tiny built-in fixture toward several concepts and flowtimes; print steered vs unsteered."""
+    """Steer a tiny built-in fixture toward three concepts at flowtimes 0, 1, 2; print the text and a measure."""
     from flas_vllm.demo import run_demo
 
-    run_demo(max_tokens=max_tokens, enforce_eager=not compile)
+    run_demo(max_tokens=max_tokens, enforce_eager=not compile, random_flow=random_flow)
 
 
 @app.command("make-fixture")
 def make_fixture(
     out_dir: Path = typer.Argument(..., help="directory to create (the tiny Gemma-2 model goes here)"),
-    checkpoints: bool = typer.Option(True, help="also write random FLAS checkpoints under OUT_DIR/flas-*"),
+    checkpoints: bool = typer.Option(True, help="also write FLAS checkpoints under OUT_DIR/flas-*: the trained "
+                                     "toy flow (flas-trained) and random ones"),
     overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
 ) -> None:
-    """Build a deterministic tiny Gemma-2 model (and random FLAS checkpoints) loadable by vLLM and transformers."""
+    """Build a deterministic tiny Gemma-2 model (and FLAS checkpoints) loadable by vLLM and transformers."""
     from flas_vllm.testing.checkpoints import make_random_flas_checkpoint
     from flas_vllm.testing.fixtures import make_fixture as build
+    from flas_vllm.testing.trained_flow import train_fixture_flow
 
     model_dir = build(out_dir / "model", overwrite=overwrite)
     typer.echo(f"model: {model_dir}")
     if checkpoints:
+        info = train_fixture_flow(model_dir, out_dir / "flas-trained")
+        typer.echo(f"checkpoint: {out_dir / 'flas-trained'} (trained in {info['train_seconds']} s, "
+                   f"loss {info['first_loss']} -> {info['final_loss']})")
         variants = {
             "flas-1block": dict(num_blocks=1),
             "flas-2block": dict(num_blocks=2),

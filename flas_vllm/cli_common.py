@@ -13,12 +13,15 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 """Context settings of a command that takes any vLLM engine argument (`--gpu-memory-utilization`, ...)."""
 
 FIXTURE = "fixture"
+FIXTURE_CHECKPOINTS = (FIXTURE, "fixture-random")
+FIXTURE_CONCEPTS = "fixture_concepts.jsonl"
 FIXTURE_KV_BYTES = 256 * 1024 * 1024
 
 MODEL_OPTION = typer.Option(..., help="the base model (Gemma-2, Gemma-3, Qwen3, Llama-3.1): directory or Hugging "
                                       "Face id ('fixture': the built-in tiny test model, built on first use)")
-CHECKPOINT_OPTION = typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id ('fixture': a random "
-                                           "checkpoint for --model fixture)")
+CHECKPOINT_OPTION = typer.Option(..., help="FLAS checkpoint: file, directory or Hub repo id (for --model fixture: "
+                                           "'fixture', a toy flow trained on the fixture's three concepts, or "
+                                           "'fixture-random', random weights)")
 N_STEPS_OPTION = typer.Option(None, min=1, help="Euler steps per request (default: the checkpoint config's)")
 EAGER_OPTION = typer.Option(False, "--eager", help="skip vLLM compilation (faster start; vLLM's --enforce-eager)")
 MAX_CONCEPTS_OPTION = typer.Option(None, min=1, help=f"concept slots held at once (default {D['max_concepts']})")
@@ -57,14 +60,18 @@ def floats(text: str, option: str) -> list[float]:
 
 
 def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
-    """`--model fixture` / `--flas-checkpoint fixture`: the built-in tiny model and a random checkpoint for it."""
-    if flas_checkpoint == FIXTURE and not Path(FIXTURE).exists():
+    """`--model fixture`: the built-in tiny model; `--flas-checkpoint fixture` / `fixture-random`: its
+    trained toy flow / a random flow."""
+    if flas_checkpoint in FIXTURE_CHECKPOINTS and not Path(flas_checkpoint).exists():
         if model != FIXTURE:
-            raise typer.BadParameter("'fixture' is a random checkpoint for the built-in fixture model only: "
+            raise typer.BadParameter(f"{flas_checkpoint!r} is a checkpoint for the built-in fixture model only: "
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
         from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+        from flas_vllm.testing.trained_flow import ensure_trained_flas_checkpoint
 
         model_dir = _fixture_dir()
+        if flas_checkpoint == FIXTURE:
+            return str(model_dir), str(ensure_trained_flas_checkpoint(model_dir))
         return str(model_dir), str(ensure_flas_checkpoint(model_dir, num_blocks=1))
     if model == FIXTURE and not Path(FIXTURE).exists():
         return str(_fixture_dir()), flas_checkpoint

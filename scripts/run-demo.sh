@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine -> steered vs unsteered generations on the embedded tiny fixture.
+# Fresh machine -> the embedded tiny fixture steered toward three concepts by a toy flow trained for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -11,7 +11,7 @@ from typing import Optional, get_type_hints
 import typer
 
 from flas_vllm.cli_common import (
-    CHECKPOINT_OPTION, EAGER_OPTION, MAX_CONCEPTS_OPTION, MODEL_OPTION, N_STEPS_OPTION, PASS_THROUGH, engine_kwargs,
+    FIXTURE, FIXTURE_CONCEPTS, CHECKPOINT_OPTION, EAGER_OPTION, MAX_CONCEPTS_OPTION, MODEL_OPTION, N_STEPS_OPTION, PASS_THROUGH, engine_kwargs,
     floats, optional_path, resolve_fixture,
 )
 
@@ -28,7 +28,8 @@ def generate(
     model: str = MODEL_OPTION,
     flas_checkpoint: str = CHECKPOINT_OPTION,
     concepts: Optional[Path] = typer.Option(None, help="AxBench metadata.jsonl, parquet, CSV or a text list "
-                                                       "(default: the bundled AxBench Concept500 list)"),
+                                                       "(default: the bundled AxBench Concept500 list; 'fixture': "
+                                                       "the three concepts the fixture flow was trained on)"),
     num_concepts: Optional[int] = typer.Option(None, min=1, help="only the first N concepts of the concept file, "
                                                                  "in file order (default: all)"),
     concept_ids_file: Optional[str] = typer.Option(
@@ -63,7 +64,7 @@ def generate(
     engine = engine_kwargs(model, ctx.args, eager=eager)
     model, flas_checkpoint = resolve_fixture(model, flas_checkpoint)
     spec = GenerateSpec(
-        model=model, checkpoint=flas_checkpoint, concepts=str(optional_path(concepts, BUNDLED_CONCEPTS)),
+        model=model, checkpoint=flas_checkpoint, concepts=str(_concepts_path(concepts)),
         prompts=str(optional_path(prompts, BUNDLED_PROMPTS)), num_prompts=num_prompts,
         flowtimes=floats(flowtimes, "--flowtimes"),
         settings=GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -79,6 +80,13 @@ def generate(
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc))
     typer.echo(f"{table.num_rows} rows in {out / 'generations.parquet'}")
+
+
+def _concepts_path(path: Optional[Path]) -> Path:
+    """`--concepts fixture`: the concepts the fixture flow was trained on; none: Concept500."""
+    if path is not None and str(path) == FIXTURE and not path.exists():
+        return optional_path(None, FIXTURE_CONCEPTS)
+    return optional_path(path, BUNDLED_CONCEPTS)
 
 
 def judge(
