@@ -279,7 +279,9 @@ def test_ray_eval_with_a_killed_actor_matches_the_single_process_run(tiny_model,
     killer = threading.Thread(target=kill_one_actor_once_work_is_on_disk, daemon=True)
     killer.start()
     try:
-        table = run_generate_ray(spec, tmp_path, num_actors=2, shards_per_actor=1)
+        # 4 shards for 2 actors: an actor still has work queued when the first part appears, so the kill
+        # lands mid-run whatever the timing (with one shard each, both could finish first)
+        table = run_generate_ray(spec, tmp_path, num_actors=2, shards_per_actor=2)
     finally:
         ray.shutdown()
     killer.join(timeout=5)
