@@ -889,10 +889,13 @@ def test_own_concept_encoder_from_a_training_checkpoint(tiny_model, make_ckpt, d
 
 
 def test_concepts_are_truncated_to_64_tokens_whatever_concept_max_len_says(tiny_model, make_ckpt, long_text,
-                                                                           caplog):
+                                                                           caplog, monkeypatch):
     import logging
 
+    from flas_vllm.core import concept
     from flas_vllm.reference.hf import HFSteerer
+
+    monkeypatch.setattr(concept, "_warned", set())  # warned once per process: an earlier test may have warned
 
     with caplog.at_level(logging.WARNING, logger="flas_vllm.core.concept"):
         steerer = HFSteerer.from_pretrained(tiny_model, make_ckpt(concept_max_len=8))

@@ -62,9 +62,7 @@ def offline_results(tiny_model, ckpt):
     """Each case's greedy output from offline FlasLLM (the reference the server must match)."""
     from vllm import SamplingParams
 
-    from flas_vllm.core import steering
-
-    from flas_vllm import FlasLLM
+    from flas_vllm import FlasLLM, steering
     from flas_vllm.engine.llm import shutdown_engine
 
     llm = FlasLLM(str(tiny_model), str(ckpt), max_concepts=16, **ENGINE_ARGS)
