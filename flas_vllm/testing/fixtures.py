@@ -22,7 +22,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 __all__ = [
     "FIXTURE_VERSION",
@@ -223,9 +223,15 @@ def build_tiny_gemma2(
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    return build_atomically(out, lambda tmp: _build_into(tmp, seed=seed, train_steps=train_steps), out.name)
+
+
+def build_atomically(out: pathlib.Path, build: Callable[[pathlib.Path], object], prefix: str) -> pathlib.Path:
+    """`build(tmp)` in a sibling temp directory renamed into place at the end: an interrupted build never
+    leaves a half-written result where a loader would pick it up."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{prefix}.build-", dir=out.parent))
     try:
-        _build_into(tmp, seed=seed, train_steps=train_steps)
+        build(tmp)
         # mkdtemp makes the dir 0700 and safetensors writes 0600: make the
         # shared cache readable by other users' test runs.
         os.chmod(tmp, 0o755)

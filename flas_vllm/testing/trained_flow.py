@@ -22,8 +22,6 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -285,7 +283,7 @@ def _cache_key(model_dir: Path, seed: int, steps: int) -> str:
 def ensure_trained_flas_checkpoint(model_dir: str | os.PathLike | None = None, *, seed: int = 0,
                                    steps: int = DEFAULT_TRAIN_STEPS) -> Path:
     """The cached trained checkpoint for the fixture model (default: the cached tiny Gemma-2), built once."""
-    from flas_vllm.testing.fixtures import _file_lock, _replace_dir, ensure_tiny_gemma2, fixture_cache_dir
+    from flas_vllm.testing.fixtures import _file_lock, build_atomically, ensure_tiny_gemma2, fixture_cache_dir
 
     model_dir = Path(model_dir) if model_dir is not None else ensure_tiny_gemma2()
     key = _cache_key(model_dir, seed, steps)
@@ -303,13 +301,9 @@ def ensure_trained_flas_checkpoint(model_dir: str | os.PathLike | None = None, *
     out.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out.parent / f".{key}.lock"):
         if not complete():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=out.parent))
-            try:
+            def build(tmp: Path) -> None:
                 info = train_fixture_flow(model_dir, tmp, seed=seed, steps=steps)
                 (tmp / _MARKER).write_text(json.dumps({**info, "key": key}, indent=2) + "\n")  # last: complete
-                os.chmod(tmp, 0o755)
-                _replace_dir(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+
+            build_atomically(out, build, key)
     return out
