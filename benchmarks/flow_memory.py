@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ceiling import FLOW, GEOMETRIES, Gemma2Layer  # noqa: E402
 
 from flas_vllm.core.flow import FlowFunction, integrate, rope_cos_sin  # noqa: E402
-from flas_vllm.engine.runtime import SlotTableKV  # noqa: E402
+from flas_vllm.engine.slot_table import SlotTableKV  # noqa: E402
 
 MIB = 1 << 20
 TARGET_EXTRA_MIB = 512

@@ -30,7 +30,7 @@ from torch import nn
 
 from flas_vllm.core.config import FlasConfig, FlowGeometry
 from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, integrate
-from flas_vllm.engine.runtime import SlotTableKV
+from flas_vllm.engine.slot_table import SlotTableKV
 
 
 def _gemma2(hidden, inter, heads, kv_heads, layers) -> tuple[FlowGeometry, int]:

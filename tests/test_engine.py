@@ -657,19 +657,30 @@ def graph_llm(tiny_model, ckpt2):
         tiny_model, ckpt2, "graph path (compiled)", max_concepts=MAX_CONCEPTS, max_n_steps=MAX_N_STEPS,
         graph_path=True, enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16,
         block_size=32, num_gpu_blocks_override=96, max_model_len=512, disable_log_stats=False,
+        # its workers can also publish steering through the Model Runner V2 model state (TestGraphPath's last test)
+        worker_extension_cls="flas_vllm.testing.v2_bridge.V2BridgeWorkerExtension",
     )
     yield llm
     TIMINGS["graph total"] = time.perf_counter() - t0
     shutdown_engine(llm)
 
 
+GRAPH_REQS = MIXED + N_STEPS_MIX
+
+
+@pytest.fixture(scope="class")
+def graph_solo(graph_llm, tiny_model) -> dict[str, Result]:
+    """Each request alone on the graph-path engine, its steering published by the V1 runner hook."""
+    return {r.name: run(graph_llm, tiny_model, [r])[0] for r in GRAPH_REQS}
+
+
 class TestGraphPath:
     def test_mixed_batch_equals_solo_under_chunked_prefill_and_preemption(self, graph_llm, main_llm, tiny_model,
-                                                                           solo):
+                                                                           solo, graph_solo):
         assert graph_llm.concept_stats()["flow_path"] == "graph"
         assert main_llm.concept_stats()["flow_path"] == "skip"
-        reqs = MIXED + N_STEPS_MIX
-        own_solo = {r.name: run(graph_llm, tiny_model, [r])[0] for r in reqs}
+        reqs = GRAPH_REQS
+        own_solo = graph_solo
         before = _metric(graph_llm, "vllm:num_preemptions")
         twice = reqs + reqs
         for req, res in zip(twice, run(graph_llm, tiny_model, twice)):
@@ -696,3 +707,39 @@ class TestGraphPath:
         assert_same(again, first, "prefix-cache hit on the graph path")
         other = run(graph_llm, tiny_model, [Req("prefix-ocean", PREFIX_LONG, OCEAN, 1.0)])[0]
         assert not other.num_cached_tokens, "a differently steered request reused steered KV"
+
+    def test_model_runner_v2_state_steers_as_v1(self, graph_llm, tiny_model, graph_solo):
+        """The V2 model state, fed V2's own objects made from each real step, publishes what V1 does.
+
+        V2 cannot run on CPU (it needs Triton); `flas_vllm.testing.v2_bridge` makes `NewRequestData`
+        and `InputBatch` objects from each step of this engine, with request rows in scrambled order and
+        requests missing from a step removed and added again (as V2 does on preemption), and lets
+        `FlasModelState` publish the step's steering. Outputs must equal the V1-published solo runs.
+        """
+        rpc = graph_llm.llm.collective_rpc
+        rpc("flas_test_v2_install", args=(7,))
+        try:
+            twice = GRAPH_REQS + GRAPH_REQS
+            before = _metric(graph_llm, "vllm:num_preemptions")
+            steered_before = graph_llm.concept_stats()["steered_requests"]
+            for req, res in zip(twice, run(graph_llm, tiny_model, twice)):
+                assert_same(res, graph_solo[req.name], f"{req.name} (V2 model state, mixed batch)")
+            assert _metric(graph_llm, "vllm:num_preemptions") > before, "no preemption was forced"
+            # a request added again after a gap is the same request, not a new steered one
+            steered = graph_llm.concept_stats()["steered_requests"] - steered_before
+            assert steered == sum(r.steered for r in twice)
+            counts = rpc("flas_test_v2_counts")[0]
+            assert counts["steps"] > 0 and counts["added"] == len(twice) and counts["readded"] > 0, counts
+            assert counts["removed"] == counts["added"] + counts["readded"], counts  # all finished
+            first = counts["rows"][:8]
+            assert first != sorted(first), counts  # rows handed out in V2's free-list order, not batch order
+            assert counts["staging_depth"] == 2, counts  # round-robin host staging under V2
+            # a dummy batch (profiling, CUDA-graph capture) names rows that live steered requests own
+            published = rpc("flas_test_v2_dummy_step", args=(LOVE, 3, 7))[0]
+            assert published["dummy"] == {"any_steered": False, "steered_tokens": 0, "rows": [0, 1, 2]}
+            assert published["live"] == {"any_steered": True, "steered_tokens": 7, "rows": [0, 1, 2]}
+        finally:
+            rpc("flas_test_v2_uninstall")
+        # and V1 publishes again afterwards
+        res = run(graph_llm, tiny_model, [MIXED[2]])[0]
+        assert_same(res, graph_solo[MIXED[2].name], "V1 again after the V2 bridge")

@@ -70,32 +70,54 @@ def test_plugin_sets_no_process_wide_runner_choice(monkeypatch):
 
 
 def test_where_v2_is_the_default_only_the_flas_engine_gets_v1(tiny_model, ckpt, monkeypatch):
-    """On a GPU (Triton present) vLLM picks V2 unless a feature needs V1; FLAS is such a feature, for itself."""
+    """On a GPU (Triton present) vLLM picks V2 unless a feature needs V1; FLAS asks V1 for itself, by default."""
     import vllm.config.vllm as vllm_config_module
 
     flas, plain = _config(tiny_model, ckpt), _config(tiny_model)
     monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
     assert flas.use_v2_model_runner is False
-    assert "FLAS steering (FlasGemma2ForCausalLM)" in flas._get_v2_model_runner_unsupported_features()
+    entry = f"FLAS steering (FlasGemma2ForCausalLM) unless {V2}=1 is set"
+    assert entry in flas._get_v2_model_runner_unsupported_features()
     assert plain.use_v2_model_runner is True
 
 
-def test_v2_asked_for_by_the_user_is_refused_before_the_engine(tiny_model, ckpt, monkeypatch):
-    monkeypatch.setenv(V2, "1")
-    with pytest.raises(FlasConfigError, match=f"{V2}=1 is set.*unsteered.*Set {V2}=0"):
-        _config(tiny_model, ckpt)
-
-
-def test_v2_forced_by_an_option_is_refused_in_the_worker_too(tiny_model, ckpt, monkeypatch):
-    """Watermarking or HiSparse select V2 even over VLLM_USE_V2_MODEL_RUNNER=0; the model must not start."""
-    from vllm.config import VllmConfig
+def test_v2_asked_for_by_name_runs_flas_through_its_model_state(tiny_model, ckpt, monkeypatch):
+    """VLLM_USE_V2_MODEL_RUNNER=1: the config is accepted and vLLM's own lookup finds FLAS's model state."""
+    import vllm.config.vllm as vllm_config_module
+    from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
 
     from flas_vllm.engine.checks import check_runner
+    from flas_vllm.engine.model import FlasGemma2ForCausalLM
+    from flas_vllm.engine.model_state import FlasModelState
+
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)  # V2 needs Triton, which vLLM's CPU build lacks
+    monkeypatch.setenv(V2, "1")
+    config = _config(tiny_model, ckpt)
+    assert config.use_v2_model_runner is True
+    assert not any("FLAS" in f for f in config._get_v2_model_runner_unsupported_features())
+    check_runner(config)  # the worker's check passes: V2 calls the model state, no runner hook needed
+    model = FlasGemma2ForCausalLM.__new__(FlasGemma2ForCausalLM)  # the lookup needs the class, not weights
+    assert resolve_model_state_cls(config, model) is FlasModelState
+
+
+def test_v2_forced_by_an_option_is_refused_by_name_unless_asked_for(tiny_model, ckpt, monkeypatch):
+    """Watermarking or HiSparse select V2 whatever the default; vLLM's own V2 check then names FLAS and the fix."""
+    import vllm.config.vllm as vllm_config_module
 
     config = _config(tiny_model, ckpt)
-    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
-    with pytest.raises(FlasConfigError, match=f"only V2 supports forced it.*Set {V2}=0"):
-        check_runner(config)
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    with pytest.raises(ValueError, match=f"FLAS steering \\(FlasGemma2ForCausalLM\\) unless {V2}=1 is set"):
+        config._validate_v2_model_runner()
+    monkeypatch.setenv(V2, "1")
+    config._validate_v2_model_runner()  # asked for by name: V2 runs FLAS
+
+
+def test_adaptive_draft_verification_is_refused_by_name(tiny_model, ckpt):
+    """Its per-request token counts are decided on the device: per-token steering cannot be laid out."""
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3,
+            "enable_adaptive_verification": True}
+    with pytest.raises(FlasConfigError, match="^speculative_config.enable_adaptive_verification=True: flas-vllm"):
+        _config(tiny_model, ckpt, speculative_config=spec)
 
 
 def test_a_v1_runner_without_the_flas_hook_is_refused(tiny_model, ckpt, monkeypatch):

@@ -8,7 +8,8 @@ import torch
 
 from flas_vllm.core.config import FlowGeometry
 from flas_vllm.core.flow import cross_attend
-from flas_vllm.engine.runtime import SlotTableKV
+from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.step_buffers import StepBuffers
 
 G = FlowGeometry(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
                  num_hidden_layers=4, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=16,
@@ -34,8 +35,8 @@ def _attend(t, slots, q, block=1, grouped=True):
     device_slots = torch.from_numpy(slots_np)
     t.token_slots = device_slots
     t.groups = None
-    if grouped:
-        t.plan_step(slots_np, device_slots)
+    if grouped:  # the group indices reach the device as the engine copies them: through StepBuffers' staging
+        t.plan_step(slots_np, device_slots, StepBuffers(len(slots_np), torch.float32, "cpu").stage_order)
     return t.attend(block, q)
 
 

@@ -3,9 +3,9 @@
 Steering is per token: each forward pass reads one token -> request mapping.
 Tensor or pipeline parallelism would need the flow and the concept encoder
 sharded, and dual-batch overlap (micro-batching) runs the forward once per
-slice of that mapping, so each would steer the wrong tokens; a runner FLAS
-does not hook would steer nothing at all. All are refused by name where the
-user set them. `patches/engine_config.py` runs these checks on every engine
+slice of that mapping, and adaptive draft verification lays it out on the
+device, so each would steer the wrong tokens; a runner FLAS does not drive
+would steer nothing at all. All are refused by name where the user set them. `patches/engine_config.py` runs these checks on every engine
 config (`FlasLLM`, `flas-vllm serve`, a plain `vllm.LLM` with FLAS
 `hf_overrides`), and the model's constructor repeats the runner and
 fingerprint checks in the worker. Non-FLAS engines are never touched.
@@ -59,19 +59,20 @@ def check_parallelism(*, tensor_parallel_size: int, pipeline_parallel_size: int,
         )
 
 
-def flas_drives_v2() -> bool:
-    """True once the FLAS model provides a Model Runner V2 model state (`get_model_state_cls`)."""
-    from flas_vllm.engine.model import FlasCausalLMMixin
+# vLLM's automatic runner choice gives FLAS engines its V1 runner: the V2 path (engine/model_state.py)
+# is unit-tested on CPU but needs Triton to run end to end, so it has not yet run in a whole engine.
+# VLLM_USE_V2_MODEL_RUNNER=1 selects it explicitly.
+V2_BY_DEFAULT = False
 
-    return hasattr(FlasCausalLMMixin, "get_model_state_cls")
 
+def v1_preference(model_config: Any) -> str | None:
+    """The entry FLAS adds to vLLM's "V2 does not support" list, or None where V2 was asked for by name."""
+    import vllm.envs as envs
 
-def _v2_refusal(reason: str) -> FlasConfigError:
-    return FlasConfigError(
-        f"{V2_ENV}: vLLM selected its Model Runner V2 ({reason}), which flas-vllm cannot drive yet: "
-        f"every request would run unsteered. Set {V2_ENV}=0 (and drop options that require V2, "
-        "such as watermarking or HiSparse attention)"
-    )
+    if V2_BY_DEFAULT or envs.VLLM_USE_V2_MODEL_RUNNER is not None:
+        return None
+    archs = ", ".join(getattr(model_config, "architectures", None) or []) or "FLAS"
+    return f"FLAS steering ({archs}) unless {V2_ENV}=1 is set"
 
 
 def check_engine_args(args: Any) -> None:
@@ -81,21 +82,29 @@ def check_engine_args(args: Any) -> None:
     check_parallelism(tensor_parallel_size=args.tensor_parallel_size,
                       pipeline_parallel_size=args.pipeline_parallel_size,
                       enable_dbo=bool(args.enable_dbo), ubatch_size=int(args.ubatch_size or 0))
-    import vllm.envs as envs
+    check_speculative(getattr(args, "speculative_config", None))
 
-    if envs.VLLM_USE_V2_MODEL_RUNNER and not flas_drives_v2():
-        raise _v2_refusal(f"{V2_ENV}=1 is set")
+
+def check_speculative(spec: Any) -> None:
+    """`spec`: EngineArgs' speculative_config (a dict) or vLLM's SpeculativeConfig."""
+    adaptive = spec.get("enable_adaptive_verification") if isinstance(spec, Mapping) else getattr(
+        spec, "enable_adaptive_verification", False)
+    if adaptive:
+        raise FlasConfigError(
+            "speculative_config.enable_adaptive_verification=True: flas-vllm does not support adaptive draft "
+            "verification (each request's token count is decided on the device, so per-token steering "
+            "cannot be laid out in advance); leave it off"
+        )
 
 
 def check_runner(vllm_config: Any) -> None:
-    """Refuse a model runner whose per-step hook FLAS does not have: it would steer nothing, silently."""
-    if vllm_config.use_v2_model_runner:
-        if flas_drives_v2():
-            return
-        import vllm.envs as envs
+    """Refuse a model runner FLAS does not drive: it would steer nothing, silently.
 
-        raise _v2_refusal(f"{V2_ENV}=1 is set" if envs.VLLM_USE_V2_MODEL_RUNNER else
-                          "an engine option that only V2 supports forced it")
+    V2 drives steering through the model's own state class (`get_model_state_cls`);
+    V1 through the runner hook, which the general plugin installs.
+    """
+    if vllm_config.use_v2_model_runner:
+        return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not getattr(GPUModelRunner._prepare_inputs, "__flas_patched__", False):
@@ -128,6 +137,7 @@ def check_vllm_config(vllm_config: Any) -> None:
     pc = vllm_config.parallel_config
     check_parallelism(tensor_parallel_size=pc.tensor_parallel_size, pipeline_parallel_size=pc.pipeline_parallel_size,
                       enable_dbo=bool(pc.enable_dbo), ubatch_size=int(pc.ubatch_size or 0))
+    check_speculative(vllm_config.speculative_config)
     check_runner(vllm_config)
     stamp_fingerprint(vllm_config.model_config.hf_config)
 

@@ -31,7 +31,9 @@ from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine.checks import check_fingerprint, check_runner
 from flas_vllm.core.families import FAMILIES, Family, text_config
 from flas_vllm.core.flow import integrate
-from flas_vllm.engine.runtime import FlasRuntime, SlotTableKV, StepBuffers
+from flas_vllm.engine.runtime import FlasRuntime
+from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +247,17 @@ class FlasCausalLMMixin:
         object.__setattr__(self, "_flas", steer)  # not a second registration of the same module
         text_model.flas_runtime = steer.runtime
 
-    # Called by patches/runner_hook.py before each forward.
+    def get_model_state_cls(self) -> type:
+        """Model Runner V2's per-model extension point: steering rows per request (model_state.py)."""
+        from flas_vllm.engine.model_state import FlasModelState
+
+        return FlasModelState
+
+    # V1 runner: called by patches/runner_hook.py before each forward.
     def flas_prepare_step(self, req_ids, num_scheduled_tokens, requests) -> None:
         self._flas.runtime.prepare_step(req_ids, num_scheduled_tokens, requests)
 
-    # Called by patches/runner_hook.py when the runner drops a finished or aborted request.
+    # V1 runner: called by patches/runner_hook.py when the runner drops a finished or aborted request.
     def flas_request_finished(self, req_id: str) -> None:
         self._flas.runtime.finish(req_id)
 

@@ -7,11 +7,11 @@ parallelism and a runner FLAS cannot drive are refused by name, and the
 checkpoint's fingerprint joins the compile-cache key.
 
 Wraps `VllmConfig._get_v2_model_runner_unsupported_features`, vLLM's own list
-of "features V2 lacks, so use V1": for a FLAS model (only) it adds FLAS
-steering while the FLAS model has no V2 model state. vLLM then picks V1 for
-that engine and says why, an explicit `VLLM_USE_V2_MODEL_RUNNER` still wins
-(and is refused by the check above), and every other model keeps vLLM's
-default runner.
+of "features V2 lacks, so use V1": for a FLAS model (only), and only where
+`VLLM_USE_V2_MODEL_RUNNER` is unset, it adds FLAS steering (see
+`checks.V2_BY_DEFAULT`). vLLM then picks V1 for that engine and says why; an
+explicit `VLLM_USE_V2_MODEL_RUNNER=1` runs FLAS on V2 (`engine/model_state.py`);
+every other model keeps vLLM's default runner.
 """
 
 from __future__ import annotations
@@ -38,12 +38,10 @@ def _make_unsupported(original):
     @functools.wraps(original)
     def _get_v2_model_runner_unsupported_features(self, *args, **kwargs):
         found = original(self, *args, **kwargs)
-        from flas_vllm.engine.checks import flas_drives_v2, is_flas_model
+        from flas_vllm.engine.checks import is_flas_model, v1_preference
 
-        if is_flas_model(self.model_config) and not flas_drives_v2():
-            archs = ", ".join(getattr(self.model_config, "architectures", None) or []) or "FLAS"
-            found = [*found, f"FLAS steering ({archs})"]
-        return found
+        entry = v1_preference(self.model_config) if is_flas_model(self.model_config) else None
+        return [*found, entry] if entry else found
 
     return _get_v2_model_runner_unsupported_features
 

@@ -1,0 +1,159 @@
+"""Each steered token's concept keys and values, read from a fixed table of concept slots.
+
+A concept is encoded once into a slot; every token of a request steered by it
+gathers that slot's keys and values for the flow's cross-attention. The table
+is preallocated, so a traced graph (or a captured CUDA graph) reads the same
+memory every step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from flas_vllm.core.config import FlowGeometry
+from flas_vllm.core.flow import cross_attend_heads, expand_concept_kv
+
+
+LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped
+ATTEND_WORKSPACE_BYTES = 256 << 20  # gathered concept keys + values of one chunk of tokens, per attend
+
+
+def attend_slots(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 valid: torch.Tensor, cap: float | None, chunk: int) -> torch.Tensor:
+    """Each token's cross-attention to its own slot's keys, `chunk` tokens at a time.
+
+    q [n, nH, D]; slots [n]; keys/values [slots, nH, L, D]; valid [slots, L]. A
+    token's gathered keys and values take nH*L*D elements each (at Gemma-2-2B
+    geometry and 16384 tokens, 4 GiB per tensor all at once), so they are gathered
+    one chunk at a time. Per-token arithmetic does not depend on the chunking.
+    """
+    n = q.shape[0]
+    if n <= chunk:
+        return _attend_rows(q, slots, keys, values, valid, cap)
+    out = torch.empty_like(q)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        out[start:end] = _attend_rows(q[start:end], slots[start:end], keys, values, valid, cap)
+    return out
+
+
+def _attend_rows(q, slots, keys, values, valid, cap):
+    kk = keys.index_select(0, slots)  # [n, nH, L, D], contiguous
+    vv = values.index_select(0, slots)
+    return cross_attend_heads(q[:, None], kk, vv, valid.index_select(0, slots), cap)[:, 0]
+
+
+@torch.library.custom_op("flas::attend_slots", mutates_args=())
+def _attend_slots_op(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     valid: torch.Tensor, cap: float | None, chunk: int) -> torch.Tensor:
+    """`attend_slots` as one opaque op for traced graphs: its chunk loop follows the token count at run
+    time (a compiled graph has a symbolic count; a captured CUDA graph runs it at its capture size)."""
+    return attend_slots(q, slots, keys, values, valid, cap, chunk)
+
+
+@_attend_slots_op.register_fake
+def _(q, slots, keys, values, valid, cap, chunk):
+    return torch.empty_like(q)
+
+
+class SlotTableKV(nn.Module):
+    """Per-block concept keys/values in a fixed table; each token reads its own slot.
+
+    Stored already expanded to query heads ([slot, nH, Lc, D], see `expand_concept_kv`)
+    so a step gathers each token's keys in one copy instead of three.
+
+    Where the step may branch on data (no CUDA graphs: the flow runs as an opaque op),
+    `plan_step` groups tokens by their concept's length rounded up to LENGTH_BUCKET and
+    each group gathers and attends over that many key positions instead of the full
+    `concept_max_len`: most concepts are far shorter, and the gather is the flow's
+    largest memory cost. A token's arithmetic depends only on its own concept, never on
+    the rest of the batch, so mixed batches stay bit-identical to solo runs.
+    """
+
+    def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device):
+        super().__init__()
+        shape = (num_blocks, capacity + 1, g.num_heads, max_len, g.head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        valid = torch.zeros(capacity + 1, max_len, dtype=torch.bool, device=device)
+        valid[0, 0] = True  # the null slot attends to one zero key: finite, and never used
+        self.register_buffer("valid", valid, persistent=False)
+        self.cap = g.attn_logit_softcapping
+        self.num_heads = g.num_heads
+        self.head_dim = g.head_dim
+        self.max_len = max_len
+        self.workspace_bytes = ATTEND_WORKSPACE_BYTES
+        self.token_slots: torch.Tensor | None = None
+        # host copy: each slot's key length rounded up to LENGTH_BUCKET (the null slot: one bucket)
+        self.bucket_len = np.full(capacity + 1, min(LENGTH_BUCKET, max_len), dtype=np.int64)
+        self.groups: list[tuple[int, torch.Tensor | None, torch.Tensor]] | None = None
+
+    def plan_step(self, token_slots: np.ndarray, device_slots: torch.Tensor,
+                  stage_order: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
+        """Group this step's tokens by bucketed concept length: [(length, token index or None, slots)].
+
+        The token indices of all groups are one host array (tokens sorted by length) that
+        `stage_order` copies to the device without a sync (pinned, non-blocking; see StepBuffers);
+        each group is a slice of it.
+        """
+        lengths = self.bucket_len[token_slots]
+        found = np.unique(lengths)
+        if len(found) <= 1:
+            length = int(found[0]) if len(found) else self.max_len
+            self.groups = [(length, None, device_slots[: len(token_slots)])]
+            return
+        order = np.argsort(lengths, kind="stable")
+        if stage_order is None:
+            device_order = torch.from_numpy(order).to(device_slots.device)
+        else:
+            device_order = stage_order(order)
+        bounds = np.searchsorted(lengths[order], found, side="right")
+        self.groups = []
+        start = 0
+        for length, end in zip(found, bounds):
+            idx = device_order[start:end]
+            self.groups.append((int(length), idx, device_slots.index_select(0, idx)))
+            start = int(end)
+
+    def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        groups = self.groups
+        if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
+            groups = [(self.max_len, None, self.token_slots[:n])]  # traced graphs: one full-length gather
+        out = None if len(groups) == 1 else torch.empty_like(q)
+        for length, idx, slots in groups:
+            qg = q if idx is None else q.index_select(0, idx)
+            keys, values = self.keys[block, :, :, :length], self.values[block, :, :, :length]
+            valid = self.valid[:, :length]
+            chunk = self.chunk_tokens(length, q.element_size())
+            attend = _attend_slots_op if torch.compiler.is_compiling() else attend_slots
+            res = attend(qg, slots, keys, values, valid, self.cap, chunk)
+            if out is None:
+                return res
+            out.index_copy_(0, idx, res)
+        return out
+
+    def chunk_tokens(self, length: int, itemsize: int) -> int:
+        """Tokens per gather so that one chunk's keys + values fit in `workspace_bytes`."""
+        per_token = 2 * self.num_heads * length * self.head_dim * itemsize
+        return max(1, self.workspace_bytes // per_token)
+
+    @torch.inference_mode()
+    def write(self, slot: int, per_block_kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        n = None
+        for b, kv in enumerate(per_block_kv):
+            if kv is None:
+                continue
+            k, v = kv
+            n = k.shape[0]
+            self.keys[b, slot].zero_()
+            self.values[b, slot].zero_()
+            self.keys[b, slot, :, :n] = expand_concept_kv(k, self.num_heads)
+            self.values[b, slot, :, :n] = expand_concept_kv(v, self.num_heads)
+        self.valid[slot].zero_()
+        self.valid[slot, : (n or 1)] = True
+        self.bucket_len[slot] = min(self.max_len, -(-(n or 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
