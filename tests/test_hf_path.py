@@ -209,3 +209,43 @@ def test_seeded_sampling_is_reproducible(nb1, short_prompts):
 def test_flowtimes_length_must_match(nb1, short_prompts):
     with pytest.raises(ValueError, match="flowtimes"):
         nb1.generate(short_prompts[:2], CONCEPT, [1.0, 1.0, 1.0], max_new_tokens=1)
+
+
+def test_multimodal_gemma3_steers_its_text_decoder_exactly_as_the_text_model(tmp_path):
+    """google/gemma-3-4b-* are multimodal: the transformers path must steer the language model inside.
+
+    The same text decoder saved as a plain `Gemma3ForCausalLM` is the reference: greedy steered
+    generations and their scores must be identical (fp32).
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
+
+    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.testing.family_models import ensure_family_model
+
+    mm_dir = ensure_family_model("gemma3-mm")
+    mm = AutoModelForCausalLM.from_pretrained(str(mm_dir), dtype=torch.float32, attn_implementation="eager")
+    assert type(mm).__name__ == "Gemma3ForConditionalGeneration"  # what the original loads for these bases
+    text_dir = tmp_path / "text-only"
+    text = Gemma3ForCausalLM(mm.config.text_config)
+    text.model.load_state_dict(mm.model.language_model.state_dict())
+    text.lm_head.weight = text.model.embed_tokens.weight
+    text.save_pretrained(text_dir)
+    for f in mm_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+            shutil.copy(f, text_dir / f.name)
+    text = AutoModelForCausalLM.from_pretrained(str(text_dir), dtype=torch.float32, attn_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(str(mm_dir))
+    ckpt = ensure_flas_checkpoint(mm_dir, num_blocks=1, layer=3, disable_self_attn=True)
+    prompt = tok("Write a short story about a lighthouse keeper.")["input_ids"]
+    prompts = [prompt, prompt]  # steered at T=2, and unsteered
+    outs = {}
+    for name, model in (("multimodal", mm), ("text", text)):
+        steerer = HFSteerer(model, tok, str(ckpt))
+        outs[name] = steerer.generate(prompts, "the ocean and sailing ships", [2.0, 0.0], max_new_tokens=12,
+                                      ignore_eos=True)
+    for got, want in zip(outs["multimodal"], outs["text"]):
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == want.logprobs
+    assert outs["multimodal"][0].token_ids != outs["multimodal"][1].token_ids  # the flow did steer

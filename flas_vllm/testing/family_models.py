@@ -10,14 +10,13 @@ fixed system block). head_dim is 32 or 64: vLLM's CPU attention needs one of its
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
-import shutil
-import tempfile
 
 from flas_vllm.testing.fixtures import _load_alpaca
 from flas_vllm.testing.tokenizer import GEMMA2_CHAT_TEMPLATE, GEMMA_TOKENIZER, VOCAB_SIZE, _build_tokenizer
-from flas_vllm.testing.fixtures import _file_lock, _save_model, fixture_cache_dir
+from flas_vllm.testing.fixtures import _file_lock, _save_model, build_atomically, fixture_cache_dir
 
 FAMILY_FIXTURE_VERSION = 1
 
@@ -99,25 +98,78 @@ def build_family_model(family: str, out_dir: pathlib.Path, *, seed: int = 0) -> 
     return out_dir
 
 
+# The multimodal wrapper of a Gemma-3 text decoder, as google/gemma-3-4b-* ship (a tiny SigLIP tower).
+GEMMA3_IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+GEMMA3_MM = {
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                      "vision_use_head": False},
+    "mm_tokens_per_image": 4,
+}
+
+
+def build_gemma3_multimodal(out_dir: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+    """`Gemma3ForConditionalGeneration` around the tiny Gemma-3 text decoder: config, tokenizer with the
+    image tokens, processor files, seeded random fp32 weights (vision tower included)."""
+    import torch
+    import transformers
+
+    spec = FAMILY_FIXTURES["gemma3"]
+    tok_spec = dict(spec["tokenizer"])
+    tok_spec["special_tokens"] = [*tok_spec["special_tokens"], *GEMMA3_IMAGE_TOKENS]
+    tok_spec["extra"] = [*tok_spec["extra"], *GEMMA3_IMAGE_TOKENS]
+    tokenizer = _build_tokenizer(_load_alpaca(), out_dir, tok_spec)
+    boi, eoi, image = (tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_IMAGE_TOKENS)
+    text = {k: v for k, v in spec["config"].items() if k not in ("architectures", "dtype")}
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=GEMMA3_MM["vision_config"], mm_tokens_per_image=GEMMA3_MM["mm_tokens_per_image"],
+        boi_token_index=boi, eoi_token_index=eoi, image_token_index=image, initializer_range=0.1,
+        architectures=["Gemma3ForConditionalGeneration"], dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)
+    _save_model(model.eval(), out_dir)
+    size = GEMMA3_MM["vision_config"]["image_size"]
+    processor_files = {
+        "preprocessor_config.json": {
+            "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+            "size": {"height": size, "width": size}, "do_resize": True, "do_rescale": True,
+            "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "rescale_factor": 1 / 255, "resample": 2, "do_convert_rgb": True, "do_pan_and_scan": False},
+        "processor_config.json": {"processor_class": "Gemma3Processor",
+                                  "image_seq_length": GEMMA3_MM["mm_tokens_per_image"]},
+    }
+    for name, content in processor_files.items():
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(boi_token=GEMMA3_IMAGE_TOKENS[0], eoi_token=GEMMA3_IMAGE_TOKENS[1], image_token=GEMMA3_IMAGE_TOKENS[2],
+               extra_special_tokens={"boi_token": GEMMA3_IMAGE_TOKENS[0], "eoi_token": GEMMA3_IMAGE_TOKENS[1],
+                                     "image_token": GEMMA3_IMAGE_TOKENS[2]})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = {"eos_token_id": spec["generation_eos"], "do_sample": False}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out_dir
+
+
 def ensure_family_model(family: str) -> pathlib.Path:
     """The cached tiny model of `family` ("gemma2" is the trained Gemma-2 fixture), built on first use."""
     if family == "gemma2":
         from flas_vllm.testing.fixtures import ensure_tiny_gemma2
 
         return ensure_tiny_gemma2()
-    if family not in FAMILY_FIXTURES:
-        raise ValueError(f"no tiny fixture for family {family!r}; known: gemma2, {', '.join(FAMILY_FIXTURES)}")
+    if family == "gemma3-mm":
+        build = build_gemma3_multimodal
+    elif family in FAMILY_FIXTURES:
+        build = functools.partial(build_family_model, family)
+    else:
+        raise ValueError(f"no tiny fixture for family {family!r}; known: gemma2, {', '.join(FAMILY_FIXTURES)}, "
+                         "gemma3-mm")
     cache = fixture_cache_dir()
     path = cache / f"tiny-{family}-v{FAMILY_FIXTURE_VERSION}"
     if (path / "model.safetensors").exists():
         return path
     with _file_lock(cache / f".tiny-{family}.lock"):
         if not (path / "model.safetensors").exists():
-            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tiny-{family}.build-", dir=cache))
-            try:
-                build_family_model(family, tmp)
-                tmp.rename(path)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            build_atomically(path, build, f"tiny-{family}")
     return path
