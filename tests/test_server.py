@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.serving import running_server
 
 pytestmark = pytest.mark.engine
 
@@ -29,12 +28,6 @@ PROMPTS = [
     "What is the capital of France?",
 ]
 ENGINE_ARGS = dict(dtype="float32", max_model_len=512, kv_cache_memory_bytes=256 * 1024 * 1024, enforce_eager=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cases():
@@ -82,38 +75,10 @@ def offline_results(tiny_model, ckpt):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, ckpt, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "flas_vllm.cli", "serve", str(tiny_model), "--flas-checkpoint", str(ckpt),
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--max-concepts", "16",
-        "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-        "--kv-cache-memory-bytes", str(256 * 1024 * 1024),
-    ]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
-    yield {"base": base, "log": log, "proc": proc}
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+    with running_server(tiny_model, ckpt, log, "--max-concepts", "16", "--dtype", "float32", "--max-model-len", "512",
+                        "--enforce-eager", "--kv-cache-memory-bytes", str(256 * 1024 * 1024), api_key=API_KEY) as srv:
+        yield srv
 
 
 @pytest.fixture()
