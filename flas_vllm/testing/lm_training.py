@@ -96,44 +96,15 @@ def _build_threads() -> int:
 
 
 def _train(model, seqs: list[tuple[list[int], int]], *, seed: int, steps: int) -> list[float]:
-    """Plain AdamW with a fixed, seeded batch order: same seed, same weights."""
-    import math
+    """Plain AdamW with a fixed, seeded batch order (testing/training.py): same seed, same weights."""
+    from flas_vllm.testing.training import right_padded, train
 
-    import torch
+    def loss_of(batch, _gen):
+        ids, valid, labels = right_padded([(s, 1 if _LOSS_ON_PROMPT else n) for s, n in batch], PAD_ID)
+        return model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
 
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.98), weight_decay=0.01)
-
-    def lr_at(step: int) -> float:
-        if step < _WARMUP:
-            return (step + 1) / _WARMUP
-        frac = (step - _WARMUP) / max(1, steps - _WARMUP)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order: list[int] = []
-    losses = []
     model.train()
-    for _ in range(steps):
-        if len(order) < _BATCH_SIZE:
-            order += torch.randperm(len(seqs), generator=gen).tolist()
-        batch = [seqs[i] for i in order[:_BATCH_SIZE]]
-        del order[:_BATCH_SIZE]
-        width = max(len(s) for s, _ in batch)
-        ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for r, (s, n_prompt) in enumerate(batch):  # right padding: positions stay 0..len-1
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-            start = 1 if _LOSS_ON_PROMPT else n_prompt
-            labels[r, start : len(s)] = ids[r, start : len(s)]
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train(list(model.parameters()), seqs, seed=seed, steps=steps, batch_size=_BATCH_SIZE, lr=_LR,
+                   warmup=_WARMUP, loss_of=loss_of)
     model.eval()
     return losses

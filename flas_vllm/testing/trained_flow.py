@@ -1,7 +1,7 @@
 """A tiny FLAS flow trained at fixture build time, so steering has a visible effect without a GPU.
 
-Random flow weights (fixture_checkpoints.py) prove the mechanics only. This
-module trains `flas_vllm.flow.FlowFunction` itself on the tiny Gemma-2 with
+Random flow weights (testing/checkpoints.py) prove the mechanics only. This
+module trains `flas_vllm.core.flow.FlowFunction` itself on the tiny Gemma-2 with
 FLAS's objective: language-model loss on positive examples only (a prompt,
 then text about the concept; loss on the text), base model and concept encoder
 frozen, the concept encoded by layers 0-1, a flowtime drawn uniformly from
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -180,6 +179,7 @@ def _train(steerer, examples, *, seed: int, steps: int) -> list[float]:
     """AdamW on the flow only; a seeded order and seeded per-example flowtimes."""
     from flas_vllm.core.flow import euler_dt
     from flas_vllm.reference.hf import _StreamState
+    from flas_vllm.testing.training import right_padded, train
 
     flow, model = steerer.flow, steerer.model
     for p in model.parameters():
@@ -187,31 +187,11 @@ def _train(steerer, examples, *, seed: int, steps: int) -> list[float]:
     encoded = {}
     for concept in {e[2] for e in examples}:  # frozen encoder: encode each concept once
         encoded[concept] = steerer.encode_concept(concept).clone()
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(flow.parameters(), lr=_LR, betas=(0.9, 0.98), weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < _WARMUP:
-            return (step + 1) / _WARMUP
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - _WARMUP) / max(1, steps - _WARMUP)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order: list[int] = []
-    losses = []
-    flow.train()
-    for _ in range(steps):
-        if len(order) < _BATCH_SIZE:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch = [examples[i] for i in order[:_BATCH_SIZE]]
-        del order[:_BATCH_SIZE]
-        b, width = len(batch), max(len(ids) for ids, _, _ in batch)
-        ids = torch.zeros((b, width), dtype=torch.long)
-        valid = torch.zeros((b, width), dtype=torch.bool)
-        labels = torch.full((b, width), -100, dtype=torch.long)
-        for r, (seq, n_prompt, _) in enumerate(batch):  # right padding: positions are 0..len-1
-            ids[r, : len(seq)] = torch.tensor(seq)
-            valid[r, : len(seq)] = True
-            labels[r, n_prompt : len(seq)] = ids[r, n_prompt : len(seq)]
+    def loss_of(batch, gen):
+        b = len(batch)
+        ids, valid, labels = right_padded([(seq, n_prompt) for seq, n_prompt, _ in batch], 0)
+        width = ids.shape[1]
         flowtime = T_MIN + (T_MAX - T_MIN) * torch.rand(b, generator=gen)
         dt = torch.stack([euler_dt(t, N_STEPS, flow.dtype) for t in flowtime])
         state = _StreamState()
@@ -219,13 +199,11 @@ def _train(steerer, examples, *, seed: int, steps: int) -> list[float]:
         concept = _RowConceptKV(flow, [encoded[c] for _, _, c in batch], width)
         with steerer._hook(state, steerer._new_caches(state, False, N_STEPS), concept, dt,
                            torch.ones(b, dtype=torch.bool), N_STEPS):
-            loss = model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+            return model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
+
+    flow.train()
+    losses = train(list(flow.parameters()), examples, seed=seed, steps=steps, batch_size=_BATCH_SIZE, lr=_LR,
+                   warmup=_WARMUP, loss_of=loss_of)
     flow.eval()
     return losses
 
