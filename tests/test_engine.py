@@ -679,6 +679,7 @@ class TestGraphPath:
                                                                            solo, graph_solo):
         assert graph_llm.concept_stats()["flow_path"] == "graph"
         assert main_llm.concept_stats()["flow_path"] == "skip"
+        assert main_llm.concept_stats()["model_runner"] == "v1"
         reqs = GRAPH_REQS
         own_solo = graph_solo
         before = _metric(graph_llm, "vllm:num_preemptions")

@@ -59,8 +59,9 @@ def check_parallelism(*, tensor_parallel_size: int, pipeline_parallel_size: int,
         )
 
 
-# vLLM's automatic runner choice gives FLAS engines its V1 runner: the V2 path (engine/model_state.py)
-# is unit-tested on CPU but needs Triton to run end to end, so it has not yet run in a whole engine.
+# vLLM's automatic runner choice gives FLAS engines its V1 runner. The V2 path (engine/model_state.py)
+# runs in whole engines on CPU only with Triton's interpreter standing in for a Triton backend
+# (tests/test_engine_v2.py), and has not yet run on a GPU (real Triton, CUDA graphs, async copies).
 # VLLM_USE_V2_MODEL_RUNNER=1 selects it explicitly.
 V2_BY_DEFAULT = False
 

@@ -29,6 +29,7 @@ class FlasModelState(DefaultModelState):
     def __init__(self, vllm_config, model, encoder_cache, device):
         super().__init__(vllm_config, model, encoder_cache, device)
         self.runtime = model.flas_runtime
+        self.runtime.model_runner = "v2"
         self.runtime.buffers.set_staging_depth(max(2, int(vllm_config.max_concurrent_batches)))
         n = self.max_num_reqs
         self.steered = np.zeros(n, dtype=bool)

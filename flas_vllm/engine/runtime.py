@@ -58,6 +58,7 @@ class FlasRuntime:
         self.any_steered = False  # is any token of this step steered?
         self.step_count = 0  # the most Euler steps any steered token of this step needs
         self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
+        self.model_runner = "v1"  # which vLLM runner publishes the steps: "v2" once its model state exists
 
     # -- concepts ---------------------------------------------------------------
 
@@ -102,6 +103,7 @@ class FlasRuntime:
         out["steered_requests"] = self.steered_requests
         out["concepts"] = self.slots.entries()
         out["flow_path"] = "skip" if self.group_by_length else "graph"  # eager skip path, or CUDA-graph-safe
+        out["model_runner"] = self.model_runner
         return out
 
     # -- per step -----------------------------------------------------------------

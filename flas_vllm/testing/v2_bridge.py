@@ -45,6 +45,7 @@ class V2Bridge:
             self.remove(rid)
         del self.model.flas_prepare_step, self.model.flas_request_finished
         self.model.flas_runtime.buffers.set_staging_depth(1)
+        self.model.flas_runtime.model_runner = "v1"
 
     # -- what V2's runner calls --------------------------------------------------
 

