@@ -69,7 +69,7 @@ class FlasModelState(DefaultModelState):
         inputs = super().prepare_inputs(input_batch, req_states)
         n = input_batch.num_reqs
         rows = input_batch.idx_mapping_np[:n]
-        # a dummy run (profiling, warm-up, CUDA-graph capture) has made-up req_ids: nothing steered
+        # a dummy run (profiling, warm-up) has made-up req_ids: nothing steered
         live = self.owner[rows] == np.asarray(input_batch.req_ids[:n], dtype=object)
         counts = np.diff(input_batch.query_start_loc_np[: n + 1])
         self.runtime.publish(

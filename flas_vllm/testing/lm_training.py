@@ -103,8 +103,5 @@ def _train(model, seqs: list[tuple[list[int], int]], *, seed: int, steps: int) -
         ids, valid, labels = right_padded([(s, 1 if _LOSS_ON_PROMPT else n) for s, n in batch], PAD_ID)
         return model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
 
-    model.train()
-    losses = train(list(model.parameters()), seqs, seed=seed, steps=steps, batch_size=_BATCH_SIZE, lr=_LR,
-                   warmup=_WARMUP, loss_of=loss_of)
-    model.eval()
-    return losses
+    return train(model, model.parameters(), seqs, seed=seed, steps=steps, batch_size=_BATCH_SIZE, lr=_LR,
+                 warmup=_WARMUP, loss_of=loss_of)

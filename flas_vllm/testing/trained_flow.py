@@ -201,11 +201,8 @@ def _train(steerer, examples, *, seed: int, steps: int) -> list[float]:
                            torch.ones(b, dtype=torch.bool), N_STEPS):
             return model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
 
-    flow.train()
-    losses = train(list(flow.parameters()), examples, seed=seed, steps=steps, batch_size=_BATCH_SIZE, lr=_LR,
-                   warmup=_WARMUP, loss_of=loss_of)
-    flow.eval()
-    return losses
+    return train(flow, flow.parameters(), examples, seed=seed, steps=steps, batch_size=_BATCH_SIZE, lr=_LR,
+                 warmup=_WARMUP, loss_of=loss_of)
 
 
 def train_fixture_flow(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 0,

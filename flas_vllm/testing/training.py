@@ -43,11 +43,13 @@ def right_padded(rows: Sequence[tuple[Sequence[int], int]], pad_id: int
     return ids, valid, labels
 
 
-def train(params: Sequence[torch.nn.Parameter], examples: Sequence[Example], *, seed: int, steps: int,
-          batch_size: int, lr: float, warmup: int,
+def train(module: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples: Sequence[Example], *,
+          seed: int, steps: int, batch_size: int, lr: float, warmup: int,
           loss_of: Callable[[list[Example], torch.Generator], torch.Tensor]) -> list[float]:
-    """`steps` AdamW steps on `params`; `loss_of(batch, generator)` may draw from the same seeded generator."""
+    """`steps` AdamW steps on `params` of `module` (in train mode meanwhile, eval mode after);
+    `loss_of(batch, generator)` may draw from the same seeded generator."""
     params = list(params)
+    module.train()
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
@@ -65,4 +67,5 @@ def train(params: Sequence[torch.nn.Parameter], examples: Sequence[Example], *, 
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    module.eval()
     return losses
