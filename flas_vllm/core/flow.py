@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flas_vllm.core.config import FlasConfig, FlowGeometry
-from flas_vllm.core.rope import apply_rope, rope_cos_sin
+from flas_vllm.core.rope import RopeTable, apply_rope, rope_cos_sin
+from flas_vllm.core.eager_numerics import mean_square, rounded
 
 TIME_EMBED_DIM = 128
 CONCEPT_MASK_VALUE = -1e4
@@ -48,10 +49,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(mean_square(x) + self.eps)
         if not self.offset:
-            return self.weight * xf.to(x.dtype)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+            return rounded(self.weight * rounded(xf.to(x.dtype)))
+        return rounded((xf * (1.0 + self.weight.float())).to(x.dtype))
 
 
 def flow_norm(g: FlowGeometry, dim: int) -> RMSNorm:
@@ -71,7 +72,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is None:
         return logits
-    return torch.tanh(logits / cap) * cap
+    return rounded(rounded(torch.tanh(rounded(logits / cap))) * cap)
 
 
 class TimeEmbedding(nn.Module):
@@ -89,7 +90,7 @@ class TimeEmbedding(nn.Module):
         )
         args = t.float()[..., None] * freqs
         emb = torch.cat((torch.sin(args), torch.cos(args)), dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(rounded(emb.to(self.mlp[0].weight.dtype)))
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def cross_attend_heads(
     cap: float | None,
 ) -> torch.Tensor:
     """`cross_attend` on keys/values already laid out by `expand_concept_kv` ([..., nH, Lc, D])."""
-    logits = torch.matmul(q.transpose(-3, -2), kk.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [..., nH, N, Lc]
+    logits = rounded(torch.matmul(q.transpose(-3, -2), kk.transpose(-1, -2)) * q.shape[-1] ** -0.5)  # [..., nH, N, Lc]
     logits = softcap(logits, cap)
     if valid is not None:
         logits = logits.masked_fill(~valid[..., None, None, :], CONCEPT_MASK_VALUE)
@@ -278,6 +279,7 @@ class FlowFunction(nn.Module):
         self.time_embed = TimeEmbedding(g.hidden_size)
         self.blocks = nn.ModuleList(FlowBlock(g, cfg) for _ in range(cfg.num_blocks))
         self.self_attn_scale = g.query_pre_attn_scalar**-0.5
+        self.rope = RopeTable(g.head_dim, g.rope_theta, g.rope_scaling)  # an engine builds its table once
 
     @property
     def dtype(self) -> torch.dtype:
@@ -302,25 +304,25 @@ class FlowFunction(nn.Module):
         """h: [..., H] (flow dtype); te: time embedding broadcastable to h; positions: h.shape[:-1]."""
         g = self.g
         h_in = h
-        cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, h.dtype, g.rope_scaling)
+        cos, sin = self.rope(positions, h.dtype)
         lead = h.shape[:-1]
         for i, block in enumerate(self.blocks):
-            h = h + te  # quirk: the time embedding enters at EVERY block
+            h = rounded(h + te)  # quirk: the time embedding enters at EVERY block
             if block.has_cross:
                 x = block.pre_cross_norm(h)
                 q = block.cross_attn.queries(x.reshape(-1, g.hidden_size), cos.reshape(-1, g.head_dim),
                                              sin.reshape(-1, g.head_dim))
                 out = concept.attend(i, q).reshape(*lead, -1)
-                h = h + block.cross_gate * block.post_cross_norm(block.cross_attn.o_proj(out))
+                h = rounded(h + rounded(block.cross_gate * block.post_cross_norm(block.cross_attn.o_proj(out))))
             if block.has_self:
                 x = block.pre_sa_norm(h)
                 out = block.self_attn(x, cos, sin, self_attn_cores[i])
-                h = h + block.self_attn_gate * block.post_sa_norm(out)
+                h = rounded(h + rounded(block.self_attn_gate * block.post_sa_norm(out)))
             if block.has_mlp:
                 x = block.pre_mlp_norm(h)
-                x = block.down_proj(block.act(block.gate_proj(x)) * block.up_proj(x))
-                h = h + block.mlp_gate * block.post_mlp_norm(x)
-        return h - h_in
+                x = block.down_proj(rounded(rounded(block.act(block.gate_proj(x))) * block.up_proj(x)))
+                h = rounded(h + rounded(block.mlp_gate * block.post_mlp_norm(x)))
+        return rounded(h - h_in)
 
 
 def euler_dt(flowtime: torch.Tensor | float, n_steps: int, dtype: torch.dtype) -> torch.Tensor:
@@ -349,9 +351,9 @@ def integrate(
     """
     dt = dt.to(h.dtype)
     for k in range(n_steps):
-        te = flow.time_embed(dt * k)  # t_k = dt * k in the flow dtype
+        te = flow.time_embed(rounded(dt * k))  # t_k = dt * k in the flow dtype
         v = flow(h, te, positions, concept, cores[k])
-        stepped = h + dt[..., None] * v
+        stepped = rounded(h + rounded(dt[..., None] * v))
         h = stepped if token_steps is None else torch.where((token_steps > k)[..., None], stepped, h)
     return h
 

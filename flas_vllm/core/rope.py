@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
+from flas_vllm.core.eager_numerics import rounded
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=(), device=None) -> torch.Tensor:
@@ -44,9 +47,35 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., heads, D]; cos/sin: [..., D] (broadcast over heads)."""
+    """x: [..., heads, D]; cos/sin: [..., D] (broadcast over heads). Each product and the sum round to x's dtype."""
     cos = cos.unsqueeze(-2)
     sin = sin.unsqueeze(-2)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return rounded(rounded(x * cos) + rounded(rotated * sin))
+
+
+class RopeTable(nn.Module):
+    """The flow's cos/sin tables: computed per call, or looked up in a table built once.
+
+    A compiler regenerates `rope_cos_sin` with its own cos/sin code and may drop the
+    rounding of the inverse frequencies; a table built eagerly at start-up (as vLLM's
+    rotary embedding keeps its cos/sin cache) is read by index, so a compiled graph gets
+    exactly the eager values. Without a table (the transformers path), tables are computed.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling=()):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+
+    @torch.no_grad()
+    def build(self, max_positions: int, dtype: torch.dtype, device=None) -> None:
+        positions = torch.arange(max_positions, device=device)
+        self.cos, self.sin = rope_cos_sin(positions, self.head_dim, self.theta, dtype, self.scaling)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None or self.cos.dtype != dtype:
+            return rope_cos_sin(positions, self.head_dim, self.theta, dtype, self.scaling)
+        return self.cos[positions], self.sin[positions]
