@@ -28,7 +28,7 @@ from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.flow import FlowFunction, dense_causal_attention, euler_dt
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_buffers import StepBuffers
-from flas_vllm.core.steering import Steering, read_canonical
+from flas_vllm.core.steering import Steering
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class FlasRuntime:
         `resumed`: the request ran before (Model Runner V2 drops preempted requests and adds them
         again), so it is not counted as a new steered request.
         """
-        steer = read_canonical(extra_args)  # validated once, in the front end; the scheduler failed invalid ones
+        steer = Steering.from_request(extra_args)  # validated once, in the front end; the scheduler failed invalid ones
         slot = 0
         if steer is not None:
             slot = self._ensure_encoded(steer.concept)
