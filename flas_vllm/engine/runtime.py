@@ -233,8 +233,7 @@ def encode_concept(model, ids: Sequence[int]) -> torch.Tensor:
     layers = [model.layers[0], model.layers[1]]
     hidden, residual = model.embed_input_ids(x), None
     with _dense_attention(layers, getattr(model.config, "attn_logit_softcapping", None)):
-        for layer in layers:  # never steered here, even where layer L is 0 or 1
-            forward = getattr(layer, "flas_unsteered_forward", layer)
-            hidden, residual = forward(positions, hidden, residual)
+        for layer in layers:  # never steered here, even where layer L is 0 or 1: `forward` runs no hook
+            hidden, residual = layer.forward(positions, hidden, residual)
     out, _ = model.norm(hidden, residual)
     return out
