@@ -39,9 +39,9 @@ def make_fixture(
     overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
 ) -> None:
     """Build a deterministic tiny Gemma-2 model (and FLAS checkpoints) loadable by vLLM and transformers."""
-    from flas_vllm.testing.checkpoints import make_random_flas_checkpoint
-    from flas_vllm.testing.fixtures import make_fixture as build
-    from flas_vllm.testing.trained_flow import train_fixture_flow
+    from flas_vllm.fixtures.checkpoints import make_random_flas_checkpoint
+    from flas_vllm.fixtures.tiny_gemma2 import make_fixture as build
+    from flas_vllm.fixtures.trained_flow import train_fixture_flow
 
     model_dir = build(out_dir / "model", overwrite=overwrite)
     typer.echo(f"model: {model_dir}")

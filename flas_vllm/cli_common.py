@@ -66,8 +66,8 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
         if model != FIXTURE:
             raise typer.BadParameter(f"{flas_checkpoint!r} is a checkpoint for the built-in fixture model only: "
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
-        from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-        from flas_vllm.testing.trained_flow import ensure_trained_flas_checkpoint
+        from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+        from flas_vllm.fixtures.trained_flow import ensure_trained_flas_checkpoint
 
         model_dir = _fixture_dir()
         if flas_checkpoint == FIXTURE:
@@ -79,7 +79,7 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
 
 
 def _fixture_dir() -> Path:
-    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
+    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
 
     return ensure_tiny_gemma2()
 

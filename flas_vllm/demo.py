@@ -1,7 +1,7 @@
 """The main job on an embedded default: steer a tiny fixture model and show that steering works.
 
 The default flow is a toy trained at fixture build time on three concepts
-(`flas_vllm/testing/trained_flow.py`); `random_flow=True` swaps in random weights, which change
+(`flas_vllm/fixtures/trained_flow.py`); `random_flow=True` swaps in random weights, which change
 the text but never toward a concept.
 """
 
@@ -21,9 +21,9 @@ def run_demo(*, max_tokens: int = 32, enforce_eager: bool = True, width: int = 9
              random_flow: bool = False) -> list[dict]:
     from vllm import SamplingParams
 
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-    from flas_vllm.testing.trained_flow import TRAINED_CONCEPTS, concept_word_share, ensure_trained_flas_checkpoint
-    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.trained_flow import TRAINED_CONCEPTS, concept_word_share, ensure_trained_flas_checkpoint
+    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
     from flas_vllm.engine.llm import FlasLLM
     from flas_vllm.core.steering import steering
 

@@ -104,3 +104,32 @@ def test_no_module_swaps_an_objects_class_at_run_time():
             swaps += [f"{path.relative_to(PACKAGE)}:{node.lineno}" for t in targets
                       if isinstance(t, ast.Attribute) and t.attr == "__class__"]
     assert not swaps, f"`x.__class__ = ...` (use a subclass, a wrapper module or a hook): {swaps}"
+
+
+def _imports(path: pathlib.Path):
+    """(line, module, names) of every import in a module; relative imports resolved."""
+    import ast
+
+    package = ".".join(("flas_vllm", *path.relative_to(PACKAGE).parent.parts))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, []
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            yield node.lineno, module, [a.name for a in node.names]
+
+
+def test_shipped_code_imports_no_test_only_module():
+    bad = [f"{p.relative_to(PACKAGE)}:{line}: {module}" for p in PACKAGE.rglob("*.py")
+           for line, module, _ in _imports(p)
+           if module.split(".")[0] in ("tests", "conftest", "pytest", "_pytest") or module == "flas_vllm.testing"]
+    assert not bad, f"flas_vllm/ imports test-only code: {bad}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [f"{p.relative_to(PACKAGE)}:{line}: from {module} import {name}" for p in PACKAGE.rglob("*.py")
+           for line, module, names in _imports(p) for name in names
+           if name.startswith("_") and not name.startswith("__")]
+    assert not bad, f"private names imported across modules (make them public or move them): {bad}"
