@@ -26,7 +26,7 @@ def demo(
                                      "toy flow: steering changes the text, but toward no concept"),
 ) -> None:
     """Steer a tiny built-in fixture toward three concepts at flowtimes 0, 1, 2; print the text and a measure."""
-    from flas_vllm.demo import run_demo
+    from flas_vllm.demo import run_demo  # lazy: the demo imports vLLM
 
     run_demo(max_tokens=max_tokens, enforce_eager=not compile, random_flow=random_flow)
 
