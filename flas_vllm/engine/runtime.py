@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from flas_vllm.core.concept import tokenize_concept
-from flas_vllm.engine.concept_cache import ConceptSlotTable
+from flas_vllm.engine.concept_cache import ConceptSlots
 from flas_vllm.core.concept_encoder import encode_with_decoder
 from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.flow import FlowFunction, dense_causal_attention, euler_dt
@@ -46,7 +46,7 @@ class FlasRuntime:
         self.concept_max_len = concept_max_len
         self.table = table
         self.buffers = buffers
-        self.slots = ConceptSlotTable(options.max_concepts, options.max_pinned)
+        self.slots = ConceptSlots(options.max_concepts, options.max_pinned)
         self._tokenizer_name = tokenizer_name
         self._tokenizer_kwargs = dict(tokenizer_kwargs)
         self._tokenizer = None
