@@ -26,7 +26,7 @@ def demo(
                                      "toy flow: steering changes the text, but toward no concept"),
 ) -> None:
     """Steer a tiny built-in fixture toward three concepts at flowtimes 0, 1, 2; print the text and a measure."""
-    from flas_vllm.demo import run_demo
+    from flas_vllm.demo import run_demo  # lazy: the demo imports vLLM
 
     run_demo(max_tokens=max_tokens, enforce_eager=not compile, random_flow=random_flow)
 
@@ -39,9 +39,9 @@ def make_fixture(
     overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
 ) -> None:
     """Build a deterministic tiny Gemma-2 model (and FLAS checkpoints) loadable by vLLM and transformers."""
-    from flas_vllm.testing.checkpoints import make_random_flas_checkpoint
-    from flas_vllm.testing.fixtures import make_fixture as build
-    from flas_vllm.testing.trained_flow import train_fixture_flow
+    from flas_vllm.fixtures.checkpoints import make_random_flas_checkpoint
+    from flas_vllm.fixtures.tiny_gemma2 import make_fixture as build
+    from flas_vllm.fixtures.trained_flow import train_fixture_flow
 
     model_dir = build(out_dir / "model", overwrite=overwrite)
     typer.echo(f"model: {model_dir}")

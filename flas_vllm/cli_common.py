@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
 from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D
+from flas_vllm.core.errors import FlasError
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 """Context settings of a command that takes any vLLM engine argument (`--gpu-memory-utilization`, ...)."""
@@ -25,6 +27,15 @@ CHECKPOINT_OPTION = typer.Option(..., help="FLAS checkpoint: file, directory or 
 N_STEPS_OPTION = typer.Option(None, min=1, help="Euler steps per request (default: the checkpoint config's)")
 EAGER_OPTION = typer.Option(False, "--eager", help="skip vLLM compilation (faster start; vLLM's --enforce-eager)")
 MAX_CONCEPTS_OPTION = typer.Option(None, min=1, help=f"concept slots held at once (default {D['max_concepts']})")
+
+
+@contextlib.contextmanager
+def refused_in_one_line() -> Iterator[None]:
+    """A model, checkpoint or setting refused before the engine starts: one line naming it, no traceback."""
+    try:
+        yield
+    except FlasError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def vllm_engine_args(args: list[str]) -> dict[str, Any]:
@@ -66,8 +77,8 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
         if model != FIXTURE:
             raise typer.BadParameter(f"{flas_checkpoint!r} is a checkpoint for the built-in fixture model only: "
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
-        from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-        from flas_vllm.testing.trained_flow import ensure_trained_flas_checkpoint
+        from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+        from flas_vllm.fixtures.trained_flow import ensure_trained_flas_checkpoint
 
         model_dir = _fixture_dir()
         if flas_checkpoint == FIXTURE:
@@ -79,7 +90,7 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
 
 
 def _fixture_dir() -> Path:
-    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
+    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
 
     return ensure_tiny_gemma2()
 

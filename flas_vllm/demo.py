@@ -1,13 +1,21 @@
 """The main job on an embedded default: steer a tiny fixture model and show that steering works.
 
 The default flow is a toy trained at fixture build time on three concepts
-(`flas_vllm/testing/trained_flow.py`); `random_flow=True` swaps in random weights, which change
+(`flas_vllm/fixtures/trained_flow.py`); `random_flow=True` swaps in random weights, which change
 the text but never toward a concept.
 """
 
 from __future__ import annotations
 
 import textwrap
+
+from vllm import SamplingParams
+
+from flas_vllm.core.steering import steering
+from flas_vllm.engine.llm import FlasLLM, shutdown_engine
+from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
+from flas_vllm.fixtures.trained_flow import TRAINED_CONCEPTS, concept_word_share, ensure_trained_flas_checkpoint
 
 # AlpacaEval questions the tiny model learned to answer, so the unsteered answer is fluent text.
 DEMO_PROMPTS = [
@@ -19,14 +27,6 @@ DEMO_FLOWTIMES = [0.0, 1.0, 2.0]
 
 def run_demo(*, max_tokens: int = 32, enforce_eager: bool = True, width: int = 96,
              random_flow: bool = False) -> list[dict]:
-    from vllm import SamplingParams
-
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-    from flas_vllm.testing.trained_flow import TRAINED_CONCEPTS, concept_word_share, ensure_trained_flas_checkpoint
-    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
-    from flas_vllm.engine.llm import FlasLLM
-    from flas_vllm.core.steering import steering
-
     kind = "random" if random_flow else "trained"
     print(f"flas-vllm demo: building (or reusing) a tiny Gemma-2 fixture and a {kind} FLAS flow for it ...")
     model_dir = ensure_tiny_gemma2()
@@ -44,6 +44,13 @@ def run_demo(*, max_tokens: int = 32, enforce_eager: bool = True, width: int = 9
         str(model_dir), str(ckpt_dir), dtype="float32", enforce_eager=enforce_eager,
         max_model_len=512, kv_cache_memory_bytes=256 * 1024 * 1024, max_concepts=8,
     )
+    try:
+        return _steer_and_print(llm, max_tokens, width)
+    finally:
+        shutdown_engine(llm)  # before the interpreter exits: no "engine core exited unexpectedly"
+
+
+def _steer_and_print(llm, max_tokens: int, width: int) -> list[dict]:
     keys = [(c, p, t) for c in TRAINED_CONCEPTS for p in DEMO_PROMPTS for t in DEMO_FLOWTIMES]
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=steering(c, t) if t else None)
               for c, _, t in keys]

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
+    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
 
     return ensure_tiny_gemma2()
 
@@ -19,7 +19,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def make_ckpt(tiny_model):
     """make_ckpt(num_blocks=2, fmt="pt", dtype="bfloat16", ...) -> cached checkpoint directory."""
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
 
     def make(**variant):
         return ensure_flas_checkpoint(tiny_model, **variant)

@@ -75,3 +75,13 @@ def test_eval_is_the_three_stages_composed():
     assert names["eval"] - names["generate"] - names["judge"] - names["score"] == set()
     for name in ("generate", "eval", "chat", "serve"):  # vLLM engine arguments pass through
         assert commands[name].context_settings.get("ignore_unknown_options"), name
+
+
+@pytest.mark.parametrize("command, words", [("serve", "no-such-model': no such directory"),
+                                            ("chat", "no-such-ckpt does not exist")])
+def test_a_missing_model_or_checkpoint_is_one_line_naming_it(tmp_path, command, words):
+    args = [command, str(tmp_path / "no-such-model"), "--flas-checkpoint", str(tmp_path / "no-such-ckpt")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    unwrapped = "".join(line.strip(" │") for line in result.output.splitlines())  # rich wraps the box
+    assert words.replace(" ", "") in unwrapped.replace(" ", ""), result.output

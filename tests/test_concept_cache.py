@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from flas_vllm.engine.concept_cache import ConceptSlotTable, ConceptTableFull
+from flas_vllm.engine.concept_cache import ConceptSlots, ConceptTableFull
 
 
 def test_hits_misses_and_slot_reuse():
-    t = ConceptSlotTable(2)
+    t = ConceptSlots(2)
     s1, fresh1 = t.acquire("a")
     s2, fresh2 = t.acquire("a")
     assert (s1, fresh1, fresh2) == (s2, True, False)
@@ -17,7 +17,7 @@ def test_hits_misses_and_slot_reuse():
 
 
 def test_lru_evicts_only_unreferenced_and_oldest():
-    t = ConceptSlotTable(2)
+    t = ConceptSlots(2)
     sa, _ = t.acquire("a")
     sb, _ = t.acquire("b")
     t.release(sa)
@@ -31,7 +31,7 @@ def test_lru_evicts_only_unreferenced_and_oldest():
 
 
 def test_full_table_with_all_slots_held_raises_instead_of_corrupting():
-    t = ConceptSlotTable(1)
+    t = ConceptSlots(1)
     t.acquire("a")
     with pytest.raises(ConceptTableFull, match="max_concepts"):
         t.acquire("b")
@@ -39,7 +39,7 @@ def test_full_table_with_all_slots_held_raises_instead_of_corrupting():
 
 
 def test_pins_have_their_own_budget_and_evict_unpins():
-    t = ConceptSlotTable(1, max_pinned=1)
+    t = ConceptSlots(1, max_pinned=1)
     slot, fresh = t.pin("a")
     assert fresh and t.stats.misses == 0  # a preload is not a request miss
     with pytest.raises(ConceptTableFull, match="max_pinned=1"):
@@ -58,7 +58,7 @@ def test_pins_have_their_own_budget_and_evict_unpins():
 
 
 def test_snapshot_counts_slots_in_use():
-    t = ConceptSlotTable(3)
+    t = ConceptSlots(3)
     t.acquire("a")
     t.acquire("b")
     snap = t.snapshot()

@@ -311,7 +311,7 @@ def test_original_stop_rule_keeps_generating_past_end_of_turn(main_llm, tiny_mod
     """`flas_stop_rule: original` stops at <eos> only; vLLM's rule also stops at <end_of_turn>."""
     from vllm import SamplingParams
 
-    from flas_vllm.testing.tokenizer import EOS_ID, EOT_ID
+    from flas_vllm.fixtures.tokenizer import EOS_ID, EOT_ID
 
     prompt = {"prompt_token_ids": prompt_ids(tiny_model, SHORT_A)}
     outs = {}
@@ -658,7 +658,7 @@ def graph_llm(tiny_model, ckpt2):
         graph_path=True, enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16,
         block_size=32, num_gpu_blocks_override=96, max_model_len=512, disable_log_stats=False,
         # its workers can also publish steering through the Model Runner V2 model state (TestGraphPath's last test)
-        worker_extension_cls="flas_vllm.testing.v2_bridge.V2BridgeWorkerExtension",
+        worker_extension_cls="tests.v2_bridge.V2BridgeWorkerExtension",
     )
     yield llm
     TIMINGS["graph total"] = time.perf_counter() - t0
@@ -712,7 +712,7 @@ class TestGraphPath:
     def test_model_runner_v2_state_steers_as_v1(self, graph_llm, tiny_model, graph_solo):
         """The V2 model state, fed V2's own objects made from each real step, publishes what V1 does.
 
-        V2 cannot run on CPU (it needs Triton); `flas_vllm.testing.v2_bridge` makes `NewRequestData`
+        V2 cannot run on CPU (it needs Triton); `tests.v2_bridge` makes `NewRequestData`
         and `InputBatch` objects from each step of this engine, with request rows in scrambled order and
         requests missing from a step removed and added again (as V2 does on preemption), and lets
         `FlasModelState` publish the step's steering. Outputs must equal the V1-published solo runs.

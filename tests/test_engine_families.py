@@ -39,8 +39,8 @@ REQS = [
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def family(request):
     """(name, model dir, checkpoint dir, solo results on the FLAS engine, mixed-batch results)."""
-    from flas_vllm.testing.family_models import ensure_family_model
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.family_models import ensure_family_model
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
     from flas_vllm.engine.llm import FlasLLM
 
     name = request.param

@@ -335,7 +335,7 @@ def test_fixture_alias_is_resolved_only_when_asked_for(monkeypatch, tmp_path):
     import typer
 
     from flas_vllm import cli_common
-    from flas_vllm.testing import fixtures
+    from flas_vllm.fixtures import tiny_gemma2 as fixtures
 
     def no_build(*a, **k):
         raise AssertionError("the fixture must not be built for a real model")

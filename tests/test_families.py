@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from flas_vllm.core.config import FlasConfig, FlowGeometry
 from flas_vllm.core.errors import FlasCheckpointError
-from flas_vllm.testing.family_models import FAMILY_FIXTURES
-from flas_vllm.testing.checkpoints import randomize_flow
+from flas_vllm.fixtures.family_models import FAMILY_FIXTURES
+from flas_vllm.fixtures.checkpoints import randomize_flow
 from flas_vllm.core.flow import FlowFunction, SingleConceptKV, euler_dt, integrate
 from flas_vllm.core.rope import rope_inv_freq
 from tests.test_flow_quirks import full_causal_core, max_diff, r_attention, r_linear, r_time_embed
@@ -182,13 +182,13 @@ def test_rope_frequencies_match_transformers(family):
 
 @pytest.fixture(scope="module")
 def family_model():
-    from flas_vllm.testing.family_models import ensure_family_model
+    from flas_vllm.fixtures.family_models import ensure_family_model
 
     return ensure_family_model
 
 
 def steerer_for(model_dir, **variant):
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
     from flas_vllm.reference.hf import HFSteerer
 
     return HFSteerer.from_pretrained(model_dir, ensure_flas_checkpoint(model_dir, **variant))
@@ -291,7 +291,7 @@ def test_concept_tokens_and_prompts_per_family(family_model):
 
 def test_checkpoint_of_another_family_is_refused(family_model):
     from flas_vllm.core.checkpoint import load_checkpoint
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
 
     qwen_ckpt = ensure_flas_checkpoint(family_model("qwen3"), num_blocks=1, layer=1)
     with pytest.raises(FlasCheckpointError, match=r"flas\.safetensors.*has shape.*llama base model"):
@@ -304,7 +304,7 @@ def test_qwen3_self_attention_norms_on_a_llama_base_are_refused(family_model, tm
     from safetensors.torch import load_file, save_file
 
     from flas_vllm.core.checkpoint import load_checkpoint
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
 
     d = tmp_path / "c"
     shutil.copytree(ensure_flas_checkpoint(family_model("llama"), num_blocks=1, layer=1), d)
@@ -317,7 +317,7 @@ def test_qwen3_self_attention_norms_on_a_llama_base_are_refused(family_model, tm
 
 def test_gemma3_checkpoint_with_self_attention_is_refused(family_model):
     from flas_vllm.core.checkpoint import load_checkpoint
-    from flas_vllm.testing.checkpoints import make_random_flas_checkpoint
+    from flas_vllm.fixtures.checkpoints import make_random_flas_checkpoint
 
     with pytest.raises(FlasCheckpointError, match=r"disable_self_attn.*gemma3_text"):
         load_checkpoint(make_random_flas_checkpoint(
@@ -330,7 +330,7 @@ def test_layer_out_of_range_names_the_model_type(family_model, family, tmp_path)
     import shutil
 
     from flas_vllm.core.checkpoint import load_checkpoint
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
 
     d = tmp_path / "c"
     shutil.copytree(ensure_flas_checkpoint(family_model(family), **VARIANTS[family]), d)

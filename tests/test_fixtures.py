@@ -13,8 +13,8 @@ import pathlib
 import pytest
 import torch
 
-from flas_vllm.testing import fixtures
-from flas_vllm.testing.fixtures import (
+from flas_vllm.fixtures import tiny_gemma2 as fixtures
+from flas_vllm.fixtures.tiny_gemma2 import (
     FIXTURE_VERSION,
     GEMMA2_CHAT_TEMPLATE,
     MARKER_FILE,
@@ -142,9 +142,9 @@ def test_config_has_gemma2_quirks(model_dir):
 def test_long_chat_prompts_exceed_sliding_window(tok):
     """Sliding-window layers only differ from global ones on prompts longer than the window,
     so the memorized (confident) rows must include such prompts."""
-    rows = fixtures._load_alpaca()[: fixtures.TRAIN_ROWS]
+    rows = fixtures.load_alpaca()[: fixtures.TRAIN_ROWS]
     window = TINY_GEMMA2_CONFIG["sliding_window"]
-    budget = fixtures._MAX_LEN - fixtures._MIN_RESPONSE_TOKENS  # longest prompt trained on
+    budget = fixtures.MAX_LEN - fixtures.MIN_RESPONSE_TOKENS  # longest prompt trained on
     lengths = [len(tok(_chat(tok, r["instruction"]), add_special_tokens=False).input_ids) for r in rows]
     assert sum(40 < n <= budget for n in lengths) >= 10
     assert budget > 2 * window
@@ -162,7 +162,7 @@ MIN_MEAN_MARGIN = 3.0
 
 def test_hf_greedy_generation_is_confident(tok, hf_model):
     """Greedy steps should be far from ties, so two correct implementations agree token for token."""
-    rows = fixtures._load_alpaca()
+    rows = fixtures.load_alpaca()
     margins = []
     for i in CONFIDENCE_PROMPTS:
         ids = tok(_chat(tok, rows[i]["instruction"]), add_special_tokens=False, return_tensors="pt").input_ids
@@ -182,7 +182,7 @@ def test_hf_greedy_generation_is_confident(tok, hf_model):
 
 def test_left_padding_matches_unpadded(tok, hf_model):
     """The tokenizer pads left (for batched generation); logits must not depend on it."""
-    rows = fixtures._load_alpaca()
+    rows = fixtures.load_alpaca()
     prompts = [_chat(tok, "Hi"), _chat(tok, rows[0]["instruction"])]
     batch = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     assert batch.input_ids[0, 0] == tok.pad_token_id

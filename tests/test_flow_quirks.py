@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flas_vllm.core.config import FlasConfig, FlowGeometry
-from flas_vllm.testing.checkpoints import randomize_flow
+from flas_vllm.fixtures.checkpoints import randomize_flow
 from flas_vllm.core.flow import (
     FlowFunction,
     SingleConceptKV,
@@ -634,7 +634,7 @@ def test_flow_self_attention_has_no_window():
 
 def test_dense_flow_cache_incremental_equals_full_causal_reference():
     """DenseFlowCache (the HF path's per-(step, block) cache): prefill 40 + 6 decodes, left padding."""
-    from flas_vllm.reference.hf import DenseFlowCache, _StreamState
+    from flas_vllm.reference.hf import DenseFlowCache, StreamState
 
     nh, nkv, d = 4, 2, 8
     g = small_geometry()
@@ -649,7 +649,7 @@ def test_dense_flow_cache_incremental_equals_full_causal_reference():
     valid = torch.ones(2, total, dtype=torch.bool)
     for r, n in enumerate(lengths):
         valid[r, : width - n] = False
-    st = _StreamState()
+    st = StreamState()
     cache = DenseFlowCache(st, g, scale, use_cache=True)
     outs = []
     st.valid = valid[:, :width]

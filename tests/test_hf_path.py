@@ -221,8 +221,8 @@ def test_multimodal_gemma3_steers_its_text_decoder_exactly_as_the_text_model(tmp
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
 
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-    from flas_vllm.testing.family_models import ensure_family_model
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.family_models import ensure_family_model
 
     mm_dir = ensure_family_model("gemma3-mm")
     mm = AutoModelForCausalLM.from_pretrained(str(mm_dir), dtype=torch.float32, attn_implementation="eager")

@@ -24,8 +24,8 @@ CASES = [(SHORT, "the ocean and sailing ships", 1.5), (MID, "love", 3.0), (SHORT
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def served(request, tmp_path_factory):
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-    from flas_vllm.testing.family_models import ensure_family_model
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.family_models import ensure_family_model
 
     name = request.param
     model = ensure_family_model(name)

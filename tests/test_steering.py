@@ -80,3 +80,51 @@ def test_cache_salt_separates_everything_that_changes_kv():
     assert s != cache_salt(Steering("a", 1.0), **{**base, "fingerprint": "abd"})
     salted = cache_salt(Steering("a", 1.0), **{**base, "user_salt": "tenant-A"})
     assert salted.startswith("tenant-A|") and salted != s
+
+
+def test_the_record_crosses_the_process_boundary_as_its_wire_form():
+    from flas_vllm.core.steering import WIRE_KEY
+
+    steer = Steering("pirates", 1.5, n_steps=3)
+    wire = steer.to_wire()
+    assert wire == {"concept": "pirates", "flowtime": 1.5, "n_steps": 3}
+    assert Steering.from_wire(wire) == steer
+    assert Steering.from_wire({}) is None  # a validated unsteered request
+    assert Steering.from_request({"flas_concept": "ignored", WIRE_KEY: wire}) == steer  # the wire form wins
+    assert Steering.from_request({WIRE_KEY: {}}) is None
+    assert Steering.from_request(None) is None and Steering.from_request({"other": 1}) is None
+    with pytest.raises(SteeringParamError) as info:  # flas_* fields the front end never saw
+        Steering.from_request(steering("pirates", 1.0))
+    assert info.value.field == "flas_concept" and "front end" in str(info.value)
+    with pytest.raises(SteeringParamError, match="malformed"):
+        Steering.from_request({WIRE_KEY: ["pirates", 1.0]})
+
+
+def test_field_validators_name_the_field_they_are_given():
+    from flas_vllm.core.steering import check_concept, check_flowtime, check_n_steps
+
+    assert check_flowtime(2, 8.0) == 2.0
+    with pytest.raises(SteeringParamError, match=r"^flowtime: must be within \[0, 3\] \(max_flowtime\)"):
+        check_flowtime(3.5, 3, field="flowtime")
+    with pytest.raises(SteeringParamError, match=r"^concepts\[2\]: is 11 bytes long; the limit is 10 bytes"):
+        check_concept("x" * 11, 10, field="concepts[2]")
+    assert check_concept("pirates", 10) == "pirates"
+    with pytest.raises(SteeringParamError, match=r"^flas_n_steps: must be within \[1, 2\]"):
+        check_n_steps(3, 2)
+
+
+def test_engine_options_are_parsed_once_per_process_and_refused_as_config_errors():
+    from flas_vllm.core.config import FlasEngineOptions
+    from flas_vllm.core.errors import FlasConfigError
+
+    first = FlasEngineOptions.from_mapping({"checkpoint": "c", "max_concepts": 4})
+    assert FlasEngineOptions.from_mapping({"max_concepts": 4, "checkpoint": "c"}) is first  # cached
+    assert FlasEngineOptions.from_mapping({"checkpoint": "c", "graph_path": True}).graph_path is True
+    with pytest.raises(FlasConfigError, match="graph_path must be a boolean, got 1"):  # 1 == True, not alike
+        FlasEngineOptions.from_mapping({"checkpoint": "c", "graph_path": 1})
+    with pytest.raises(FlasConfigError, match="max_concepts must be an integer >= 1, got 0"):
+        FlasEngineOptions.from_mapping({"checkpoint": "c", "max_concepts": 0})
+    with pytest.raises(FlasConfigError, match="unknown option 'bogus'"):
+        FlasEngineOptions.from_mapping({"checkpoint": "c", "bogus": [1]})  # unhashable: parsed uncached
+    with pytest.raises(FlasConfigError, match="max_n_steps = 2 is below the default n_steps = 3"):
+        FlasEngineOptions.from_mapping({"checkpoint": "c", "max_n_steps": 2}).step_limits(3)

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flas_vllm.testing import trained_flow as fixture_flow
-from flas_vllm.testing.trained_flow import TRAINED_CONCEPTS, concept_word_share
+from flas_vllm.fixtures import trained_flow as fixture_flow
+from flas_vllm.fixtures.trained_flow import TRAINED_CONCEPTS, concept_word_share
 
 # Concept-word share at T=2 minus unsteered (T=0), per concept, greedy, 32 tokens. Measured on the
 # trained flow: 0.17 / 0.22 / 0.22 (transformers path, 4 prompts) and 0.20 / 0.25 / 0.20 (engine eval,
@@ -97,8 +97,8 @@ def test_cache_builds_once_and_follows_the_base_fixture(tmp_path, monkeypatch):
 def test_mixed_concept_batch_equals_one_concept_at_a_time():
     """Training batches mix concepts; each row must see exactly what the one-concept path gives it."""
     from flas_vllm.core.config import FlasConfig, FlowGeometry
-    from flas_vllm.testing.checkpoints import randomize_flow
-    from flas_vllm.testing.fixtures import TINY_GEMMA2_CONFIG
+    from flas_vllm.fixtures.checkpoints import randomize_flow
+    from flas_vllm.fixtures.tiny_gemma2 import TINY_GEMMA2_CONFIG
     from flas_vllm.core.flow import FlowFunction, SingleConceptKV
 
     g = FlowGeometry.from_base_config({**TINY_GEMMA2_CONFIG, "model_type": "gemma2"})
@@ -188,8 +188,8 @@ def test_cli_fixture_aliases(monkeypatch, tmp_path):
     from flas_vllm.cli_common import resolve_fixture
     from flas_vllm.eval import commands
     from flas_vllm.eval.generate import load_concepts
-    from flas_vllm.testing import checkpoints as fixture_checkpoints
-    from flas_vllm.testing import fixtures
+    from flas_vllm.fixtures import checkpoints as fixture_checkpoints
+    from flas_vllm.fixtures import tiny_gemma2 as fixtures
 
     monkeypatch.chdir(tmp_path)  # no directory called 'fixture' here
     monkeypatch.setattr(fixtures, "ensure_tiny_gemma2", lambda *a, **k: tmp_path / "tiny")

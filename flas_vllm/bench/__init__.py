@@ -32,7 +32,7 @@ from typing import Any, Callable
 from flas_vllm.bench.config import BenchConfig, parse_ks
 from flas_vllm.bench.flops import flops_section
 from flas_vllm.bench.models import MODELS, prepare_model
-from flas_vllm.bench.report import _environment, plot, render_markdown, summary_lines
+from flas_vllm.bench.report import run_environment, plot, render_markdown, summary_lines
 from flas_vllm.bench.results import RunResult
 from flas_vllm.bench.runners import run_flas, run_hf, run_vanilla
 from flas_vllm.bench.workload import build_workload, make_concepts, make_flowtimes
@@ -52,7 +52,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     log(f"preparing model {cfg.model!r} ...")
     model = prepare_model(cfg.model)
     wl = build_workload(model.model_dir, cfg.num_prompts, cfg.max_prompt_tokens)
-    env = _environment(cfg)
+    env = run_environment(cfg)
     not_measured: list[str] = []
     notes: list[str] = [
         "vanilla vLLM runs with the flas-vllm plugin installed: its patches are active but return early "

@@ -95,14 +95,14 @@ class BenchModel:
 
 def prepare_model(name: str) -> BenchModel:
     """Build (or reuse from the cache) the model and a random FLAS checkpoint for it."""
-    from flas_vllm.testing.checkpoints import ensure_flas_checkpoint
-    from flas_vllm.testing.fixtures import ensure_tiny_gemma2
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
+    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
 
     fixture = ensure_tiny_gemma2()
     if name == "fixture":
         return BenchModel(name, fixture, ensure_flas_checkpoint(fixture, **FIXTURE_FLAS))
     if name in SHAPED_MODELS:
-        from flas_vllm.testing.family_models import ensure_family_model
+        from flas_vllm.fixtures.family_models import ensure_family_model
 
         family, _, _, variant = SHAPED_MODELS[name]
         model_dir = ensure_bench_shape(name, ensure_family_model(family))
@@ -123,14 +123,14 @@ def _bench_key(name: str, fixture_dir: Path) -> str:
 
 def ensure_bench_shape(name: str, fixture_dir: Path) -> Path:
     """A real model's proportions with random weights (no training), cached; tokenizer from the fixture."""
-    from flas_vllm.testing.fixtures import _file_lock, fixture_cache_dir
+    from flas_vllm.fixtures.tiny_gemma2 import file_lock, fixture_cache_dir
 
     key = _bench_key(name, fixture_dir)
     cache = fixture_cache_dir()
     out = cache / f"{name}-{key}"
     if (out / ".complete").exists():
         return out
-    with _file_lock(cache / f".{name}.lock"):
+    with file_lock(cache / f".{name}.lock"):
         if (out / ".complete").exists():
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=cache))
@@ -151,7 +151,7 @@ def build_bench_shape(name: str, out_dir: Path, fixture_dir: Path, *, seed: int 
     import torch
     import transformers
 
-    from flas_vllm.testing.fixtures import _save_model
+    from flas_vllm.fixtures.tiny_gemma2 import save_model
 
     _, prefix, config, _ = SHAPED_MODELS[name]
     fixture_cfg = json.loads((fixture_dir / "config.json").read_text())
@@ -162,7 +162,7 @@ def build_bench_shape(name: str, out_dir: Path, fixture_dir: Path, *, seed: int 
     torch.manual_seed(seed)
     model_cls = getattr(transformers, f"{prefix}ForCausalLM")
     model = model_cls(getattr(transformers, f"{prefix}Config")(**cfg)).to(torch.float32).eval()
-    _save_model(model, out_dir)  # safetensors, float32
+    save_model(model, out_dir)  # safetensors, float32
     # tokenizer, chat template and generation config from the fixture (written after
     # save_pretrained, which writes its own generation_config.json)
     skip = {"config.json", "model.safetensors", ".flas_fixture.json"}

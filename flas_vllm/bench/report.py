@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 
 from flas_vllm.bench.config import BenchConfig
-from flas_vllm.bench.runners import _cpu_count
+from flas_vllm.bench.runners import usable_cpu_count
 
 
 # ---------------------------------------------------------------------------
 # report
 
 
-def _environment(cfg: BenchConfig) -> dict:
+def run_environment(cfg: BenchConfig) -> dict:
     import torch
 
     from flas_vllm import __version__
@@ -26,7 +26,7 @@ def _environment(cfg: BenchConfig) -> dict:
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "torch_threads": torch.get_num_threads(), "compile": not cfg.enforce_eager,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    env["cpus"] = _cpu_count()
+    env["cpus"] = usable_cpu_count()
     for mod in ("vllm", "transformers"):
         try:
             env[mod] = __import__(mod).__version__

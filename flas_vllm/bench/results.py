@@ -25,7 +25,7 @@ def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> di
     return out
 
 
-def _ms(p: dict[str, float] | None) -> dict[str, float] | None:
+def to_ms(p: dict[str, float] | None) -> dict[str, float] | None:
     return None if p is None else {k: round(v * 1000.0, 3) for k, v in p.items()}
 
 
@@ -67,7 +67,7 @@ class RunResult:
         return d
 
 
-def _vllm_latencies(outputs) -> tuple[dict | None, dict | None, list[str]]:
+def vllm_latencies(outputs) -> tuple[dict | None, dict | None, list[str]]:
     """TTFT and TPOT from RequestOutput.metrics (vLLM's RequestStateStats, needs disable_log_stats=False).
 
     TTFT = first_token_latency (first output minus arrival: in an offline batch every
@@ -90,6 +90,6 @@ def _vllm_latencies(outputs) -> tuple[dict | None, dict | None, list[str]]:
         notes.append("TTFT not measured: RequestOutput.metrics missing (vLLM stats disabled?)")
     if not tpot:
         notes.append("TPOT not measured (needs >= 2 output tokens and RequestOutput.metrics)")
-    return _ms(percentiles(ttft)), _ms(percentiles(tpot)), notes
+    return to_ms(percentiles(ttft)), to_ms(percentiles(tpot)), notes
 
 

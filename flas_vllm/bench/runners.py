@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from flas_vllm.engine.llm import shutdown_engine
 from flas_vllm.bench.config import BenchConfig
 from flas_vllm.bench.models import BenchModel
-from flas_vllm.bench.results import RunResult, _ms, _vllm_latencies, percentiles
+from flas_vllm.bench.results import RunResult, to_ms, vllm_latencies, percentiles
 from flas_vllm.bench.workload import Workload, assign_round_robin, make_concepts, make_flowtimes
 
 
@@ -83,7 +83,7 @@ def _vllm_run(name, kind, k, concepts_used, llm, wl: Workload, params, encode_s_
     outs, wall = _timed_generate(llm, wl.prompts, params)
     encode_s = (encode_s_fn() - before) if encode_s_fn else 0.0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    ttft, tpot, notes = _vllm_latencies(outs)
+    ttft, tpot, notes = vllm_latencies(outs)
     return RunResult(name=name, kind=kind, k=k, concepts_used=concepts_used, num_requests=len(outs),
                      prompt_tokens=sum(len(o.prompt_token_ids) for o in outs), output_tokens=out_tokens,
                      wall_s=wall, ttft_ms=ttft, tpot_ms=tpot, encode_s=encode_s, notes=notes)
@@ -177,7 +177,7 @@ def _probe_encoding(llm, cfg: BenchConfig, flush_prompt: list[int]) -> dict:
         one_by_one.append(time.perf_counter() - t0)
     llm.evict_concepts(probes)
     if one_by_one:
-        out["preload_one_concept_ms"] = _ms(percentiles(one_by_one))
+        out["preload_one_concept_ms"] = to_ms(percentiles(one_by_one))
         out["preload_one_concept_mean_ms"] = round(1000.0 * sum(one_by_one) / len(one_by_one), 3)
     batch = make_concepts(cfg.encode_probe_concepts, "probe-batch")
     if batch:
@@ -215,7 +215,7 @@ def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple
     dtype = getattr(torch, cfg.dtype) if cfg.dtype not in ("auto",) else torch.float32
     old_threads = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(cfg.hf_threads or max(1, _cpu_count() - 1))
+        torch.set_num_threads(cfg.hf_threads or max(1, usable_cpu_count() - 1))
     t0 = time.perf_counter()
     steerer = HFSteerer.from_pretrained(model.model_dir, str(model.checkpoint_dir), dtype=dtype, device=device)
     info: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 2), "device": device,
@@ -269,7 +269,7 @@ def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple
             wall = time.perf_counter() - run_start
             r = RunResult(name=f"transformers K={k}", kind="hf", k=k, concepts_used=len(set(concepts)),
                           num_requests=n, prompt_tokens=sum(len(p) for p in prompts), output_tokens=out_tokens,
-                          wall_s=wall, ttft_ms=_ms(percentiles(ttft)), tpot_ms=_ms(percentiles(tpot)),
+                          wall_s=wall, ttft_ms=to_ms(percentiles(ttft)), tpot_ms=to_ms(percentiles(tpot)),
                           encode_s=enc_before, batches=len(batches))
             if n < len(wl.prompts):
                 r.notes.append(f"transformers path capped at {n} of {len(wl.prompts)} prompts (hf_max_prompts)")
@@ -282,7 +282,7 @@ def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple
             steerer.concept_kv(c)
             lat.append(time.perf_counter() - t1)
         if lat:
-            info["encode_one_concept_ms"] = _ms(percentiles(lat))
+            info["encode_one_concept_ms"] = to_ms(percentiles(lat))
             info["encode_one_concept_mean_ms"] = round(1000.0 * sum(lat) / len(lat), 3)
     finally:
         handle.remove()
@@ -292,7 +292,7 @@ def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple
     return results, info
 
 
-def _cpu_count() -> int:
+def usable_cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -28,12 +28,12 @@ def build_workload(model_dir: Path, n: int, max_prompt_tokens: int, prompt_forma
     """The first AlpacaEval instructions (cycled when more are needed) as token ids."""
     from transformers import AutoTokenizer
 
-    from flas_vllm.testing.fixtures import _load_alpaca
+    from flas_vllm.fixtures.tiny_gemma2 import load_alpaca
     from flas_vllm.core.prompts import format_prompt
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     pool: list[tuple[str, list[int]]] = []
-    for row in _load_alpaca():
+    for row in load_alpaca():
         ids = format_prompt(tok, row["instruction"], prompt_format)
         if len(ids) <= max_prompt_tokens:
             pool.append((row["instruction"], ids))

@@ -8,11 +8,12 @@ every path (vLLM model, transformers path, checkpoint validation) agrees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from flas_vllm.core.errors import FlasCheckpointError
+from flas_vllm.core.errors import FlasCheckpointError, FlasConfigError
 from flas_vllm.core.families import family_of, text_config
 
 # Defaults the original code applies when a key is missing (spec section 1).
@@ -228,32 +229,46 @@ class FlasEngineOptions:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "FlasEngineOptions":
+        """Parse and check `hf_overrides["flas"]`; raises FlasConfigError naming the option and its limit.
+
+        Parsed once per process for each distinct mapping (every vLLM process and the front end's
+        per-request path call this; the result is cached)."""
+        try:
+            # the type is part of the key: True == 1 and 8 == 8.0, but they do not validate alike
+            items = tuple(sorted((k, type(v).__name__, v) for k, v in raw.items())) if isinstance(raw, Mapping) else None
+            hash(items)
+        except TypeError:  # an unhashable value (a list, a dict): parse it uncached, to name the error
+            items = None
+        return _options_from_items(items) if items is not None else cls._parse(raw)
+
+    @classmethod
+    def _parse(cls, raw: Mapping[str, Any] | None) -> "FlasEngineOptions":
         if not isinstance(raw, Mapping) or not raw.get("checkpoint"):
-            raise FlasCheckpointError(
+            raise FlasConfigError(
                 "hf_overrides['flas']['checkpoint'] is required: the FLAS checkpoint "
                 "(file, directory or Hub repo id) to steer with"
             )
         unknown = sorted(set(raw) - set(ENGINE_OPTION_DEFAULTS) - {"checkpoint"})
         if unknown:
-            raise FlasCheckpointError(
+            raise FlasConfigError(
                 f"hf_overrides['flas']: unknown option {unknown[0]!r}; accepted: "
                 f"checkpoint, {', '.join(ENGINE_OPTION_DEFAULTS)}"
             )
         opts = cls(checkpoint=str(raw["checkpoint"]), **{k: raw.get(k, v) for k, v in ENGINE_OPTION_DEFAULTS.items()})
         if opts.n_steps is not None and (not isinstance(opts.n_steps, int) or opts.n_steps < 1):
-            raise FlasCheckpointError(f"flas option n_steps must be an integer >= 1, got {opts.n_steps!r}")
+            raise FlasConfigError(f"flas option n_steps must be an integer >= 1, got {opts.n_steps!r}")
         if opts.max_n_steps is not None and (not isinstance(opts.max_n_steps, int) or opts.max_n_steps < 1
                                              or opts.max_n_steps < (opts.n_steps or 1)):
-            raise FlasCheckpointError(
+            raise FlasConfigError(
                 f"flas option max_n_steps must be an integer >= max(1, n_steps), got {opts.max_n_steps!r}")
         if not isinstance(opts.graph_path, bool):
-            raise FlasCheckpointError(f"flas option graph_path must be a boolean, got {opts.graph_path!r}")
+            raise FlasConfigError(f"flas option graph_path must be a boolean, got {opts.graph_path!r}")
         if not isinstance(opts.max_concepts, int) or opts.max_concepts < 1:
-            raise FlasCheckpointError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
+            raise FlasConfigError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
         if not isinstance(opts.max_pinned, int) or opts.max_pinned < 0:
-            raise FlasCheckpointError(f"flas option max_pinned must be an integer >= 0, got {opts.max_pinned!r}")
+            raise FlasConfigError(f"flas option max_pinned must be an integer >= 0, got {opts.max_pinned!r}")
         if not isinstance(opts.max_flowtime, (int, float)) or not 0 < opts.max_flowtime < math.inf:
-            raise FlasCheckpointError(f"flas option max_flowtime must be a finite number > 0, got {opts.max_flowtime!r}")
+            raise FlasConfigError(f"flas option max_flowtime must be a finite number > 0, got {opts.max_flowtime!r}")
         return opts
 
     @classmethod
@@ -268,10 +283,15 @@ class FlasEngineOptions:
         default = self.n_steps or checkpoint_n_steps
         top = self.max_n_steps or default
         if default > top:
-            raise FlasCheckpointError(
+            raise FlasConfigError(
                 f"flas option max_n_steps = {top} is below the default n_steps = {default} "
                 "(the checkpoint config's); raise max_n_steps or set n_steps")
         return default, top
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _options_from_items(items: tuple[tuple[str, str, Any], ...]) -> FlasEngineOptions:
+    return FlasEngineOptions._parse({k: v for k, _, v in items})

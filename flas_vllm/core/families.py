@@ -1,7 +1,7 @@
 """The model families FLAS steers: one frozen record of facts per family, keyed by `model_type`.
 
 Everything family-specific that the flow, the checkpoint loader, the vLLM model and the
-transformers path need is read from here (docs: flas-families.md section 2); the code
+transformers path need is read from here (the project's FLAS families notes, section 2); the code
 that uses these facts is written once. Sizes, eps, RoPE parameters, softcaps and the
 attention scale come from the base model's own config, not from here.
 

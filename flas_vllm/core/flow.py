@@ -10,7 +10,7 @@ and are therefore plugged in rather than copied:
   one concept for a whole batch, or a per-token slot table.
 
 Quirks of the original code that are reproduced on purpose are marked "quirk"
-(see docs/flas-spec.md in the project's shared docs, sections 2, 3 and 5).
+(the project's FLAS spec, sections 2, 3 and 5).
 """
 
 from __future__ import annotations

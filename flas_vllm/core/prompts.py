@@ -14,7 +14,7 @@ ALPACA_CHAT_TEMPLATE = (
 
 
 # The original renders chat prompts non-thinking: `enable_thinking=False`, passed only to a template
-# that reads it (Qwen3's); the flow was trained on that prompt (flas-families.md, quirk 14).
+# that reads it (Qwen3's); the flow was trained on that prompt (the project's FLAS families notes, quirk 14).
 THINKING_KWARGS = {"enable_thinking": False}
 
 

@@ -9,6 +9,7 @@ prefix-cache salt that keeps differently steered KV apart.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -45,31 +46,92 @@ def steering(concept: str, flowtime: float, n_steps: int | None = None,
     return out
 
 
+WIRE_KEY = "_flas"
+"""Where the front end leaves a request's validated steering (`Steering.to_wire()`) for the engine
+core and the worker, in `extra_args`; {} marks a validated unsteered request."""
+
+
 @dataclass(frozen=True)
 class Steering:
+    """One request's validated steering: built by `parse_steering` in the front end, sent to the
+    engine core and the worker as `to_wire()` under WIRE_KEY, decoded there by `from_request`."""
+
     concept: str
     flowtime: float
-    n_steps: int | None = None  # None: the engine's default
+    n_steps: int | None = None  # None: the engine's default (the front end resolves it before sending)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The plain dict that crosses the process boundary (every field, as validated)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, form: Mapping[str, Any]) -> "Steering | None":
+        """Decode `to_wire()`'s dict ({} -> unsteered); no re-validation: the front end validated it."""
+        return cls(**form) if form else None
+
+    @classmethod
+    def from_request(cls, extra_args: Mapping[str, Any] | None) -> "Steering | None":
+        """The steering the front end validated and attached to a request's `extra_args`.
+
+        A request with flas_* fields but no wire form did not pass the front end: it is an
+        error for that request (SteeringParamError), never served unsteered.
+        """
+        if not extra_args:
+            return None
+        form = extra_args.get(WIRE_KEY)
+        if form is None:
+            flas_keys = sorted(k for k in extra_args if str(k).startswith("flas_"))
+            if flas_keys:
+                raise SteeringParamError(flas_keys[0], "reached the engine without the FLAS front end's "
+                                                       "validation (is the flas_vllm plugin loaded in the API process?)")
+            return None
+        if not isinstance(form, Mapping):
+            raise SteeringParamError(WIRE_KEY, f"malformed wire form of a steering record: {form!r}")
+        return cls.from_wire(form)
+
+
+def check_stop_rule(rule: Any, *, field: str = STOP_RULE_KEY) -> str:
+    if rule not in STOP_RULES:
+        raise SteeringParamError(field, f"must be one of {', '.join(STOP_RULES)}, got {rule!r}")
+    return rule
+
+
+def check_n_steps(n: Any, max_n_steps: int | None, *, field: str = N_STEPS_KEY) -> int:
+    """A request's Euler steps: an integer in [1, max_n_steps] (no upper limit when None)."""
+    limit = f"[1, {max_n_steps}] (the engine's max_n_steps)" if max_n_steps else ">= 1"
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise SteeringParamError(field, f"must be an integer within {limit}, got {n!r}")
+    if n < 1 or (max_n_steps is not None and n > max_n_steps):
+        raise SteeringParamError(field, f"must be within {limit}, got {n}")
+    return n
+
+
+def check_concept(concept: Any, max_concept_bytes: int = MAX_CONCEPT_BYTES, *, field: str = CONCEPT_KEY) -> str:
+    """A concept: a non-empty string of at most `max_concept_bytes` UTF-8 bytes."""
+    if not isinstance(concept, str):
+        raise SteeringParamError(field, f"must be a string, got {type(concept).__name__}")
+    if not concept.strip():
+        raise SteeringParamError(field, "must be a non-empty string")
+    size = len(concept.encode("utf-8"))
+    if size > max_concept_bytes:
+        raise SteeringParamError(field, f"is {size} bytes long; the limit is {max_concept_bytes} bytes (UTF-8)")
+    return concept
+
+
+def check_flowtime(flowtime: Any, max_flowtime: float = DEFAULT_MAX_FLOWTIME, *, field: str = FLOWTIME_KEY) -> float:
+    """A flowtime: a finite number in [0, max_flowtime] (the limit is shown as given)."""
+    if isinstance(flowtime, bool) or not isinstance(flowtime, (int, float)):
+        raise SteeringParamError(field, f"must be a number, got {type(flowtime).__name__}")
+    flowtime = float(flowtime)
+    if not (math.isfinite(flowtime) and 0.0 <= flowtime <= max_flowtime):
+        raise SteeringParamError(field, f"must be within [0, {max_flowtime}] (max_flowtime), a finite number; "
+                                        f"got {flowtime}")
+    return flowtime
 
 
 def parse_stop_rule(extra_args: Mapping[str, Any] | None) -> str:
     """The request's stop rule ('vllm' unless it asks for the original's)."""
-    rule = (extra_args or {}).get(STOP_RULE_KEY, "vllm")
-    if rule not in STOP_RULES:
-        raise SteeringParamError(STOP_RULE_KEY, f"must be one of {', '.join(STOP_RULES)}, got {rule!r}")
-    return rule
-
-
-def _parse_n_steps(extra_args: Mapping[str, Any], max_n_steps: int | None) -> int | None:
-    if N_STEPS_KEY not in extra_args:
-        return None
-    n = extra_args[N_STEPS_KEY]
-    limit = f"[1, {max_n_steps}] (the engine's max_n_steps)" if max_n_steps else ">= 1"
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise SteeringParamError(N_STEPS_KEY, f"must be an integer within {limit}, got {n!r}")
-    if n < 1 or (max_n_steps is not None and n > max_n_steps):
-        raise SteeringParamError(N_STEPS_KEY, f"must be within {limit}, got {n}")
-    return n
+    return check_stop_rule((extra_args or {}).get(STOP_RULE_KEY, "vllm"))
 
 
 def parse_steering(
@@ -91,7 +153,7 @@ def parse_steering(
             unknown[0], f"unknown steering field; the accepted fields are {', '.join(KNOWN_KEYS)}"
         )
     parse_stop_rule(extra_args)
-    n_steps = _parse_n_steps(extra_args, max_n_steps)
+    n_steps = check_n_steps(extra_args[N_STEPS_KEY], max_n_steps) if N_STEPS_KEY in extra_args else None
     has_c, has_t = CONCEPT_KEY in extra_args, FLOWTIME_KEY in extra_args
     if not has_c and not has_t:
         if n_steps is not None:
@@ -100,61 +162,11 @@ def parse_steering(
     if has_c != has_t:
         missing = FLOWTIME_KEY if has_c else CONCEPT_KEY
         raise SteeringParamError(missing, f"is required when {CONCEPT_KEY if has_c else FLOWTIME_KEY} is given")
-    concept, flowtime = extra_args[CONCEPT_KEY], extra_args[FLOWTIME_KEY]
-    if not isinstance(concept, str):
-        raise SteeringParamError(CONCEPT_KEY, f"must be a string, got {type(concept).__name__}")
-    if not concept.strip():
-        raise SteeringParamError(CONCEPT_KEY, "must be a non-empty string")
-    size = len(concept.encode("utf-8"))
-    if size > max_concept_bytes:
-        raise SteeringParamError(
-            CONCEPT_KEY, f"is {size} bytes long; the limit is {max_concept_bytes} bytes (UTF-8)"
-        )
-    if isinstance(flowtime, bool) or not isinstance(flowtime, (int, float)):
-        raise SteeringParamError(FLOWTIME_KEY, f"must be a number, got {type(flowtime).__name__}")
-    flowtime = float(flowtime)
-    if not math.isfinite(flowtime):
-        raise SteeringParamError(FLOWTIME_KEY, f"must be finite, got {flowtime}")
-    if not 0.0 <= flowtime <= max_flowtime:
-        raise SteeringParamError(
-            FLOWTIME_KEY, f"must be within [0, {max_flowtime}] (max_flowtime), got {flowtime}"
-        )
+    concept = check_concept(extra_args[CONCEPT_KEY], max_concept_bytes)
+    flowtime = check_flowtime(extra_args[FLOWTIME_KEY], max_flowtime)
     if flowtime == 0.0:
         return None  # T = 0 leaves h unchanged: served exactly as unsteered
     return Steering(concept=concept, flowtime=flowtime, n_steps=n_steps)
-
-
-CANONICAL_KEY = "_flas"
-"""Where the front end leaves a request's validated steering for the engine core and the worker:
-{"concept", "flowtime", "n_steps"} (n_steps resolved), or {} for a validated unsteered request."""
-
-
-def canonical_form(steer: Steering | None, n_steps: int) -> dict[str, Any]:
-    if steer is None:
-        return {}
-    return {"concept": steer.concept, "flowtime": steer.flowtime, "n_steps": n_steps}
-
-
-def read_canonical(extra_args: Mapping[str, Any] | None) -> Steering | None:
-    """The steering the front end validated (parsed once there; the engine only reads it).
-
-    A request with flas_* fields but no canonical form did not pass the front end: it is an
-    error for that request (SteeringParamError), never served unsteered.
-    """
-    if not extra_args:
-        return None
-    form = extra_args.get(CANONICAL_KEY)
-    if form is None:
-        flas_keys = sorted(k for k in extra_args if str(k).startswith("flas_"))
-        if flas_keys:
-            raise SteeringParamError(flas_keys[0], "reached the engine without the FLAS front end's validation "
-                                                   "(is the flas_vllm plugin loaded in the API process?)")
-        return None
-    if not isinstance(form, Mapping):
-        raise SteeringParamError(CANONICAL_KEY, f"malformed canonical steering form {form!r}")
-    if not form:
-        return None
-    return Steering(concept=form["concept"], flowtime=float(form["flowtime"]), n_steps=int(form["n_steps"]))
 
 
 def cache_salt(steer: Steering, *, n_steps: int, fingerprint: str, user_salt: str | None) -> str:

@@ -32,7 +32,7 @@ _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 _V2_RUNNER = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
 _V2_STATE = "vllm.v1.worker.gpu.model_states.default:DefaultModelState"
 ANCHORS: tuple[Anchor, ...] = (
-    # patches/runner_hook.py
+    # engine/patches/runner_hook.py
     Anchor(f"{_RUNNER}._prepare_inputs", "patches/runner_hook.py", ("self", "scheduler_output", "num_scheduled_tokens")),
     Anchor(f"{_RUNNER}._on_request_state_removed", "patches/runner_hook.py", ("self", "req_id", "req_state")),
     Anchor(f"{_RUNNER}.get_model", "patches/runner_hook.py, engine/worker_ext.py", ("self",)),
@@ -41,19 +41,19 @@ ANCHORS: tuple[Anchor, ...] = (
                      "self.discard_request_mask =")),
     Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.req_ids", "patches/runner_hook.py", ("self",)),
     Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.num_reqs", "patches/runner_hook.py", ("self",)),
-    # patches/cpu_seeded_rewind.py
+    # engine/patches/cpu_seeded_rewind.py
     Anchor(f"{_RUNNER}._sample", "patches/cpu_seeded_rewind.py", ("self", "logits", "spec_decode_metadata")),
     Anchor(f"{_RUNNER}._bookkeeping_sync", "patches/cpu_seeded_rewind.py", ("self",),
            contains=("discard_request_mask", "gen.set_offset(gen.get_offset() - 4)")),
     Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.__init__", "patches/cpu_seeded_rewind.py",
            contains=("self.generators: dict[int, torch.Generator]",)),
-    # patches/admission.py
+    # engine/patches/admission.py
     Anchor("vllm.v1.engine.input_processor:InputProcessor.process_inputs", "patches/admission.py",
            ("self", "request_id", "prompt", "params")),
     Anchor("vllm.v1.engine.input_processor:InputProcessor.__init__", "patches/admission.py",
            contains=("self.process_inputs_async = make_async(", "self.process_inputs,")),
     Anchor("vllm.exceptions:VLLMValidationError", "patches/admission.py"),
-    # patches/scheduler_admission.py
+    # engine/patches/scheduler_admission.py
     Anchor("vllm.v1.core.sched.scheduler:Scheduler.schedule", "patches/scheduler_admission.py", ("self",)),
     Anchor("vllm.v1.core.sched.scheduler:Scheduler._handle_blocked_waiting_request",
            "patches/scheduler_admission.py", ("self", "request")),
@@ -65,7 +65,7 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "patches/scheduler_admission.py",
            contains=("self.grammar_compile_error_reqs", "RequestStatus.FINISHED_ERROR")),
     Anchor("vllm.v1.engine:EngineCoreRequest.cache_salt", "patches/admission.py"),
-    # patches/engine_config.py, flas_vllm/engine_checks.py
+    # engine/patches/engine_config.py, engine/checks.py
     Anchor("vllm.engine.arg_utils:EngineArgs.create_engine_config", "patches/engine_config.py",
            ("self", "usage_context", "headless")),
     *(Anchor(f"vllm.engine.arg_utils:EngineArgs.{name}", "engine/checks.py")
@@ -82,7 +82,7 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.config.model:ModelConfig.architectures", "engine/checks.py", ("self",)),
     *(Anchor(f"vllm.config.parallel:ParallelConfig.{name}", "engine/checks.py")
       for name in ("tensor_parallel_size", "pipeline_parallel_size", "enable_dbo", "ubatch_size")),
-    # flas_vllm/model.py
+    # engine/model.py
     Anchor("vllm.model_executor.models.gemma2:Gemma2Model.__init__", "engine/model.py", ("self",),
            keywords=("vllm_config", "prefix"),
            contains=("self.embed_tokens", "self.start_layer, self.end_layer, self.layers", "self.norm")),
@@ -139,7 +139,7 @@ ANCHORS: tuple[Anchor, ...] = (
            contains=("scheduled_new_reqs.extend(scheduled_resumed_reqs)",)),
     Anchor("vllm.config.vllm:VllmConfig.max_concurrent_batches", "engine/model_state.py", ("self",)),
     Anchor("vllm.config.speculative:SpeculativeConfig.enable_adaptive_verification", "engine/checks.py"),
-    # plugin, server, routes
+    # engine/plugin.py, serve/server.py, serve/routes.py
     Anchor("vllm.model_executor.models.registry:_ModelRegistry.register_model", "engine/plugin.py",
            ("self", "model_arch", "model_cls")),
     Anchor("vllm.model_executor.models.registry:_ModelRegistry.get_supported_archs", "engine/plugin.py",

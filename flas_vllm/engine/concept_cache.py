@@ -43,8 +43,10 @@ class _Slot:
     hits: int = 0
 
 
-class ConceptSlotTable:
-    """`capacity` slots for in-flight concepts plus `max_pinned` for preloaded ones.
+class ConceptSlots:
+    """Which concept holds which slot: `capacity` slots for in-flight concepts plus `max_pinned` for
+    preloaded ones, refcounted, evicted LRU. Bookkeeping only: the slots' concept keys and values
+    live in `SlotTableKV` (slot_table.py).
 
     The scheduler admits at most `capacity` distinct concepts in flight; pins
     have their own budget, so a full set of pins can never starve traffic.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from flas_vllm.core.errors import FlasConfigError
 
 
 def base_model_config(model: str, **kwargs: Any):
@@ -10,7 +13,13 @@ def base_model_config(model: str, **kwargs: Any):
     from transformers import AutoConfig
 
     keep = {k: kwargs[k] for k in ("revision", "trust_remote_code") if kwargs.get(k) is not None}
-    return AutoConfig.from_pretrained(str(model), **keep)
+    if str(model).startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(str(model))):
+        raise FlasConfigError(f"model {model!r}: no such directory (give a model directory or a Hugging Face id)")
+    try:
+        return AutoConfig.from_pretrained(str(model), **keep)
+    except (OSError, ValueError) as exc:  # no such directory or hub id, no config.json, an unreadable one
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlasConfigError(f"model {model!r}: cannot read its config.json ({reason})") from exc
 
 
 CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30

@@ -1,9 +1,9 @@
 """FLAS on vLLM's own model classes: the flow after decoder layer L of any registered family.
 
-`flas_vllm.core.families` names, per family, the vLLM causal LM to extend. `steered_class`
-subclasses it once for every family: the base model is built exactly as vLLM builds it,
-then layer L's class gets `_SteeredLayer` in front, which hands the layer's output
-(hidden, residual) to a `FlasSteer` module. Every token of a steered request has its
+`flas_vllm.core.families` names, per family, the vLLM causal LM to extend; each family's
+steered class is defined below as `class Flas<Family>ForCausalLM(FlasCausalLMMixin, <vLLM class>)`.
+The base model is built exactly as vLLM builds it, then a forward hook on layer L hands the
+layer's output (hidden, residual) to a `FlasSteer` module. Every token of a steered request has its
 residual stream replaced by the Euler-integrated flow of its own request; unsteered tokens
 pass through `torch.where` untouched, so they are bit-identical to the vanilla model.
 The flow's causal self-attention gets one paged vLLM `Attention` per (Euler step, block),
@@ -13,7 +13,6 @@ exactly one integer in a layer name).
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterable
 
@@ -23,13 +22,17 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from flas_vllm.core.checkpoint import load_checkpoint
 from flas_vllm.core.concept import inference_concept_len
 from flas_vllm.core.concept_encoder import build_own_encoder
 from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine.checks import check_fingerprint, check_runner
-from flas_vllm.core.families import FAMILIES, Family, text_config
+from flas_vllm.core.families import text_config
 from flas_vllm.core.flow import integrate
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
@@ -204,27 +207,21 @@ class FlasSteer(nn.Module):
         return {f"flow.{name}" for name, _ in self.flow.named_parameters()}
 
 
-class _SteeredLayer:
-    """Put in front of decoder layer L's own class: the layer's output, then the flow."""
-
-    def forward(self, positions, hidden_states, residual, **kwargs):
-        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        return self.flas(positions, hidden_states, residual)
-
-    def flas_unsteered_forward(self, positions, hidden_states, residual, **kwargs):
-        """The layer alone: the concept encoder runs layers 0-1 outside any engine step, and L may be one."""
-        return super().forward(positions, hidden_states, residual, **kwargs)
-
-
-_LAYER_CLASSES: dict[type, type] = {}
-
-
 def _steer_layer(layer: nn.Module, steer: FlasSteer) -> None:
-    cls = type(layer)
-    if cls not in _LAYER_CLASSES:
-        _LAYER_CLASSES[cls] = type(f"FlasSteered{cls.__name__}", (_SteeredLayer, cls), {})
-    layer.__class__ = _LAYER_CLASSES[cls]
+    """Hand decoder layer L's output (hidden, residual) to the flow.
+
+    A forward hook, so the layer keeps vLLM's own class and every weight name (vLLM loads weights by
+    module path); the flow registers under it as `layers.L.flas`. The concept encoder calls
+    `layer.forward` directly, which runs no hook: layers 0-1 are never steered there.
+    """
     layer.flas = steer
+    layer.register_forward_hook(_flow_after_layer, with_kwargs=True)
+
+
+def _flow_after_layer(layer: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+    hidden, residual = output
+    positions = args[0] if args else kwargs["positions"]
+    return layer.flas(positions, hidden, residual)
 
 
 class FlasCausalLMMixin:
@@ -270,34 +267,40 @@ class FlasCausalLMMixin:
         return loaded | {f"{self.flas_steer_prefix}.{n}" for n in self._flas.load_flow_weights()}
 
 
-def steered_class(family: Family, multimodal: bool = False) -> type:
-    """The registered FLAS architecture of a family: its vLLM class with `FlasCausalLMMixin` in front."""
-    spec = family.multimodal_vllm_class if multimodal else family.vllm_class
-    module, _, name = spec.partition(":")
-    base = getattr(importlib.import_module(module), name)
-    attrs = {"__module__": __name__, "__doc__": f"{name} steered by FLAS (family {family.name})."}
-    if multimodal:
-        attrs["flas_text_model_path"] = ("language_model", "model")
-    arch = family.multimodal_architecture if multimodal else family.architecture
-    return type(arch, (FlasCausalLMMixin, base), attrs)
+# One steered class per family, over the vLLM class that `flas_vllm.core.families` names for it (the
+# registry's architecture names are the single source; the plugin registers each under its name;
+# tests/test_layout.py checks that each is defined here, at module level, over the right base).
+# Gemma-3's multimodal class lives in model_multimodal.py: its vLLM base needs torchvision.
 
 
-_CLASSES: dict[str, type] = {}
+class FlasGemma2ForCausalLM(FlasCausalLMMixin, Gemma2ForCausalLM):
+    """Gemma-2 steered by FLAS."""
 
 
-def __getattr__(name: str) -> type:
-    """`flas_vllm.engine.model:<architecture>` for every registered family, built on first use."""
-    for family in FAMILIES:
-        for multimodal, arch in ((False, family.architecture), (True, family.multimodal_architecture)):
-            if name == arch:
-                if name not in _CLASSES:
-                    _CLASSES[name] = steered_class(family, multimodal)
-                return _CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class FlasGemma3ForCausalLM(FlasCausalLMMixin, Gemma3ForCausalLM):
+    """Gemma-3 (text-only checkpoints) steered by FLAS."""
 
 
-class _PlatformLinear(nn.Linear):
-    """nn.Linear whose matmul is the one vLLM uses for its own unquantized layers on this platform."""
+class FlasQwen3ForCausalLM(FlasCausalLMMixin, Qwen3ForCausalLM):
+    """Qwen3 steered by FLAS."""
+
+
+class FlasLlamaForCausalLM(FlasCausalLMMixin, LlamaForCausalLM):
+    """Llama-3.1 steered by FLAS."""
+
+
+class PlatformLinear(nn.Module):
+    """Stands in for one of the flow's nn.Linear: the same parameters under the same names, its matmul
+    the one vLLM uses for its own unquantized layers on this platform (see `_use_platform_gemm`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(self, remove_weight=False)  # sets self.cpu_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cpu_linear(x, self.weight, self.bias)
@@ -317,9 +320,7 @@ def _use_platform_gemm(flow: nn.Module) -> None:
 
     if not current_platform.is_cpu():
         return
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    for module in flow.modules():
-        if type(module) is nn.Linear:
-            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-            module.__class__ = _PlatformLinear
+    for parent in list(flow.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PlatformLinear(child))

@@ -8,6 +8,19 @@ logger = logging.getLogger("flas_vllm")
 
 _registered = False
 
+TEXT_MODELS = "flas_vllm.engine.model"  # FlasGemma2ForCausalLM, FlasGemma3ForCausalLM, FlasQwen3ForCausalLM, ...
+MULTIMODAL_MODELS = "flas_vllm.engine.model_multimodal"  # FlasGemma3ForConditionalGeneration
+
+
+def steered_classes() -> dict[str, str]:
+    """Every steered architecture (named in core/families.py) -> `module:class` where it is defined."""
+    from flas_vllm.core.families import FAMILIES
+
+    out = {f.architecture: f"{TEXT_MODELS}:{f.architecture}" for f in FAMILIES}
+    out.update({f.multimodal_architecture: f"{MULTIMODAL_MODELS}:{f.multimodal_architecture}"
+                for f in FAMILIES if f.multimodal_architecture})
+    return out
+
 
 def register() -> None:
     global _registered
@@ -17,13 +30,10 @@ def register() -> None:
     # choice for FLAS engines alone lives in patches/engine_config.py.
     from vllm import ModelRegistry
 
-    from flas_vllm.core.families import FAMILIES
-
     supported = ModelRegistry.get_supported_archs()
-    for family in FAMILIES:  # one architecture per family (and per multimodal wrapper), built lazily
-        for arch in filter(None, (family.architecture, family.multimodal_architecture)):
-            if arch not in supported:
-                ModelRegistry.register_model(arch, f"flas_vllm.engine.model:{arch}")
+    for arch, location in steered_classes().items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, location)  # by path: vLLM imports the module when it loads one
     from flas_vllm.engine import patches
 
     patches.install_all()

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from flas_vllm.core.concept import tokenize_concept
-from flas_vllm.engine.concept_cache import ConceptSlotTable
+from flas_vllm.engine.concept_cache import ConceptSlots
 from flas_vllm.core.concept_encoder import encode_with_decoder
 from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.flow import FlowFunction, dense_causal_attention, euler_dt
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_buffers import StepBuffers
-from flas_vllm.core.steering import Steering, read_canonical
+from flas_vllm.core.steering import Steering
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class FlasRuntime:
         self.concept_max_len = concept_max_len
         self.table = table
         self.buffers = buffers
-        self.slots = ConceptSlotTable(options.max_concepts, options.max_pinned)
+        self.slots = ConceptSlots(options.max_concepts, options.max_pinned)
         self._tokenizer_name = tokenizer_name
         self._tokenizer_kwargs = dict(tokenizer_kwargs)
         self._tokenizer = None
@@ -164,7 +164,7 @@ class FlasRuntime:
         `resumed`: the request ran before (Model Runner V2 drops preempted requests and adds them
         again), so it is not counted as a new steered request.
         """
-        steer = read_canonical(extra_args)  # validated once, in the front end; the scheduler failed invalid ones
+        steer = Steering.from_request(extra_args)  # validated once, in the front end; the scheduler failed invalid ones
         slot = 0
         if steer is not None:
             slot = self._ensure_encoded(steer.concept)
@@ -233,8 +233,7 @@ def encode_concept(model, ids: Sequence[int]) -> torch.Tensor:
     layers = [model.layers[0], model.layers[1]]
     hidden, residual = model.embed_input_ids(x), None
     with _dense_attention(layers, getattr(model.config, "attn_logit_softcapping", None)):
-        for layer in layers:  # never steered here, even where layer L is 0 or 1
-            forward = getattr(layer, "flas_unsteered_forward", layer)
-            hidden, residual = forward(positions, hidden, residual)
+        for layer in layers:  # never steered here, even where layer L is 0 or 1: `forward` runs no hook
+            hidden, residual = layer.forward(positions, hidden, residual)
     out, _ = model.norm(hidden, residual)
     return out

@@ -36,7 +36,7 @@ class Generation:
     top2_margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logprob per step
 
 
-class _StreamState:
+class StreamState:
     """What the current forward call covers: shared by the hook and the flow caches."""
 
     positions: torch.Tensor  # [B, T]
@@ -46,7 +46,7 @@ class _StreamState:
 class DenseFlowCache:
     """Causal self-attention for one (Euler step, block), cached across forward calls."""
 
-    def __init__(self, state: _StreamState, g: FlowGeometry, scale: float, use_cache: bool):
+    def __init__(self, state: StreamState, g: FlowGeometry, scale: float, use_cache: bool):
         self.state = state
         self.g = g
         self.scale = scale
@@ -183,7 +183,7 @@ class HFSteerer:
 
         outs = [Generation(prompt_token_ids=r, token_ids=[], logprobs=[]) for r in rows]
         done = [False] * b
-        state = _StreamState()
+        state = StreamState()
         caches = self._new_caches(state, use_cache, n_steps)
         past = None
         from transformers import DynamicCache
@@ -249,7 +249,7 @@ class HFSteerer:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
-    def _new_caches(self, state: _StreamState, use_cache: bool, n_steps: int) -> list[list[DenseFlowCache | None]]:
+    def _new_caches(self, state: StreamState, use_cache: bool, n_steps: int) -> list[list[DenseFlowCache | None]]:
         return [
             [
                 DenseFlowCache(state, self.geometry, self.flow.self_attn_scale, use_cache)

@@ -6,17 +6,16 @@ from typing import Optional
 
 import typer
 
-from flas_vllm.cli_common import CHECKPOINT_OPTION, EAGER_OPTION, N_STEPS_OPTION, PASS_THROUGH, engine_kwargs
+from flas_vllm.cli_common import (
+    CHECKPOINT_OPTION, EAGER_OPTION, N_STEPS_OPTION, PASS_THROUGH, engine_kwargs, refused_in_one_line,
+)
 
 
 def serve(ctx: typer.Context) -> None:
-    from flas_vllm.core.errors import FlasError
-    from flas_vllm.serve.server import serve as run_server
+    from flas_vllm.serve.server import serve as run_server  # lazy: it imports vLLM's server
 
-    try:
+    with refused_in_one_line():
         run_server(list(ctx.args))
-    except FlasError as exc:  # a setting or checkpoint refused before the engine started: say which, no traceback
-        raise typer.BadParameter(str(exc)) from None
 
 
 def chat(
@@ -35,7 +34,8 @@ def chat(
 
     kwargs = engine_kwargs(model, ctx.args, eager=eager)
     typer.echo("loading the model ...")
-    llm = FlasLLM(model, flas_checkpoint, n_steps=n_steps, **kwargs)
+    with refused_in_one_line():
+        llm = FlasLLM(model, flas_checkpoint, n_steps=n_steps, **kwargs)
     run_repl(llm, max_tokens=max_tokens, temperature=temperature)
 
 

@@ -8,11 +8,12 @@ steering is off, unsteered) assistant.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS
+from flas_vllm.core.errors import SteeringParamError
+from flas_vllm.core.steering import check_concept, check_flowtime, steering
 
 HELP = (
     "commands: /concept TEXT  /flowtime T  /on  /off  /compare  /reset  /help  /quit\n"
@@ -23,6 +24,7 @@ HELP = (
 class ChatSession:
     generate: Callable[[list[list[dict]], list[Optional[dict]]], list[str]]
     max_flowtime: float = ENGINE_OPTION_DEFAULTS["max_flowtime"]
+    max_concept_bytes: int = ENGINE_OPTION_DEFAULTS["max_concept_bytes"]
     concept: Optional[str] = None
     flowtime: float = 1.0
     steering_on: bool = True
@@ -37,8 +39,6 @@ class ChatSession:
         return f"[{steer}; compare {'on' if self.compare else 'off'}]"
 
     def _steering(self) -> Optional[dict]:
-        from flas_vllm.core.steering import steering
-
         if self.concept is None or not self.steering_on:
             return None
         return steering(self.concept, self.flowtime)
@@ -58,16 +58,21 @@ class ChatSession:
             if cmd == "/concept":
                 if not arg:
                     return "usage: /concept TEXT (a non-empty concept)", True
-                self.concept, self.steering_on = arg, True
+                try:
+                    self.concept, self.steering_on = check_concept(arg, self.max_concept_bytes), True
+                except SteeringParamError as exc:
+                    return str(exc), True
                 return self.status(), True
             if cmd == "/flowtime":
                 try:
                     value = float(arg)
                 except ValueError:
                     return f"flowtime: expected a number, got {arg!r}", True
-                if not math.isfinite(value) or not 0 <= value <= self.max_flowtime:
-                    return f"flowtime: must be within [0, {self.max_flowtime:g}], got {arg}", True
-                self.flowtime = value
+                limit = self.max_flowtime  # shown as the REPL shows numbers: 8, not 8.0
+                try:
+                    self.flowtime = check_flowtime(value, int(limit) if float(limit).is_integer() else limit)
+                except SteeringParamError as exc:
+                    return str(exc), True
                 return self.status(), True
             if cmd in ("/on", "/off"):
                 self.steering_on = cmd == "/on"
@@ -95,9 +100,10 @@ class ChatSession:
 def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowtime: float | None = None,
              input_fn=input, print_fn=print) -> None:
     """`max_flowtime`: the engine's (FlasLLM.options) unless given."""
+    options = getattr(llm, "options", None)
     if max_flowtime is None:
-        options = getattr(llm, "options", None)
         max_flowtime = options.max_flowtime if options is not None else ENGINE_OPTION_DEFAULTS["max_flowtime"]
+    max_concept_bytes = options.max_concept_bytes if options is not None else ENGINE_OPTION_DEFAULTS["max_concept_bytes"]
     from vllm import SamplingParams
 
     def generate(conversations, steerings):
@@ -105,7 +111,7 @@ def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowti
         outs = llm.chat(conversations, params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
-    session = ChatSession(generate=generate, max_flowtime=max_flowtime)
+    session = ChatSession(generate=generate, max_flowtime=max_flowtime, max_concept_bytes=max_concept_bytes)
     print_fn("flas-vllm chat. " + HELP)
     print_fn(session.status())
     while True:

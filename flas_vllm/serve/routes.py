@@ -18,6 +18,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from flas_vllm.core.errors import SteeringParamError
+from flas_vllm.core.steering import check_concept
+
 logger = logging.getLogger("flas_vllm.serve.server")
 
 STATS_REFRESH_SECONDS = 1.0
@@ -43,16 +46,12 @@ async def _concept_list(request: Request) -> list[str] | JSONResponse:
         return _error(400, "concepts: must be a non-empty list of strings", "concepts")
     if len(concepts) > MAX_CONCEPTS_PER_CALL:
         return _error(400, f"concepts: at most {MAX_CONCEPTS_PER_CALL} per call, got {len(concepts)}", "concepts")
-    from flas_vllm.core.errors import SteeringParamError
-    from flas_vllm.core.steering import parse_steering
-
     opts = request.app.state.flas_options
     for i, c in enumerate(concepts):
         try:
-            parse_steering({"flas_concept": c, "flas_flowtime": 1.0}, max_flowtime=max(1.0, opts.max_flowtime),
-                           max_concept_bytes=opts.max_concept_bytes)
+            check_concept(c, opts.max_concept_bytes, field=f"concepts[{i}]")
         except SteeringParamError as exc:
-            return _error(400, f"concepts[{i}]: {exc}".replace("flas_concept: ", ""), "concepts")
+            return _error(400, str(exc), "concepts")
     return concepts
 
 

@@ -24,7 +24,7 @@ def _flas_parser() -> argparse.ArgumentParser:
     from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D
 
     p = argparse.ArgumentParser(prog="flas-vllm serve", add_help=False)
-    p.add_argument("model", help="a plain Gemma-2 model: directory or Hugging Face id")
+    p.add_argument("model", help="the base model (Gemma-2, Gemma-3, Qwen3, Llama-3.1): directory or Hugging Face id")
     p.add_argument("--flas-checkpoint", required=True, help="FLAS checkpoint: file, directory or Hub repo id")
     p.add_argument("--n-steps", type=int, default=None, help="Euler steps (default: the checkpoint config's)")
     p.add_argument("--max-n-steps", type=int, default=None,

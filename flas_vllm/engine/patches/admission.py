@@ -15,24 +15,24 @@ import functools
 
 from . import wrap_once
 
-_FINGERPRINTS: dict[str, tuple[str, int]] = {}
+_FRONT_END: dict = {}  # FlasEngineOptions -> ((default n_steps, max n_steps), fingerprint), once per process
 
 
 def _flas_context(input_processor):
-    """(options, n_steps, fingerprint) for a FLAS model, None for any other model."""
+    """(options, (default n_steps, max n_steps), fingerprint) for a FLAS model, None for any other model."""
     hf_config = input_processor.model_config.hf_config
     if getattr(hf_config, "flas", None) is None:
         return None
-    from flas_vllm.core.checkpoint import checkpoint_fingerprint, read_checkpoint_config
     from flas_vllm.core.config import FlasEngineOptions
 
-    options = FlasEngineOptions.from_hf_config(hf_config)
-    cached = _FINGERPRINTS.get(options.checkpoint)
-    if cached is None:  # the front end needs the fingerprint and config only: no tensor is loaded here
-        cached = (checkpoint_fingerprint(options.checkpoint), read_checkpoint_config(options.checkpoint).n_steps)
-        _FINGERPRINTS[options.checkpoint] = cached
-    fingerprint, ckpt_steps = cached
-    return options, options.step_limits(ckpt_steps), fingerprint
+    options = FlasEngineOptions.from_hf_config(hf_config)  # parsed once per process (cached)
+    known = _FRONT_END.get(options)
+    if known is None:  # the front end needs the fingerprint and config only: no tensor is loaded here
+        from flas_vllm.core.checkpoint import checkpoint_fingerprint, read_checkpoint_config
+
+        n_steps = read_checkpoint_config(options.checkpoint).n_steps
+        known = _FRONT_END[options] = (options.step_limits(n_steps), checkpoint_fingerprint(options.checkpoint))
+    return (options, *known)
 
 
 def _check(input_processor, params):
@@ -123,17 +123,21 @@ def _salt(request, steer, ctx) -> None:
     request.cache_salt = cache_salt(steer, n_steps=n_steps, fingerprint=fingerprint, user_salt=request.cache_salt)
 
 
-def _attach_canonical(params, steer, ctx):
-    """Leave the validated steering on the request (the engine reads it, never re-parses);
-    a client-sent `_flas` is always overwritten. Returns the params to use (a copy when changed)."""
-    from flas_vllm.core.steering import CANONICAL_KEY, canonical_form
+def _attach_wire_form(params, steer, ctx):
+    """Leave the validated steering on the request, n_steps resolved (the engine core and the worker
+    decode it, never re-validate); a client-sent `_flas` is always overwritten. Returns the params to
+    use (a copy when changed)."""
+    import dataclasses
+
+    from flas_vllm.core.steering import WIRE_KEY
 
     extra = getattr(params, "extra_args", None)
-    if not extra or not any(str(k).startswith(("flas_", CANONICAL_KEY)) for k in extra):
+    if not extra or not any(str(k).startswith(("flas_", WIRE_KEY)) for k in extra):
         return params
     n_steps, _ = ctx
     params = params.clone()
-    params.extra_args = {**params.extra_args, CANONICAL_KEY: canonical_form(steer, n_steps)}
+    wire = {} if steer is None else dataclasses.replace(steer, n_steps=n_steps).to_wire()
+    params.extra_args = {**params.extra_args, WIRE_KEY: wire}
     return params
 
 
@@ -142,7 +146,7 @@ def _make_sync(original):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         steer, ctx = _check(self, params)
         if ctx is not None:
-            params = _attach_canonical(_apply_stop_rule(self, params), steer, ctx)
+            params = _attach_wire_form(_apply_stop_rule(self, params), steer, ctx)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         _salt(request, steer, ctx)
         return request

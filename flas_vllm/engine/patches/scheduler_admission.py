@@ -35,17 +35,17 @@ _INVALID = object()
 
 
 def _concept(request, options):
-    """The request's concept (None if unsteered), read from the front end's canonical form and
+    """The request's concept (None if unsteered), decoded from the front end's wire form and
     remembered on the request; _INVALID if the request carries flas_* fields the front end never saw."""
     cached = getattr(request, "_flas_concept", False)
     if cached is not False:
         return cached
     from flas_vllm.core.errors import SteeringParamError
-    from flas_vllm.core.steering import read_canonical
+    from flas_vllm.core.steering import Steering
 
     params = request.sampling_params
     try:
-        steer = read_canonical(params.extra_args if params else None)
+        steer = Steering.from_request(params.extra_args if params else None)
         request._flas_concept = steer.concept if steer is not None else None
     except SteeringParamError as exc:
         logger.error("request %s: %s; failing it", request.request_id, exc)

@@ -107,16 +107,16 @@ class V2Bridge:
         from vllm.v1.core.sched.output import NewRequestData
         from vllm.v1.worker.gpu.input_batch import InputBatch
 
-        from flas_vllm.core.steering import CANONICAL_KEY, Steering, canonical_form
+        from flas_vllm.core.steering import WIRE_KEY, Steering
 
         runtime = self.model.flas_runtime
-        form = canonical_form(Steering(concept=concept, flowtime=1.0, n_steps=None), runtime.n_steps)
+        form = Steering(concept=concept, flowtime=1.0, n_steps=runtime.n_steps).to_wire()
         ids = [f"flas-bridge-live-{i}" for i in range(num_reqs)]
         for row, rid in enumerate(ids):
             self.free.remove(row)
             self.state.add_request(row, NewRequestData(
                 req_id=rid, prompt_token_ids=[2, 3, 4], mm_features=[],
-                sampling_params=SamplingParams(max_tokens=1, extra_args={CANONICAL_KEY: form}),
+                sampling_params=SamplingParams(max_tokens=1, extra_args={WIRE_KEY: form}),
                 pooling_params=None, block_ids=([],), num_computed_tokens=0, lora_request=None,
                 prefill_token_ids=[2, 3, 4]))
             self.row[rid] = row

@@ -1,1 +1,0 @@
-"""Tiny deterministic models and official-layout FLAS checkpoints built at run time, for tests, the demo and benchmarks."""
