@@ -33,6 +33,7 @@ from flas_vllm.core.concept_encoder import build_own_encoder
 from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine.checks import check_fingerprint, check_runner
 from flas_vllm.core.families import text_config
+from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.core.flow import integrate
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
@@ -40,18 +41,22 @@ from flas_vllm.engine.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
-def _flas_steer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
-    """Opaque to the compiler, so it may look at the data: no steered token, no flow work at all.
+def _flas_steer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> torch.Tensor:
+    """The steered tokens' new residual stream; other rows are left unwritten (never selected).
 
+    Opaque to the compiler, so it may look at the data: no steered token, no flow work at all.
+    It returns rather than writes in place, so the choice of rows stays a `torch.where` in the
+    compiled graph: the base model around it fuses exactly as vanilla's does (issue 19, item 5).
     Finds its `FlasSteer` by name in the forward context, as vLLM's own custom ops find their layers.
     """
     from vllm.forward_context import get_forward_context
 
-    get_forward_context().no_compile_layers[target]._steer_in_place(positions, hidden, residual)
+    return get_forward_context().no_compile_layers[target].steered_residual(positions, hidden, residual)
 
 
-def _flas_steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> None:
-    return None
+def _flas_steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str
+                     ) -> torch.Tensor:
+    return torch.empty_like(residual)
 
 
 def _register_steer_op() -> None:
@@ -59,8 +64,7 @@ def _register_steer_op() -> None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op("flas_steer", _flas_steer, mutates_args=["hidden", "residual"],
-                              fake_impl=_flas_steer_fake)
+    direct_register_custom_op("flas_steer", _flas_steer, mutates_args=[], fake_impl=_flas_steer_fake)
 
 
 class PagedFlowAttention(nn.Module):
@@ -115,6 +119,7 @@ class FlasSteer(nn.Module):
                 "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
             )
         self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights, once
+        self.flow.rope.build(vllm_config.model_config.max_model_len, ckpt.dtype, device)  # read by position
 
         steps: dict[str, PagedFlowAttention] = {}
         if not ckpt.config.disable_self_attn:
@@ -164,37 +169,36 @@ class FlasSteer(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor):
-        if self.skip_unsteered:
-            torch.ops.vllm.flas_steer(hidden, residual, positions, self.target)
-            return hidden, residual
-        return self._steer(positions, hidden, residual)
-
-    def _steer_in_place(self, positions, hidden, residual) -> None:
-        runtime = self.runtime
-        if not runtime.any_steered:  # a host-side fact of the step: no device sync
-            return  # unsteered requests never read their flow KV, so nothing needs writing
-        # Only as many Euler steps as this step's steered tokens need: a request never reads
-        # the flow KV of steps beyond its own n_steps.
-        new_hidden, new_residual = self._steer(positions, hidden, residual, runtime.step_count)
-        hidden.copy_(new_hidden)
-        residual.copy_(new_residual)
-
-    def _steer(self, positions, hidden, residual, n_steps: int | None = None):
         """Replace the residual stream (hidden + residual) of steered tokens with the flow's output.
 
         Every registered family's decoder layer returns (hidden, residual) and the next layer's
-        (or the final) norm adds them first, so that sum is the residual stream after layer L.
+        (or the final) norm adds them first, so that sum is the residual stream after layer L:
+        a steered token continues as (0, flow output), any other as (hidden, residual), untouched.
         """
+        if self.skip_unsteered:
+            flowed = torch.ops.vllm.flas_steer(hidden, residual, positions, self.target)
+        else:
+            flowed = self._integrate(positions, hidden, residual, self.max_n_steps)
+        steered = self.step_buffers.steered[: hidden.shape[0], None]
+        return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
+
+    def steered_residual(self, positions, hidden, residual) -> torch.Tensor:
+        """The skip path (eager, inside the opaque op): flow work only in steps with a steered token."""
+        runtime = self.runtime
+        if not runtime.any_steered:  # a host-side fact of the step: no device sync
+            return torch.empty_like(residual)  # no row is selected; unsteered requests never read flow KV
+        # Only as many Euler steps as this step's steered tokens need: a request never reads
+        # the flow KV of steps beyond its own n_steps.
+        return self._integrate(positions, hidden, residual, runtime.step_count)
+
+    def _integrate(self, positions, hidden, residual, n_steps: int) -> torch.Tensor:
+        """Every token's stream after the flow, in the model dtype (only steered rows are used)."""
         n = hidden.shape[0]
         buffers = self.step_buffers
-        steered = buffers.steered[:n, None]
-        stream = (hidden.float() + residual.float()).to(hidden.dtype)  # what the next fused add produces
-        h = stream.to(self.flow.dtype)
-        h = integrate(self.flow, h, buffers.dt[:n], n_steps or self.max_n_steps, positions, self.table,
+        stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
+        h = integrate(self.flow, stream.to(self.flow.dtype), buffers.dt[:n], n_steps, positions, self.table,
                       self._cores, token_steps=buffers.steps[:n])
-        new_residual = torch.where(steered, h.to(hidden.dtype), residual)
-        new_hidden = torch.where(steered, torch.zeros_like(hidden), hidden)
-        return new_hidden, new_residual
+        return rounded(h.to(hidden.dtype))
 
     def load_flow_weights(self) -> set[str]:
         """Copy the checkpoint's tensors into the flow; returns the flow's parameter names (relative)."""
