@@ -154,3 +154,21 @@ def test_no_tokens():
     t = _table(4, 16, SMALL, torch.float32)
     out = _flex(t)(torch.zeros(0, 4, 16), torch.zeros(0, dtype=torch.long), t.keys[0], t.values[0], t.valid)
     assert out.shape == (0, 4, 16)
+
+
+def test_traced_graphs_call_it_as_one_opaque_op():
+    """Inside torch.compile (vLLM compiles the model on GPUs) the flex path is the custom op."""
+    t = _table(4, 16, SMALL, torch.float32)
+    t.flex = _flex(t)
+    slots = torch.tensor([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
+    t.token_slots = slots
+    q = _queries(len(slots), t, torch.float32)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    got = torch.compile(lambda x: t.attend(0, x), backend=backend, fullgraph=True)(q)
+    assert any("attend_slots_flex" in str(n.target) for n in graphs[0].graph.nodes)
+    torch.testing.assert_close(got, _exact(t, 0, q, slots), atol=2e-6, rtol=2e-6)
