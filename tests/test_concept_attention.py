@@ -172,3 +172,16 @@ def test_traced_graphs_call_it_as_one_opaque_op():
     got = torch.compile(lambda x: t.attend(0, x), backend=backend, fullgraph=True)(q)
     assert any("attend_slots_flex" in str(n.target) for n in graphs[0].graph.nodes)
     torch.testing.assert_close(got, _exact(t, 0, q, slots), atol=2e-6, rtol=2e-6)
+
+
+def test_buffers_are_reserved_once_for_the_engines_token_buffer():
+    """A captured CUDA graph keeps reading the block-mask buffers: smaller steps never reallocate them."""
+    t = _table(4, 16, SMALL, torch.float32)
+    t.flex = _flex(t)
+    t.token_slots = torch.zeros(300, dtype=torch.long)  # the engine's max batched tokens
+    t.token_slots[:3] = torch.tensor([1, 2, 3])
+    t.attend(0, _queries(3, t, torch.float32))
+    assert t.flex.rows == 1280  # 300 tokens x 4 heads, in whole 128-row blocks
+    buffers = (t.flex.row_key, t.flex.hits, t.flex.indices)
+    t.attend(1, _queries(3, t, torch.float32))
+    assert all(a is b for a, b in zip(buffers, (t.flex.row_key, t.flex.hits, t.flex.indices)))

@@ -98,8 +98,14 @@ class FlexSlotAttention:
         self.handle = next(_HANDLES)
         _BY_HANDLE[self.handle] = self
 
+    def reserve(self, tokens: int) -> None:
+        """Buffers for `tokens` tokens at least. The engine reserves its max batched tokens before its
+        first step, so no buffer a captured CUDA graph reads is ever reallocated."""
+        if tokens * self.num_heads > self.rows:
+            self._grow(tokens * self.num_heads)
+
     def _grow(self, rows: int) -> None:
-        """Buffers for `rows` query rows (tokens x heads); the engine sizes them once, at max tokens."""
+        """Buffers for `rows` query rows (tokens x heads)."""
         q_blocks = _ceil_div(rows, BLOCK)
         dev = self.device
         self.rows = q_blocks * BLOCK
@@ -123,8 +129,7 @@ class FlexSlotAttention:
 
         nh, lc = self.num_heads, self.max_len
         n_rows = slots.shape[0] * nh
-        if n_rows > self.rows:
-            self._grow(n_rows)
+        self.reserve(slots.shape[0])
         key = (slots[:, None] * nh + self.heads).reshape(-1)
         sorted_key, order = torch.sort(key, stable=True)
         self.row_key[:n_rows].copy_(sorted_key)

@@ -147,6 +147,7 @@ class SlotTableKV(nn.Module):
         return out
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
+        self.flex.reserve(self.token_slots.shape[0])  # the engine's buffer: max batched tokens
         args = (q, self.token_slots[: q.shape[0]], self.keys[block], self.values[block], self.valid)
         if torch.compiler.is_compiling():
             return attend_slots_flex_op(*args, self.flex.handle)
