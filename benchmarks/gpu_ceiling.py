@@ -259,7 +259,7 @@ def measure(case: Case, n: int, seq_len: int, concepts: int, warmup: int, reps: 
     h = torch.randn(b, s, g.hidden_size, device=dev, dtype=dt)
     positions = torch.arange(s, device=dev).expand(b, s)
     slots = (torch.arange(b * s, device=dev) % concepts) + 1  # every token steered, concepts round robin
-    case.table.token_slots = slots
+    case.table.token_slots[: b * s].copy_(slots)  # one buffer for every size, as the engine's
     case.table.groups = None  # the graph path: one full-length gather
     dts = torch.full((b, s), 1.0 / FLOW.n_steps, device=dev, dtype=dt)
     from flas_vllm.core.flow import rope_cos_sin
@@ -327,6 +327,7 @@ def main(argv=None) -> list[dict]:
         if args.workspace_mib is not None:
             case.table.workspace_bytes = args.workspace_mib << 20
         case.flex_in_flow = args.concept == "auto"
+        case.table.token_slots = torch.zeros(max(tokens), dtype=torch.long, device=device)
         case.prepare(mode)
         for n in tokens:
             row = measure(case, n, args.seq_len, args.concepts, warmup, reps, mode)
