@@ -42,6 +42,7 @@ from torch import nn
 
 from flas_vllm.core.config import FlasConfig, FlowGeometry
 from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, integrate
+from flas_vllm.engine.concept_attention import FlexSlotAttention
 from flas_vllm.engine.slot_table import SlotTableKV
 
 
@@ -273,13 +274,16 @@ def measure(case: Case, n: int, seq_len: int, concepts: int, warmup: int, reps: 
     flow_ms = timed(capture(flow, mode, dev), dev, warmup, reps)
     parts = breakdown(flow, dev)  # the compiled call itself: a graph replay hides its kernels
     layer_ms = timed(capture(lambda: layer_fn(h, cos, sin), mode, dev), dev, warmup, reps)
-    cross = {}
+    cross, outputs = {}, {}
     for name, kernel in (("flex", flex), ("gather", None)):  # one block's concept attention, each path
         if name == "flex" and flex is None:
             continue  # not a CUDA table: the exact gather is the only path
         case.table.flex = kernel
         cross[f"cross_{name}_ms"] = timed(lambda: case.table.attend(0, q), dev, warmup, reps)
+        outputs[name] = case.table.attend(0, q).float()
     case.table.flex = flex
+    if "flex" in outputs:  # the two paths on the same queries (bf16: different rounding, same math)
+        cross["cross_flex_max_abs_diff"] = (outputs["flex"] - outputs["gather"]).abs().max().item()
     base_ms = case.layers * layer_ms
     return {"geometry": case.name, "tokens": n, "mode": mode, "flow_ms": flow_ms,
             "cross_attention_ms": cross.get("cross_flex_ms", cross["cross_gather_ms"]), **cross, **parts,
@@ -299,8 +303,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="graphs: Inductor + CUDA graphs, as vLLM runs (default on CUDA); compiled: Inductor "
                         "alone; eager (default on CPU)")
-    p.add_argument("--concept", choices=("auto", "gather"), default="auto",
-                   help="the flow's concept attention: the engine's choice (FlexAttention on CUDA) or the gather")
+    p.add_argument("--concept", choices=("auto", "gather", "flex"), default="auto",
+                   help="the flow's concept attention: the engine's choice (FlexAttention on CUDA), the gather, "
+                        "or FlexAttention on any device (CPU: compiled per shape)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -326,16 +331,20 @@ def main(argv=None) -> list[dict]:
         case = build(name, g, layers, device, dtype, args.concepts)
         if args.workspace_mib is not None:
             case.table.workspace_bytes = args.workspace_mib << 20
-        case.flex_in_flow = args.concept == "auto"
+        case.flex_in_flow = args.concept != "gather"
+        if args.concept == "flex" and case.table.flex is None:
+            case.table.flex = FlexSlotAttention(args.concepts + 1, g.num_heads, FLOW.concept_max_len,
+                                                g.attn_logit_softcapping, device, dynamic=False)
         case.table.token_slots = torch.zeros(max(tokens), dtype=torch.long, device=device)
         case.prepare(mode)
         for n in tokens:
             row = measure(case, n, args.seq_len, args.concepts, warmup, reps, mode)
             rows.append(row)
             flex = f"{row['cross_flex_ms']:>8.3f}" if "cross_flex_ms" in row else f"{'-':>8}"
+            diff = f" (flex - gather max abs {row['cross_flex_max_abs_diff']:.3g})" if "cross_flex_ms" in row else ""
             print(f"{name:<12} {n:>6} {row['flow_ms']:>9.3f} {row['layer_ms']:>9.3f} {row['flow_over_base']:>9.4f} "
                   f"{row['ceiling']:>8.4f} {flex} {row['cross_gather_ms']:>9.3f} {row['gemm_ms']:>8.3f} "
-                  f"{row['concept_ms']:>8.3f} {row['other_ms']:>8.3f} {row['kernels_per_flow']:>7}", flush=True)
+                  f"{row['concept_ms']:>8.3f} {row['other_ms']:>8.3f} {row['kernels_per_flow']:>7}{diff}", flush=True)
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -54,6 +54,16 @@ def test_compiled_mode_launches_fewer_kernels_than_eager(tmp_path):
     assert c["concept_ms"] > 0  # found as the opaque op in the compiled graph
 
 
+def test_flex_concept_attention_is_timed_and_checked_against_the_gather(tmp_path):
+    """On a GPU the engine's table runs FlexAttention; --concept flex runs it on CPU (compiled per shape)."""
+    proc, report = _run(tmp_path, "--tokens", "8", "--concept", "flex")
+    row = report["rows"][0]
+    assert row["cross_flex_ms"] > 0 and row["cross_gather_ms"] > 0
+    assert row["cross_attention_ms"] == row["cross_flex_ms"]
+    assert row["cross_flex_max_abs_diff"] < 2e-2  # bf16: the bound test_concept_attention.py states
+    assert "flex - gather max abs" in proc.stdout
+
+
 def test_bad_arguments_name_the_option():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--tokens", "0"], capture_output=True,
                           text=True, timeout=120)
