@@ -7,6 +7,7 @@ so every call here runs the fused kernel, block mask included, as the GPU would.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from flas_vllm.core.config import FlowGeometry
@@ -57,9 +58,11 @@ def test_flex_only_on_cuda():
     assert _table(4, 16, {1: 3}, torch.float32).flex is None  # CPU tables keep the exact gather
 
 
-def test_block_mask_lists_exactly_the_blocks_of_each_query_blocks_groups():
+@pytest.mark.parametrize("max_len", [64, 200, 24])  # groups within one key block, across up to 3, unaligned
+def test_block_mask_lists_exactly_the_blocks_of_each_query_blocks_groups(max_len):
     """Independent of the kernel: per 128-row query block, the key blocks holding its rows' valid keys."""
-    t = _table(4, 16, SMALL, torch.float32)
+    lengths = {s: min(n * max_len // 64, max_len) or 1 for s, n in SMALL.items()}
+    t = _table(4, 16, lengths, torch.float32, max_len=max_len)
     flex = _flex(t)
     rng = np.random.default_rng(3)
     slots = torch.from_numpy(rng.choice([0, 1, 2, 3, 4, 6], size=77))
@@ -83,8 +86,9 @@ def test_block_mask_lists_exactly_the_blocks_of_each_query_blocks_groups():
     assert mask.seq_lengths == (len(keys), flex.kv_len)
 
 
-def test_fp32_equals_the_exact_gather_with_scrambled_slots():
-    t = _table(4, 16, SMALL, torch.float32)
+@pytest.mark.parametrize("max_len", [64, 24])  # 24: the key sequence is not whole 128-key blocks
+def test_fp32_equals_the_exact_gather_with_scrambled_slots(max_len):
+    t = _table(4, 16, {s: min(n, max_len) for s, n in SMALL.items()}, torch.float32, max_len=max_len)
     flex = _flex(t)
     slots = torch.tensor([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
     q = _queries(len(slots), t, torch.float32)
