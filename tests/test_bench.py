@@ -32,7 +32,8 @@ def test_bench_smoke_on_fixture(tmp_path, tiny_model):
     assert on_disk["runs"] == report["runs"]
 
     kinds = [r["kind"] for r in on_disk["runs"]]
-    assert kinds == ["vanilla", "flas-unsteered", "flas-steered", "flas-steered", "hf", "hf"]
+    assert kinds == ["vanilla", "flas-unsteered", "flas-steered", "flas-steered", "flas-mixed", "flas-mixed",
+                     "hf", "hf"]
     for r in on_disk["runs"]:
         what = r["name"]
         assert r["num_requests"] == 4 and r["output_tokens"] == 4 * 4, what
@@ -46,6 +47,16 @@ def test_bench_smoke_on_fixture(tmp_path, tiny_model):
     for r in on_disk["runs"]:
         if r["kind"] == "flas-steered":
             _positive(r["encode_s"], f"{r['name']} encode_s")
+
+    mixed = [r for r in on_disk["runs"] if r["kind"] == "flas-mixed"]
+    assert [r["steered_requests"] for r in mixed] == [1, 2]  # 10% and 50% of 4 requests (at least one)
+    assert [r["name"] for r in mixed] == ["flas-vllm mixed 10% steered", "flas-vllm mixed 50% steered"]
+    for r in mixed:
+        _positive(r["ratio_unsteered_speed_to_vanilla"], f"{r['name']} unsteered speed")
+        for p in ("p50", "p90", "p99"):
+            _positive(r["unsteered_tpot_ms"][p], f"{r['name']} unsteered TPOT {p}")
+    md = (tmp_path / "bench_fixture.md").read_text()
+    assert "## Mixed traffic" in md and "| flas-vllm mixed 50% steered | 2 of 4 |" in md
 
     for name, ratio in on_disk["ratios"].items():
         _positive(ratio["output_tok_s"], name)

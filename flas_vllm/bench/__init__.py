@@ -7,6 +7,8 @@ One run measures, on the SAME model, prompts and output lengths (greedy,
 2. flas-vllm with every request unsteered;
 3. flas-vllm with every request steered, K distinct concepts for each K
    (requests assigned round-robin, flowtimes mixed in [0.5, 2]);
+   then mixed traffic: 10% and 50% of the requests steered, the rest not, in
+   one batch; the unsteered requests' own TPOT is compared with vanilla's;
 4. the transformers path (`HFSteerer`), one concept per batch of <= 16
    prompts, the way the original FLAS code evaluates.
 
@@ -87,6 +89,8 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     for r in runs:
         r.ratio_output_to_vanilla = round(r.output_tok_s / vanilla.output_tok_s, 4)
         r.ratio_total_to_vanilla = round(r.total_tok_s / vanilla.total_tok_s, 4)
+        if r.unsteered_tpot_ms and vanilla.tpot_ms:
+            r.ratio_unsteered_speed_to_vanilla = round(vanilla.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
     if any(r.tpot_ms is None for r in runs) and cfg.output_len < 2:
         not_measured.append("TPOT needs output_len >= 2")
     if any(r.kind != "hf" and r.ttft_ms is None for r in runs):
@@ -111,7 +115,8 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
         "model": {"name": model.name, "model_dir": str(model.model_dir), "checkpoint_dir": str(model.checkpoint_dir)},
         "workload": {"num_prompts": len(wl.prompts), "prompt_tokens": wl.prompt_tokens,
                      "mean_prompt_tokens": wl.prompt_tokens / len(wl.prompts),
-                     "output_len": cfg.output_len, "flowtime_range": [0.5, 2.0], "assignment": "round-robin"},
+                     "output_len": cfg.output_len, "flowtime_range": [0.5, 2.0], "assignment": "round-robin",
+                     "mixed_fractions": list(cfg.mixed_fractions)},
         "engines": {"vanilla": vinfo, "flas": {k: v for k, v in finfo.items() if k != "concept_encoding"},
                     "hf": hinfo},
         "runs": [r.as_dict() for r in runs],

@@ -21,6 +21,8 @@ def bench(
     max_model_len: int = typer.Option(1024, min=64, help="context length of the vLLM engines"),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="also run the transformers path (one concept per batch)"),
     hf_max_prompts: Optional[int] = typer.Option(None, min=1, help="cap the transformers path's prompts"),
+    mixed: str = typer.Option("0.1,0.5", help="mixed-traffic runs: fractions of requests steered, comma-separated "
+                                              "('' for none)"),
 ) -> None:
     """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
     from flas_vllm.bench import MODELS, BenchConfig, parse_ks, run_benchmark
@@ -31,7 +33,15 @@ def bench(
         k_list = parse_ks(ks)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--ks") from exc
+    try:
+        fractions = [float(x) for x in mixed.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated fractions, got {mixed!r}", param_hint="--mixed") from exc
     cfg = BenchConfig(model=model, ks=k_list, num_prompts=num_prompts, output_len=output_len, out_dir=out,
                       enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
-                      max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts)
+                      max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts, mixed_fractions=fractions)
+    try:
+        cfg = cfg.resolved()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     run_benchmark(cfg, log=typer.echo)

@@ -37,6 +37,8 @@ class BenchConfig:
     # (covers the batch shapes of the timed runs)
     warmup_requests: int | None = None
     encode_probe_concepts: int = 8
+    # mixed traffic: runs where only this fraction of the requests is steered (the rest unsteered)
+    mixed_fractions: Sequence[float] = (0.1, 0.5)
     seed: int = 0
     plot: bool = True
 
@@ -49,7 +51,12 @@ class BenchConfig:
         n = self.num_prompts if self.num_prompts is not None else max(ks)
         if n < 1 or self.output_len < 1:
             raise ValueError("num_prompts and output_len must be >= 1")
-        return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir))
+        fractions = sorted({float(f) for f in self.mixed_fractions})
+        if any(not 0 < f < 1 for f in fractions):
+            raise ValueError(f"mixed fractions must lie strictly between 0 and 1, got {list(self.mixed_fractions)}")
+        if fractions and n < 2:
+            raise ValueError("a mixed-traffic run needs num_prompts >= 2 (one steered, one unsteered)")
+        return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir), mixed_fractions=fractions)
 
     @property
     def max_concepts(self) -> int:

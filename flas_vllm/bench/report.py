@@ -76,6 +76,7 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt(r['ratio_output_to_vanilla'], 3)} | {_fmt(r['ratio_total_to_vanilla'], 3)} "
             f"| {_pct(r['ttft_ms'])} | {_pct(r['tpot_ms'])} | {_fmt(r['encode_s'], 3)} |"
         )
+    lines += _mixed_section(runs)
     fl = report["flops"]
     a, w, ref = fl["at_mean_context"], fl["weights_only"], fl["reference_gemma_2_2b_dims"]
     lines += [
@@ -176,6 +177,24 @@ def plot(report: dict, path: Path) -> str | None:
     return None
 
 
+def _mixed_section(runs: list[dict]) -> list[str]:
+    mixed = [r for r in runs if r["kind"] == "flas-mixed"]
+    if not mixed:
+        return []
+    van = next(r for r in runs if r["kind"] == "vanilla")
+    lines = ["", "## Mixed traffic", "",
+             "Some requests steered, the rest not, in one batch. The unsteered requests' decode speed is "
+             f"vanilla's TPOT p50 ({_fmt((van['tpot_ms'] or {}).get('p50'), 3)} ms) over theirs.", "",
+             "| run | steered requests | output tok/s | x vanilla (output) | unsteered TPOT ms "
+             "| unsteered speed x vanilla |",
+             "|---|---:|---:|---:|---|---:|"]
+    for r in mixed:
+        lines.append(f"| {r['name']} | {r['steered_requests']} of {r['num_requests']} | {_fmt(r['output_tok_s'])} "
+                     f"| {_fmt(r['ratio_output_to_vanilla'], 3)} | {_pct(r['unsteered_tpot_ms'])} "
+                     f"| {_fmt(r['ratio_unsteered_speed_to_vanilla'], 3)} |")
+    return lines
+
+
 def summary_lines(report: dict) -> list[str]:
     out = [f"ratios to vanilla vLLM ({report['config']['model']}, output tokens/s; total tokens/s):"]
     for r in report["runs"]:
@@ -184,6 +203,8 @@ def summary_lines(report: dict) -> list[str]:
             continue
         out.append(f"  {r['name']:<28} {r['output_tok_s']:>10.1f} tok/s  x{r['ratio_output_to_vanilla']:.3f}"
                    f"  (total x{r['ratio_total_to_vanilla']:.3f})")
+        if r.get("ratio_unsteered_speed_to_vanilla") is not None:
+            out.append(f"  {'':<28} unsteered requests' decode speed x{r['ratio_unsteered_speed_to_vanilla']:.3f}")
     fl = report["flops"]["at_mean_context"]
     out.append(f"  FLOPs ceiling (all tokens through the flow): x{fl['throughput_ceiling']:.3f}")
     kv = report["kv_capacity"].get("ratio_flas_to_vanilla") or {}
@@ -216,6 +237,15 @@ def readme_table(report: dict) -> str:
             tok = " / ".join(f"{r['output_tok_s']:.0f}" for r in rs)
             ratio = " / ".join(f"{r['ratio_output_to_vanilla']:.2f}" for r in rs)
             rows.append(f"| {label}, K = {ks} | {tok} | {ratio} |")
+    mixed = by_kind.get("flas-mixed", [])
+    if mixed:  # reports from before the mixed-traffic runs have none: their table is unchanged
+        pct = " / ".join(f"{r['steered_requests'] / r['num_requests']:.0%}" for r in mixed)
+        tok = " / ".join(f"{r['output_tok_s']:.0f}" for r in mixed)
+        ratio = " / ".join(f"{r['ratio_output_to_vanilla']:.2f}" for r in mixed)
+        rows.append(f"| flas-vllm mixed, {pct} steered | {tok} | {ratio} |")
+        if all(r.get("ratio_unsteered_speed_to_vanilla") for r in mixed):
+            speed = " / ".join(f"{r['ratio_unsteered_speed_to_vanilla']:.2f}" for r in mixed)
+            rows.append(f"| unsteered requests in them (decode speed, TPOT p50) | | {speed} |")
     ceiling = report["flops"]["at_mean_context"]["throughput_ceiling"]
     kv = report["kv_capacity"]["ratio_flas_to_vanilla"].get("group_aware_tokens")
     head = (f"`{report['model']['name']}`, {report['workload']['num_prompts']} prompts x "

@@ -32,7 +32,7 @@ def to_ms(p: dict[str, float] | None) -> dict[str, float] | None:
 @dataclass
 class RunResult:
     name: str
-    kind: str  # vanilla | flas-unsteered | flas-steered | hf
+    kind: str  # vanilla | flas-unsteered | flas-steered | flas-mixed | hf
     k: int | None
     concepts_used: int
     num_requests: int
@@ -45,6 +45,11 @@ class RunResult:
     batches: int | None = None  # transformers path only
     reused_from_k: int | None = None  # transformers path: same batch structure as that K, not re-run
     notes: list[str] = field(default_factory=list)
+    # mixed traffic (flas-mixed): how many requests were steered, and the unsteered ones' own decode speed
+    steered_requests: int | None = None
+    unsteered_tpot_ms: dict[str, float] | None = None
+    # vanilla's TPOT p50 / the unsteered requests' TPOT p50: their decode speed as a fraction of vanilla's
+    ratio_unsteered_speed_to_vanilla: float | None = None
     ratio_output_to_vanilla: float | None = None
     ratio_total_to_vanilla: float | None = None
 

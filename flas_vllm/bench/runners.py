@@ -13,7 +13,7 @@ from flas_vllm.engine.llm import shutdown_engine
 from flas_vllm.bench.config import BenchConfig
 from flas_vllm.bench.models import BenchModel
 from flas_vllm.bench.results import RunResult, to_ms, vllm_latencies, percentiles
-from flas_vllm.bench.workload import Workload, assign_round_robin, make_concepts, make_flowtimes
+from flas_vllm.bench.workload import Workload, assign_round_robin, make_concepts, make_flowtimes, steered_mask
 
 
 # ---------------------------------------------------------------------------
@@ -78,15 +78,22 @@ def _warm_sampling(cfg: BenchConfig, extra=None):
     return SamplingParams(temperature=0.0, max_tokens=min(2, cfg.output_len), ignore_eos=True, extra_args=extra)
 
 
-def _vllm_run(name, kind, k, concepts_used, llm, wl: Workload, params, encode_s_fn=None) -> RunResult:
+def _vllm_run(name, kind, k, concepts_used, llm, wl: Workload, params, encode_s_fn=None,
+              steered: list[bool] | None = None) -> RunResult:
+    """One timed batch. `steered` (mixed traffic): which requests are steered; the unsteered ones'
+    TPOT is then also reported on its own."""
     before = encode_s_fn() if encode_s_fn else 0.0
     outs, wall = _timed_generate(llm, wl.prompts, params)
     encode_s = (encode_s_fn() - before) if encode_s_fn else 0.0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft, tpot, notes = vllm_latencies(outs)
-    return RunResult(name=name, kind=kind, k=k, concepts_used=concepts_used, num_requests=len(outs),
-                     prompt_tokens=sum(len(o.prompt_token_ids) for o in outs), output_tokens=out_tokens,
-                     wall_s=wall, ttft_ms=ttft, tpot_ms=tpot, encode_s=encode_s, notes=notes)
+    r = RunResult(name=name, kind=kind, k=k, concepts_used=concepts_used, num_requests=len(outs),
+                  prompt_tokens=sum(len(o.prompt_token_ids) for o in outs), output_tokens=out_tokens,
+                  wall_s=wall, ttft_ms=ttft, tpot_ms=tpot, encode_s=encode_s, notes=notes)
+    if steered is not None:  # LLM.generate returns outputs in request order
+        r.steered_requests = sum(steered)
+        _, r.unsteered_tpot_ms, _ = vllm_latencies([o for o, s in zip(outs, steered) if not s])
+    return r
 
 
 Log = Callable[[str], None]
@@ -149,6 +156,14 @@ def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tup
             if min(k, n) > seqs:
                 r.notes.append(f"at most max_num_seqs={seqs} requests (so concepts) run at once")
             results.append(r)
+        for fraction in cfg.mixed_fractions:
+            mask = steered_mask(n, fraction)
+            k = min(max(cfg.ks), sum(mask))
+            concepts = iter(assign_round_robin(sum(mask), make_concepts(k, f"mix{fraction}")))
+            params = [_sampling(cfg, steering(next(concepts), t) if s else None) for s, t in zip(mask, flowtimes)]
+            name = f"flas-vllm mixed {round(100 * fraction)}% steered"
+            log(f"{name} (K={k}): timed run ...")
+            results.append(_vllm_run(name, "flas-mixed", k, k, llm, wl, params, encode_s, steered=mask))
         info["concept_encoding"] = _probe_encoding(llm, cfg, wl.prompts[0])
     finally:
         shutdown_engine(llm)

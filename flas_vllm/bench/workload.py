@@ -64,6 +64,14 @@ def make_flowtimes(n: int, seed: int) -> list[float]:
     return [round(rng.uniform(0.5, 2.0), 3) for _ in range(n)]
 
 
+def steered_mask(n: int, fraction: float) -> list[bool]:
+    """Which of n requests are steered in a mixed-traffic run: round(n * fraction) of them (at least one,
+    at most n - 1), spread evenly over the batch."""
+    m = min(n - 1, max(1, round(n * fraction)))
+    picked = {j * n // m for j in range(m)}
+    return [i in picked for i in range(n)]
+
+
 def assign_round_robin(n: int, concepts: Sequence[str]) -> list[str]:
     return [concepts[i % len(concepts)] for i in range(n)]
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from flas_vllm.core.config import FlowGeometry
 from flas_vllm.core.flow import cross_attend_heads, expand_concept_kv
+from flas_vllm.engine.concept_attention import FlexSlotAttention, attend_slots_flex_op, use_flex
 
 
 LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped
@@ -72,6 +73,9 @@ class SlotTableKV(nn.Module):
     `concept_max_len`: most concepts are far shorter, and the gather is the flow's
     largest memory cost. A token's arithmetic depends only on its own concept, never on
     the rest of the batch, so mixed batches stay bit-identical to solo runs.
+
+    On a CUDA device (`use_flex`) every step instead runs `FlexSlotAttention`: the table is
+    read in place by a block-sparse FlexAttention kernel, no gather, no length groups.
     """
 
     def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device):
@@ -91,6 +95,9 @@ class SlotTableKV(nn.Module):
         # host copy: each slot's key length rounded up to LENGTH_BUCKET (the null slot: one bucket)
         self.bucket_len = np.full(capacity + 1, min(LENGTH_BUCKET, max_len), dtype=np.int64)
         self.groups: list[tuple[int, torch.Tensor | None, torch.Tensor]] | None = None
+        self.flex: FlexSlotAttention | None = None
+        if use_flex(device):
+            self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device)
 
     def plan_step(self, token_slots: np.ndarray, device_slots: torch.Tensor,
                   stage_order: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
@@ -121,6 +128,8 @@ class SlotTableKV(nn.Module):
 
     def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
+        if self.flex is not None:
+            return self.attend_flex(block, q)
         groups = self.groups
         if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
             groups = [(self.max_len, None, self.token_slots[:n])]  # traced graphs: one full-length gather
@@ -136,6 +145,13 @@ class SlotTableKV(nn.Module):
                 return res
             out.index_copy_(0, idx, res)
         return out
+
+    def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
+        self.flex.reserve(self.token_slots.shape[0])  # the engine's buffer: max batched tokens
+        args = (q, self.token_slots[: q.shape[0]], self.keys[block], self.values[block], self.valid)
+        if torch.compiler.is_compiling():
+            return attend_slots_flex_op(*args, self.flex.handle)
+        return self.flex(*args)
 
     def chunk_tokens(self, length: int, itemsize: int) -> int:
         """Tokens per gather so that one chunk's keys + values fit in `workspace_bytes`."""

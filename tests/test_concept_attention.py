@@ -1,0 +1,191 @@
+"""FlexAttention over the slot table (the GPU's concept attention) against the exact gather, on CPU.
+
+FlexAttention compiles on CPU with static shapes (concept_attention.py says why not dynamic),
+so every call here runs the fused kernel, block mask included, as the GPU would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flas_vllm.core.config import FlowGeometry
+from flas_vllm.engine.concept_attention import BLOCK, FlexSlotAttention, flex_available, use_flex
+from flas_vllm.engine.slot_table import SlotTableKV, attend_slots
+
+CAP = 50.0
+
+
+def _geometry(num_heads: int, head_dim: int) -> FlowGeometry:
+    return FlowGeometry(hidden_size=64, intermediate_size=128, num_heads=num_heads, num_kv_heads=num_heads // 2,
+                        head_dim=head_dim, num_hidden_layers=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+                        query_pre_attn_scalar=head_dim, attn_logit_softcapping=CAP,
+                        hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+
+
+def _table(num_heads, head_dim, lengths, dtype, max_len=64, capacity=6, num_blocks=2):
+    """A slot table with random concepts of `lengths` (slot -> keys), written as the engine writes them."""
+    g = _geometry(num_heads, head_dim)
+    gen = torch.Generator().manual_seed(0)
+    t = SlotTableKV(g, num_blocks, capacity, max_len, dtype, "cpu")
+    for slot, n in lengths.items():
+        t.write(slot, [(torch.randn(n, g.num_kv_heads, head_dim, generator=gen).to(dtype),
+                        torch.randn(n, g.num_kv_heads, head_dim, generator=gen).to(dtype))
+                       for _ in range(num_blocks)])
+    return t
+
+
+def _flex(t: SlotTableKV) -> FlexSlotAttention:
+    return FlexSlotAttention(t.valid.shape[0], t.num_heads, t.max_len, t.cap, "cpu", dynamic=False)
+
+
+def _queries(n, t, dtype, seed=1):
+    return torch.randn(n, t.num_heads, t.head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _exact(t, block, q, slots):
+    return attend_slots(q, slots, t.keys[block], t.values[block], t.valid, t.cap, chunk=1 << 20)
+
+
+SMALL = {1: 5, 2: 20, 3: 40, 4: 64, 6: 1}  # slot -> concept length; slot 5 never written
+
+
+def test_flex_only_on_cuda():
+    assert flex_available()
+    assert use_flex("cuda") and use_flex(torch.device("cuda", 1))
+    assert not use_flex("cpu") and not use_flex("meta")
+    assert _table(4, 16, {1: 3}, torch.float32).flex is None  # CPU tables keep the exact gather
+
+
+@pytest.mark.parametrize("max_len", [64, 200, 24])  # groups within one key block, across up to 3, unaligned
+def test_block_mask_lists_exactly_the_blocks_of_each_query_blocks_groups(max_len):
+    """Independent of the kernel: per 128-row query block, the key blocks holding its rows' valid keys."""
+    lengths = {s: min(n * max_len // 64, max_len) or 1 for s, n in SMALL.items()}
+    t = _table(4, 16, lengths, torch.float32, max_len=max_len)
+    flex = _flex(t)
+    rng = np.random.default_rng(3)
+    slots = torch.from_numpy(rng.choice([0, 1, 2, 3, 4, 6], size=77))
+    order, mask = flex.plan(slots, t.valid)
+    nh, lc = t.num_heads, t.max_len
+    keys = (slots[:, None] * nh + torch.arange(nh)).reshape(-1)[order]
+    assert torch.equal(keys, torch.sort(keys).values)  # rows grouped by (slot, head)
+    lengths = t.valid.sum(-1)
+    q_blocks = -(-len(keys) // BLOCK)
+    want = torch.zeros(q_blocks, flex.kv_blocks, dtype=torch.bool)
+    for r, k in enumerate(keys.tolist()):
+        for pos in range(int(lengths[k // nh])):
+            want[r // BLOCK, (k * lc + pos) // BLOCK] = True
+    num = mask.kv_num_blocks[0, 0]
+    got = torch.zeros_like(want)
+    for qb in range(q_blocks):
+        listed = mask.kv_indices[0, 0, qb, : int(num[qb])]
+        assert torch.equal(listed, torch.sort(listed).values)  # visited in ascending key order
+        got[qb, listed.long()] = True
+    assert torch.equal(got, want)
+    assert mask.seq_lengths == (len(keys), flex.kv_len)
+
+
+@pytest.mark.parametrize("max_len", [64, 24])  # 24: the key sequence is not whole 128-key blocks
+def test_fp32_equals_the_exact_gather_with_scrambled_slots(max_len):
+    t = _table(4, 16, {s: min(n, max_len) for s, n in SMALL.items()}, torch.float32, max_len=max_len)
+    flex = _flex(t)
+    slots = torch.tensor([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
+    q = _queries(len(slots), t, torch.float32)
+    for block in (0, 1):
+        got = flex(q, slots, t.keys[block], t.values[block], t.valid)
+        torch.testing.assert_close(got, _exact(t, block, q, slots), atol=2e-6, rtol=2e-6)
+
+
+def test_a_token_alone_equals_the_same_token_in_a_batch():
+    t = _table(4, 16, SMALL, torch.float32)
+    flex = _flex(t)
+    slots = torch.tensor([4, 2, 1, 3, 2, 0, 1, 4, 3, 6, 2])
+    q = _queries(len(slots), t, torch.float32, seed=2)
+    batch = flex(q, slots, t.keys[1], t.values[1], t.valid)
+    flipped = torch.flip(torch.arange(len(slots)), [0])
+    other = flex(q[flipped], slots[flipped], t.keys[1], t.values[1], t.valid)
+    torch.testing.assert_close(other[flipped], batch, atol=0, rtol=0)
+    for i in range(len(slots)):
+        alone = flex(q[i:i + 1], slots[i:i + 1], t.keys[1], t.values[1], t.valid)
+        assert torch.equal(alone[0], batch[i]), i  # bit-identical on CPU; on a GPU, up to the kernel
+
+
+HD256 = {1: 7, 2: 64, 3: 33}
+
+
+def test_head_dim_256_fp32_and_bf16():
+    """Gemma-2's head_dim. bf16: flex keeps logits and probabilities in float32 where the gather path
+    rounds them to bf16, so both are held to the fp32 result; flex within 2e-2 absolute."""
+    slots = torch.tensor([2, 3, 1, 0, 3, 2, 2, 1, 3, 1, 2, 3])
+    t32 = _table(8, 256, HD256, torch.float32)
+    q32 = _queries(len(slots), t32, torch.float32)
+    want = _exact(t32, 0, q32, slots)
+    got32 = _flex(t32)(q32, slots, t32.keys[0], t32.values[0], t32.valid)
+    torch.testing.assert_close(got32, want, atol=2e-6, rtol=2e-6)
+
+    t16 = _table(8, 256, HD256, torch.bfloat16)
+    q16 = q32.to(torch.bfloat16)
+    got16 = _flex(t16)(q16, slots, t16.keys[0], t16.values[0], t16.valid)
+    gather16 = _exact(t16, 0, q16, slots)
+    flex_err = (got16.float() - want).abs().max().item()
+    gather_err = (gather16.float() - want).abs().max().item()
+    assert flex_err < 2e-2, (flex_err, gather_err)
+    assert (got16.float() - gather16.float()).abs().max().item() < 2e-2 + gather_err
+
+
+def test_slot_table_attend_runs_flex_when_the_table_has_it():
+    """The engine's entry point (SlotTableKV.attend) on the flex path, here switched on by hand:
+    on a CUDA table the constructor does this. Length groups from plan_step are not used by it."""
+    t = _table(4, 16, SMALL, torch.float32)
+    slots_np = np.array([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
+    slots = torch.from_numpy(slots_np)
+    q = _queries(len(slots_np), t, torch.float32)
+    t.token_slots = torch.cat([slots, torch.zeros(5, dtype=torch.long)])  # the engine's buffer is longer
+    t.plan_step(slots_np, t.token_slots)
+    exact = t.attend(1, q)
+    t.flex = _flex(t)
+    got = t.attend(1, q)
+    torch.testing.assert_close(got, exact, atol=2e-6, rtol=2e-6)
+    calls = []
+    real = t.flex.plan
+    t.flex.plan = lambda *a: calls.append(1) or real(*a)
+    t.attend(0, q)
+    assert calls == [1]
+
+
+def test_no_tokens():
+    t = _table(4, 16, SMALL, torch.float32)
+    out = _flex(t)(torch.zeros(0, 4, 16), torch.zeros(0, dtype=torch.long), t.keys[0], t.values[0], t.valid)
+    assert out.shape == (0, 4, 16)
+
+
+def test_traced_graphs_call_it_as_one_opaque_op():
+    """Inside torch.compile (vLLM compiles the model on GPUs) the flex path is the custom op."""
+    t = _table(4, 16, SMALL, torch.float32)
+    t.flex = _flex(t)
+    slots = torch.tensor([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
+    t.token_slots = slots
+    q = _queries(len(slots), t, torch.float32)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    got = torch.compile(lambda x: t.attend(0, x), backend=backend, fullgraph=True)(q)
+    assert any("attend_slots_flex" in str(n.target) for n in graphs[0].graph.nodes)
+    torch.testing.assert_close(got, _exact(t, 0, q, slots), atol=2e-6, rtol=2e-6)
+
+
+def test_buffers_are_reserved_once_for_the_engines_token_buffer():
+    """A captured CUDA graph keeps reading the block-mask buffers: smaller steps never reallocate them."""
+    t = _table(4, 16, SMALL, torch.float32)
+    t.flex = _flex(t)
+    t.token_slots = torch.zeros(300, dtype=torch.long)  # the engine's max batched tokens
+    t.token_slots[:3] = torch.tensor([1, 2, 3])
+    t.attend(0, _queries(3, t, torch.float32))
+    assert t.flex.rows == 1280  # 300 tokens x 4 heads, in whole 128-row blocks
+    buffers = (t.flex.row_key, t.flex.hits, t.flex.indices)
+    t.attend(1, _queries(3, t, torch.float32))
+    assert all(a is b for a, b in zip(buffers, (t.flex.row_key, t.flex.hits, t.flex.indices)))
