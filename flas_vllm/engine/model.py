@@ -41,22 +41,22 @@ from flas_vllm.engine.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
-def _flas_steer(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str) -> torch.Tensor:
-    """The steered tokens' new residual stream; other rows are left unwritten (never selected).
+def _flas_steer(stream: torch.Tensor, positions: torch.Tensor, target: str) -> torch.Tensor:
+    """The steered tokens' residual stream after the flow; other rows are left unwritten (never selected).
 
     Opaque to the compiler, so it may look at the data: no steered token, no flow work at all.
-    It returns rather than writes in place, so the choice of rows stays a `torch.where` in the
-    compiled graph: the base model around it fuses exactly as vanilla's does (issue 19, item 5).
+    It takes the stream (not the layer's hidden/residual pair) and returns rather than writes in
+    place, so the layer's outputs are only read by fused ops and the choice of rows stays a
+    `torch.where` in the graph: unsteered tokens compile exactly as in vanilla's graph.
     Finds its `FlasSteer` by name in the forward context, as vLLM's own custom ops find their layers.
     """
     from vllm.forward_context import get_forward_context
 
-    return get_forward_context().no_compile_layers[target].steered_residual(positions, hidden, residual)
+    return get_forward_context().no_compile_layers[target].steered_stream(positions, stream)
 
 
-def _flas_steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, target: str
-                     ) -> torch.Tensor:
-    return torch.empty_like(residual)
+def _flas_steer_fake(stream: torch.Tensor, positions: torch.Tensor, target: str) -> torch.Tensor:
+    return torch.empty_like(stream)
 
 
 def _register_steer_op() -> None:
@@ -175,30 +175,30 @@ class FlasSteer(nn.Module):
         (or the final) norm adds them first, so that sum is the residual stream after layer L:
         a steered token continues as (0, flow output), any other as (hidden, residual), untouched.
         """
+        stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
         if self.skip_unsteered:
-            flowed = torch.ops.vllm.flas_steer(hidden, residual, positions, self.target)
+            flowed = torch.ops.vllm.flas_steer(stream, positions, self.target)
         else:
-            flowed = self._integrate(positions, hidden, residual, self.max_n_steps)
+            flowed = self._integrate(positions, stream, self.max_n_steps)
         steered = self.step_buffers.steered[: hidden.shape[0], None]
         return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
 
-    def steered_residual(self, positions, hidden, residual) -> torch.Tensor:
+    def steered_stream(self, positions, stream) -> torch.Tensor:
         """The skip path (eager, inside the opaque op): flow work only in steps with a steered token."""
         runtime = self.runtime
         if not runtime.any_steered:  # a host-side fact of the step: no device sync
-            return torch.empty_like(residual)  # no row is selected; unsteered requests never read flow KV
+            return torch.empty_like(stream)  # no row is selected; unsteered requests never read flow KV
         # Only as many Euler steps as this step's steered tokens need: a request never reads
         # the flow KV of steps beyond its own n_steps.
-        return self._integrate(positions, hidden, residual, runtime.step_count)
+        return self._integrate(positions, stream, runtime.step_count)
 
-    def _integrate(self, positions, hidden, residual, n_steps: int) -> torch.Tensor:
+    def _integrate(self, positions, stream, n_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""
-        n = hidden.shape[0]
+        n = stream.shape[0]
         buffers = self.step_buffers
-        stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
         h = integrate(self.flow, stream.to(self.flow.dtype), buffers.dt[:n], n_steps, positions, self.table,
                       self._cores, token_steps=buffers.steps[:n])
-        return rounded(h.to(hidden.dtype))
+        return rounded(h.to(stream.dtype))
 
     def load_flow_weights(self) -> set[str]:
         """Copy the checkpoint's tensors into the flow; returns the flow's parameter names (relative)."""
