@@ -119,7 +119,9 @@ class FlasSteer(nn.Module):
                 "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
             )
         self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights, once
-        self.flow.rope.build(vllm_config.model_config.max_model_len, ckpt.dtype, device)  # read by position
+        # read by position; dummy runs (profiling, warm-up) may use positions up to their token count
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.flow.rope.build(max(vllm_config.model_config.max_model_len, max_tokens), ckpt.dtype, device)
 
         steps: dict[str, PagedFlowAttention] = {}
         if not ckpt.config.disable_self_attn:
