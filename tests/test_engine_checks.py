@@ -168,3 +168,18 @@ def test_serve_refuses_tensor_parallel_before_starting_an_engine(tiny_model, ckp
     assert proc.returncode == 2, out[-3000:]  # a usage error, not a crash
     assert "tensor_parallel_size=2: flas-vllm supports tensor_parallel_size=1 only" in out
     assert "Traceback" not in out and "EngineCore" not in out and "Loading weights" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "auto"])
+def test_the_flows_kv_layers_skip_kv_cache_quantization(tiny_model, ckpt, kv_cache_dtype):
+    """Issue 19, item 3: the flow's paged self-attention layers (indices after the base model's) are on
+    vLLM's kv_cache_dtype_skip_layers list, so fp8 KV never stores them with an uncalibrated scale."""
+    from flas_vllm.core.checkpoint import read_checkpoint_config
+
+    config = _config(tiny_model, ckpt, kv_cache_dtype=kv_cache_dtype)
+    cfg = read_checkpoint_config(ckpt)
+    layers = config.model_config.hf_config.num_hidden_layers
+    flow = [str(layers + i) for i in range(cfg.n_steps * cfg.num_blocks)]
+    assert config.cache_config.cache_dtype == kv_cache_dtype
+    assert config.cache_config.kv_cache_dtype_skip_layers == flow
+    assert _config(tiny_model, kv_cache_dtype=kv_cache_dtype).cache_config.kv_cache_dtype_skip_layers == []

@@ -141,6 +141,49 @@ def check_vllm_config(vllm_config: Any) -> None:
     check_speculative(vllm_config.speculative_config)
     check_runner(vllm_config)
     stamp_fingerprint(vllm_config.model_config.hf_config)
+    keep_flow_kv_unquantized(vllm_config.cache_config, vllm_config.model_config.hf_config)
+
+
+def flow_layer_indices(num_hidden_layers: int, max_n_steps: int, num_blocks: int) -> list[int]:
+    """The layer index of each flow self-attention (Euler step k, block b): num_hidden_layers + k*num_blocks + b."""
+    return [num_hidden_layers + k * num_blocks + b for k in range(max_n_steps) for b in range(num_blocks)]
+
+
+def keep_flow_kv_unquantized(cache_config: Any, hf_config: Any) -> list[str]:
+    """Put the flow's paged self-attention layers on vLLM's `kv_cache_dtype_skip_layers` list.
+
+    A quantized KV cache (`kv_cache_dtype=fp8`, or a checkpoint's KV-cache scheme, which vLLM
+    resolves into `cache_dtype` here) would store the flow's keys and values in fp8 with an
+    uncalibrated scale of 1.0; skipped layers keep the model dtype, their KV spec says so, and
+    the allocator sizes their pages for it. Every FLAS engine gets the entries (harmless with an
+    unquantized cache), so a scheme applied later in the worker cannot reach the flow either.
+    Returns the entries added.
+    """
+    from flas_vllm.core.checkpoint import read_checkpoint_config
+    from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
+
+    options = FlasEngineOptions.from_hf_config(hf_config)
+    cfg = read_checkpoint_config(options.checkpoint)
+    if cfg.disable_self_attn:
+        return []
+    _, max_n_steps = options.step_limits(cfg.n_steps)
+    layers = FlowGeometry.from_base_config(hf_config).num_hidden_layers
+    wanted = [str(i) for i in flow_layer_indices(layers, max_n_steps, cfg.num_blocks)]
+    have = list(cache_config.kv_cache_dtype_skip_layers or [])
+    added = [i for i in wanted if i not in have]
+    cache_config.kv_cache_dtype_skip_layers = have + added
+    return added
+
+
+def check_flow_kv_dtype(attn: Any) -> None:
+    """In the worker: a flow self-attention layer stores its KV in the model dtype, never quantized."""
+    if attn.kv_cache_dtype != "auto":
+        raise FlasConfigError(
+            f"kv_cache_dtype={attn.kv_cache_dtype}: the FLAS flow's self-attention layer {attn.layer_name} would "
+            "store its KV quantized with an uncalibrated scale; the flas_vllm front end puts the flow's layers on "
+            "kv_cache_dtype_skip_layers (build the engine through EngineArgs.create_engine_config, e.g. FlasLLM or "
+            "vllm.LLM with the flas_vllm plugin loaded), or use kv_cache_dtype=auto"
+        )
 
 
 def check_fingerprint(hf_config: Any, loaded_fingerprint: str) -> None:

@@ -29,9 +29,10 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from flas_vllm.core.checkpoint import load_checkpoint
 from flas_vllm.core.concept import inference_concept_len
+from flas_vllm.core.errors import FlasCheckpointError
 from flas_vllm.core.concept_encoder import build_own_encoder
 from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
-from flas_vllm.engine.checks import check_fingerprint, check_runner
+from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, check_runner, flow_layer_indices
 from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.core.flow import integrate
@@ -83,6 +84,7 @@ class PagedFlowAttention(nn.Module):
             per_layer_sliding_window=None,
             prefix=f"{prefix}.attn",
         )
+        check_flow_kv_dtype(self.attn)  # kept in the model dtype under fp8 KV (checks.keep_flow_kv_unquantized)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dtype = q.dtype
@@ -118,20 +120,19 @@ class FlasSteer(nn.Module):
                 "FLAS flow dtype %s differs from the model dtype %s: the flow runs in %s, "
                 "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
             )
-        self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights, once
+        self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights
+        _use_platform_gemm(self.flow)  # before vLLM records the module tree for weight reloads
         # read by position; dummy runs (profiling, warm-up) may use positions up to their token count
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.flow.rope.build(max(vllm_config.model_config.max_model_len, max_tokens), ckpt.dtype, device)
 
         steps: dict[str, PagedFlowAttention] = {}
         if not ckpt.config.disable_self_attn:
-            for k in range(self.max_n_steps):
-                for b in range(num_blocks):
-                    idx = geometry.num_hidden_layers + k * num_blocks + b
-                    steps[str(idx)] = PagedFlowAttention(
-                        geometry, self.flow.self_attn_scale, model_dtype, vllm_config.cache_config,
-                        prefix=f"{prefix}.flas_steps.{idx}",
-                    )
+            for idx in flow_layer_indices(geometry.num_hidden_layers, self.max_n_steps, num_blocks):
+                steps[str(idx)] = PagedFlowAttention(
+                    geometry, self.flow.self_attn_scale, model_dtype, vllm_config.cache_config,
+                    prefix=f"{prefix}.flas_steps.{idx}",
+                )
         self.steps = nn.ModuleDict(steps)
         cores = list(self.steps.values())
         self._cores = [[cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
@@ -144,14 +145,17 @@ class FlasSteer(nn.Module):
         )
         self.table.token_slots = self.step_buffers.slot
         mc = vllm_config.model_config
+        self._hf_config = config
+        # a checkpoint's own concept encoder: a submodule, so its weights are part of the model's state
+        # (loaded in load_weights, restored by vLLM's reloads and by sleep level 2 like any other weight)
+        self.own_encoder = None if ckpt.concept_encoder is None else build_own_encoder(
+            text_config(config), ckpt.concept_encoder, ckpt.dtype, device)
         self.runtime = FlasRuntime(
             text_model, self.flas_options, self.flow, (self.n_steps, self.max_n_steps), concept_len,
             self.table, self.step_buffers, tokenizer_name=mc.tokenizer,
             tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
-            own_encoder=None if ckpt.concept_encoder is None else build_own_encoder(
-                text_config(config), ckpt.concept_encoder, ckpt.dtype, device),
+            own_encoder=self.own_encoder,
         )
-        ckpt.concept_encoder = None  # the runtime's encoder owns those weights now
         # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
         # work in steps where no token is steered. Captured graphs cannot branch on data, so there
         # the flow stays in the graph and torch.where keeps unsteered tokens untouched.
@@ -203,14 +207,43 @@ class FlasSteer(nn.Module):
         return rounded(h.to(stream.dtype))
 
     def load_flow_weights(self) -> set[str]:
-        """Copy the checkpoint's tensors into the flow; returns the flow's parameter names (relative)."""
-        tensors = self.checkpoint.tensors
-        with torch.no_grad():
-            for name, param in self.flow.named_parameters():
-                param.copy_(tensors[name].to(param.dtype))
-        self.checkpoint.tensors = {}  # the flow module owns the weights now
-        _use_platform_gemm(self.flow)
-        return {f"flow.{name}" for name, _ in self.flow.named_parameters()}
+        """Load the flow (and a checkpoint's own concept encoder) through each parameter's weight loader.
+
+        The first load uses the tensors read at start-up; every later one (vLLM's `reload_weights`,
+        waking from sleep level 2) reads the checkpoint file again, so a file replaced in place
+        brings its new weights. Concepts in the slot table are encoded again before the next step.
+        Returns the parameter names loaded (relative to this module).
+        """
+        ckpt = self.checkpoint
+        if ckpt.tensors:
+            tensors, encoder = ckpt.tensors, ckpt.concept_encoder
+            ckpt.tensors, ckpt.concept_encoder = {}, None  # the modules own the weights now
+        else:
+            fresh = load_checkpoint(self.flas_options.checkpoint, self._hf_config)
+            tensors, encoder = fresh.tensors, fresh.concept_encoder
+            if (encoder is None) != (self.own_encoder is None):
+                raise FlasCheckpointError(
+                    f"flas checkpoint {fresh.path}: reloaded with{'out' if encoder is None else ''} a concept "
+                    f"encoder ('concept_enc'), but the engine started with{'' if encoder is None else 'out'} one; "
+                    "restart the engine to change it")
+        loaded = _load_params(self.flow, tensors, "flow")
+        if self.own_encoder is not None:
+            loaded |= _load_params(self.own_encoder, encoder, "own_encoder")
+        _dispatch_platform_gemm(self.flow)
+        self.runtime.weights_loaded()
+        return loaded
+
+
+def _load_params(module: nn.Module, tensors, prefix: str) -> set[str]:
+    """Each parameter through its weight loader (vLLM wraps these while it reloads weights in place)."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    names = [name for name, _ in module.named_parameters()]  # a layer's last load re-registers its parameters
+    with torch.no_grad():
+        for name in names:
+            param = module.get_parameter(name)
+            getattr(param, "weight_loader", default_weight_loader)(param, tensors[name].to(param.dtype))
+    return {f"{prefix}.{name}" for name in names}
 
 
 def _steer_layer(layer: nn.Module, steer: FlasSteer) -> None:
@@ -304,6 +337,10 @@ class PlatformLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
+        self.cpu_linear = None  # set by `dispatch` once the weights are loaded
+
+    def dispatch(self) -> None:
+        """Build the platform's matmul for the current weights (oneDNN prepares them): after every load."""
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         dispatch_cpu_unquantized_gemm(self, remove_weight=False)  # sets self.cpu_linear
@@ -313,7 +350,7 @@ class PlatformLinear(nn.Module):
 
 
 def _use_platform_gemm(flow: nn.Module) -> None:
-    """Run the flow's linear layers through vLLM's CPU GEMM dispatch (oneDNN), after weights are loaded.
+    """Run the flow's linear layers through vLLM's CPU GEMM dispatch (oneDNN), once weights are loaded.
 
     torch's default CPU linear (MKL) picks different kernels for different row
     counts (M=1 vs M>1 already differs in the last bits), so a steered
@@ -321,6 +358,9 @@ def _use_platform_gemm(flow: nn.Module) -> None:
     layers go through oneDNN, whose per-row results do not depend on M; using
     the same path keeps fp32 mixed batches bit-identical to solo runs, as
     they are for unsteered requests. Other platforms keep torch's linear.
+    The modules are swapped when the flow is built, so vLLM's record of the
+    module tree (for in-place weight reloads) sees them; `_dispatch_platform_gemm`
+    builds their matmuls after each load.
     """
     from vllm.platforms import current_platform
 
@@ -330,3 +370,9 @@ def _use_platform_gemm(flow: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, PlatformLinear(child))
+
+
+def _dispatch_platform_gemm(flow: nn.Module) -> None:
+    for module in flow.modules():
+        if isinstance(module, PlatformLinear):
+            module.dispatch()

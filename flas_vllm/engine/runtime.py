@@ -51,6 +51,7 @@ class FlasRuntime:
         self._tokenizer_kwargs = dict(tokenizer_kwargs)
         self._tokenizer = None
         self.own_encoder = own_encoder  # a checkpoint's own concept encoder (`concept_enc`), if any
+        self._stale = False  # concepts in the table were encoded with weights since replaced
         self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
         self._dt_cache: dict[tuple[float, int], torch.Tensor] = {}
         self.steered_requests = 0
@@ -71,19 +72,39 @@ class FlasRuntime:
         return self._tokenizer
 
     def _ensure_encoded(self, concept: str, pin: bool = False) -> int:
+        self._refresh_concepts()
         slot, fresh = self.slots.pin(concept) if pin else self.slots.acquire(concept)
         if fresh:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                ids = tokenize_concept(self.tokenizer, concept, self.concept_max_len)
-                if self.own_encoder is not None:
-                    c = encode_with_decoder(self.own_encoder, ids)
-                else:
-                    c = encode_concept(self.model, ids)
-                self.table.write(slot, self.flow.project_concept(c.to(self.flow.dtype)))
-            self.slots.stats.encode_seconds += time.perf_counter() - start
-            self.slots.stats.encoded += 1
+            self._encode_into(slot, concept)
         return slot
+
+    def _encode_into(self, slot: int, concept: str) -> None:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ids = tokenize_concept(self.tokenizer, concept, self.concept_max_len)
+            if self.own_encoder is not None:
+                c = encode_with_decoder(self.own_encoder, ids)
+            else:
+                c = encode_concept(self.model, ids)
+            self.table.write(slot, self.flow.project_concept(c.to(self.flow.dtype)))
+        self.slots.stats.encode_seconds += time.perf_counter() - start
+        self.slots.stats.encoded += 1
+
+    def weights_loaded(self) -> None:
+        """The model's weights were (re)loaded: every concept in the table was encoded with the old ones.
+
+        They are encoded again, in their own slots (requests keep their references), before the next
+        step runs or the next concept is encoded. The prefix cache still holds KV computed with the
+        old weights: whoever reloads resets it (`LLM.reset_prefix_cache()`).
+        """
+        self._stale = True
+
+    def _refresh_concepts(self) -> None:
+        if not self._stale:
+            return
+        self._stale = False
+        for entry in self.slots.entries():
+            self._encode_into(entry["slot"], entry["concept"])
 
     def preload(self, concepts: Sequence[str]) -> list[int]:
         """Encode and pin concepts; all or nothing when the pin budget (max_pinned) would overflow."""
@@ -147,6 +168,7 @@ class FlasRuntime:
 
         Also sets the host-side facts the forward pass reads instead of syncing on device data.
         """
+        self._refresh_concepts()
         dt_tok = torch.repeat_interleave(dt, torch.from_numpy(counts.astype(np.int64, copy=False)))
         token_slots = np.repeat(slots, counts)
         self.buffers.publish(np.repeat(steered, counts), dt_tok, token_slots, np.repeat(steps, counts))

@@ -19,3 +19,15 @@ class FlasWorkerExtension:
 
     def flas_stats(self) -> dict:
         return self._flas_runtime().stats()
+
+    def flas_kv_cache_dtypes(self) -> dict[str, tuple[str, str]]:
+        """Per paged attention layer: (its kv_cache_dtype setting, dtype of its bound cache tensor)."""
+        from vllm.model_executor.layers.attention import Attention
+
+        out = {}
+        for name, layer in self.vllm_config.compilation_config.static_forward_context.items():
+            if isinstance(layer, Attention):
+                cache = layer.kv_cache
+                cache = cache[0] if isinstance(cache, (list, tuple)) else cache
+                out[name] = (str(layer.kv_cache_dtype), str(cache.dtype))
+        return out
