@@ -265,6 +265,10 @@ class FlasCausalLMMixin:
     def flas_request_finished(self, req_id: str) -> None:
         self._flas.runtime.finish(req_id)
 
+    # Both runners: patches/dummy_runs.py runs vLLM's dummy batches (memory profiling, warm-up) inside it.
+    def flas_profiling(self):
+        return self._flas.runtime.profiling()
+
     @property
     def flas_runtime(self) -> FlasRuntime:
         return self._flas.runtime
