@@ -117,7 +117,7 @@ def test_one_compiled_graph_serves_every_token_count_with_chunking(table, small_
 
     compiled = []
     for n in (5, 17, 2):
-        t.state.slot[:n] = torch.arange(n) % 5
+        t.state.buffers.slot[:n] = torch.arange(n) % 5
         q = torch.randn(n, G.num_heads, G.head_dim)
         assert torch.equal(graph(q), t.attend(1, q) * 1.0), n
         compiled.append(counter.frame_count)

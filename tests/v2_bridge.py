@@ -126,7 +126,7 @@ class V2Bridge:
         for name, batch in (("dummy", dummy), ("live", real)):
             self.state.prepare_inputs(batch, None)
             published[name] = {"any_steered": runtime.state.any_steered,
-                               "steered_tokens": int(runtime.state.steered.sum()),
+                               "steered_tokens": int(runtime.state.buffers.steered.sum()),
                                "rows": [int(r) for r in batch.idx_mapping_np]}
         for rid in ids:
             self.remove(rid)

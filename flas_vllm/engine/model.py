@@ -180,7 +180,7 @@ class FlasSteer(nn.Module):
             flowed = torch.ops.vllm.flas_steer(hidden, residual, positions, self.target)
         else:
             flowed = self._integrate(positions, hidden, residual, self.max_n_steps)
-        steered = self.state.steered[: hidden.shape[0], None]
+        steered = self.state.buffers.steered[: hidden.shape[0], None]
         return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
 
     def steered_residual(self, positions, hidden, residual) -> torch.Tensor:
@@ -199,8 +199,8 @@ class FlasSteer(nn.Module):
         n = hidden.shape[0]
         state = self.state
         stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
-        h = integrate(self.flow, stream.to(self.flow.dtype), state.dt[:n], euler_steps, positions, self.table,
-                      self._cores, token_steps=state.euler_steps[:n])
+        h = integrate(self.flow, stream.to(self.flow.dtype), state.buffers.dt[:n], euler_steps, positions, self.table,
+                      self._cores, token_steps=state.buffers.euler_steps[:n])
         return rounded(h.to(hidden.dtype))
 
     def load_flow_weights(self) -> set[str]:

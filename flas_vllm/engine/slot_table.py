@@ -109,7 +109,7 @@ class SlotTableKV(nn.Module):
             return self.attend_flex(block, q)
         groups = self.state.groups
         if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
-            groups = [(self.max_len, None, self.state.slot[:n])]  # traced graphs: one full-length gather
+            groups = [(self.max_len, None, self.state.buffers.slot[:n])]  # traced graphs: one full-length gather
         out = None if len(groups) == 1 else torch.empty_like(q)
         for length, idx, slots in groups:
             qg = q if idx is None else q.index_select(0, idx)
@@ -124,8 +124,8 @@ class SlotTableKV(nn.Module):
         return out
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
-        self.flex.reserve(self.state.slot.shape[0])  # the engine's buffer: max batched tokens
-        args = (q, self.state.slot[: q.shape[0]], self.keys[block], self.values[block], self.valid)
+        self.flex.reserve(self.state.buffers.slot.shape[0])  # the engine's buffer: max batched tokens
+        args = (q, self.state.buffers.slot[: q.shape[0]], self.keys[block], self.values[block], self.valid)
         if torch.compiler.is_compiling():
             return attend_slots_flex_op(*args, self.flex.handle)
         return self.flex(*args)

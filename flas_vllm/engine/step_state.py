@@ -111,7 +111,8 @@ Groups = list[tuple[int, "torch.Tensor | None", torch.Tensor]]
 
 @dataclass
 class StepState:
-    """This engine step's per-token steering; the device views are the persistent buffers' first `n_tokens`."""
+    """This engine step's per-token steering: `buffers` holds each row field per token (a persistent device
+    buffer of the field's name; the step's tokens are the first `n_tokens`)."""
 
     buffers: StepBuffers
     n_tokens: int = 0
@@ -124,22 +125,6 @@ class StepState:
     def allocate(cls, max_tokens: int, flow_dtype: torch.dtype, device) -> "StepState":
         """The engine's state: one persistent device buffer per row field, `max_tokens` long."""
         return cls(StepBuffers(max_tokens, flow_dtype, device, ROW_DTYPES))
-
-    @property
-    def steered(self) -> torch.Tensor:
-        return self.buffers.steered
-
-    @property
-    def slot(self) -> torch.Tensor:
-        return self.buffers.slot
-
-    @property
-    def dt(self) -> torch.Tensor:
-        return self.buffers.dt
-
-    @property
-    def euler_steps(self) -> torch.Tensor:
-        return self.buffers.euler_steps
 
 
 def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None = None) -> StepState:
@@ -156,7 +141,7 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     state.max_euler_steps = int(rows.columns["euler_steps"][steered].max()) if state.any_steered else 0
     state.groups = None
     if bucket_len is not None:
-        state.groups = plan_groups(bucket_len[np.repeat(rows.columns["slot"], counts)], state.slot,
+        state.groups = plan_groups(bucket_len[np.repeat(rows.columns["slot"], counts)], state.buffers.slot,
                                    state.buffers.stage_order)
     return state
 
