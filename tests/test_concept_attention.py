@@ -13,6 +13,7 @@ import torch
 from flas_vllm.core.config import FlowGeometry
 from flas_vllm.engine.concept_attention import BLOCK, FlexSlotAttention, flex_available, use_flex
 from flas_vllm.engine.slot_table import SlotTableKV, attend_slots
+from tests.test_slot_table import step_state
 
 CAP = 50.0
 
@@ -136,13 +137,12 @@ def test_head_dim_256_fp32_and_bf16():
 
 def test_slot_table_attend_runs_flex_when_the_table_has_it():
     """The engine's entry point (SlotTableKV.attend) on the flex path, here switched on by hand:
-    on a CUDA table the constructor does this. Length groups from plan_step are not used by it."""
+    on a CUDA table the constructor does this. The step state's length groups are not used by it."""
     t = _table(4, 16, SMALL, torch.float32)
     slots_np = np.array([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
     slots = torch.from_numpy(slots_np)
     q = _queries(len(slots_np), t, torch.float32)
-    t.token_slots = torch.cat([slots, torch.zeros(5, dtype=torch.long)])  # the engine's buffer is longer
-    t.plan_step(slots_np, t.token_slots)
+    t.state = step_state(slots_np, max_tokens=len(slots_np) + 5, bucket_len=t.bucket_len)  # the engine's is longer
     exact = t.attend(1, q)
     t.flex = _flex(t)
     got = t.attend(1, q)
@@ -165,7 +165,7 @@ def test_traced_graphs_call_it_as_one_opaque_op():
     t = _table(4, 16, SMALL, torch.float32)
     t.flex = _flex(t)
     slots = torch.tensor([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
-    t.token_slots = slots
+    t.state = step_state(slots.numpy())
     q = _queries(len(slots), t, torch.float32)
     graphs = []
 
@@ -182,8 +182,7 @@ def test_buffers_are_reserved_once_for_the_engines_token_buffer():
     """A captured CUDA graph keeps reading the block-mask buffers: smaller steps never reallocate them."""
     t = _table(4, 16, SMALL, torch.float32)
     t.flex = _flex(t)
-    t.token_slots = torch.zeros(300, dtype=torch.long)  # the engine's max batched tokens
-    t.token_slots[:3] = torch.tensor([1, 2, 3])
+    t.state = step_state([1, 2, 3], max_tokens=300)  # the engine's max batched tokens
     t.attend(0, _queries(3, t, torch.float32))
     assert t.flex.rows == 1280  # 300 tokens x 4 heads, in whole 128-row blocks
     buffers = (t.flex.row_key, t.flex.hits, t.flex.indices)

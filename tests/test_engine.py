@@ -505,6 +505,17 @@ def test_steering_is_parsed_once_in_the_front_end(main_llm, tiny_model, solo):
                 "the engine keeps serving")
 
 
+def test_memory_profiling_runs_the_flow_on_every_token(main_llm):
+    """vLLM's CPU worker warms MAIN (compiled) up with its memory-profiling run, a dummy batch of
+    max_num_batched_tokens that belongs to no request: FLAS steers all of it (patches/dummy_runs.py),
+    so the measured peak includes the flow. No concept is encoded or referenced for it."""
+    stats = main_llm.concept_stats()
+    assert stats["flow_path"] == "skip"  # the flow runs eagerly there, so its rows are counted
+    max_tokens = main_llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert stats["profile_flow_rows"] >= max_tokens
+    assert "" not in [e["concept"] for e in stats["concepts"]]
+
+
 def test_evict_right_after_the_request_finished(main_llm, tiny_model):
     """The worker hears of a finished request only with the engine's next step; an evict racing
     that step must not report the concept as in use once its request is gone."""

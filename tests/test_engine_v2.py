@@ -70,7 +70,7 @@ def v2(tiny_model, ckpt2, tmp_path_factory):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "Using V2 Model Runner" in proc.stdout + proc.stderr
     out = json.loads((work / "out.json").read_text())
-    return {name: {"stats": run["stats"], "preemptions": run["preemptions"],
+    return {name: {"stats": run["stats"], "preemptions": run["preemptions"], "profile": run["profile"],
                    "solo": {k: _result(v) for k, v in run["solo"].items()},
                    "mixed": [_result(v) for v in run["mixed"]]} for name, run in out.items()}
 
@@ -79,6 +79,17 @@ def test_model_runner_v2_publishes_the_steering(v2):
     for name, run in v2.items():
         assert run["stats"]["model_runner"] == "v2", name  # FlasModelState was built: V2 called its hooks
         assert run["stats"]["steered_requests"] == 3 * sum(r.steered for r in REQS), name  # solo + mixed twice
+
+
+def test_memory_profiling_runs_the_flow_on_every_token(v2):
+    """V2's profiling dummy batch belongs to no request; FLAS steers all of it so vLLM's measured peak includes
+    the flow. Counted where the flow runs eagerly (skip path); nothing stays steered, no concept is touched.
+    (The graph path runs the flow on every row of every batch anyway.)"""
+    for name in ("eager", "stress"):
+        profile = v2[name]["profile"]
+        assert profile["flow_rows"] == profile["max_num_tokens"] > 0, (name, profile)
+        assert profile["steered_after"] is False and profile["concepts"] == [], (name, profile)
+    assert v2["graph"]["profile"]["steered_after"] is False
 
 
 def test_mixed_batch_equals_solo_under_chunked_prefill_and_preemption(v2):

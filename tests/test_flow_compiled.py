@@ -10,6 +10,7 @@ paged attention (also an opaque op in vLLM's graph). Real head size (256), a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from flas_vllm.core.eager_numerics import mean_square, round_to_bf16, rounded
 from flas_vllm.core.flow import dense_causal_attention, euler_dt, integrate
 from flas_vllm.engine.slot_table import SlotTableKV
 from tests.test_flow_quirks import inputs, random_flow, real_head_geometry
+from tests.test_slot_table import step_state
 
 TOKENS = 512
 N_STEPS = 2
@@ -50,7 +52,7 @@ def setup():
     table = SlotTableKV(g, 1, 2, 16, torch.bfloat16, "cpu")
     with torch.no_grad():
         table.write(1, flow.project_concept(c))
-    table.token_slots = torch.ones(TOKENS, dtype=torch.long)
+    table.state = step_state(np.ones(TOKENS, dtype=np.int64))
     core = _paged_attention_stand_in(g, flow.self_attn_scale)
     cores = [[core] for _ in range(N_STEPS)]
     dt = euler_dt(2.0, N_STEPS, torch.bfloat16).expand(TOKENS)

@@ -12,6 +12,7 @@ def test_install_all_is_idempotent_and_marks_wrappers():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     patches.install_all()
@@ -27,6 +28,8 @@ def test_install_all_is_idempotent_and_marks_wrappers():
         (GPUModelRunner, "_bookkeeping_sync"),
         (EngineArgs, "create_engine_config"),
         (VllmConfig, "_get_v2_model_runner_unsupported_features"),
+        (GPUModelRunner, "_dummy_run"),
+        (V2ModelRunner, "_dummy_run"),
     ]:
         fn = getattr(owner, name)
         assert getattr(fn, "__flas_patched__", False), f"{owner.__name__}.{name} is not patched"
@@ -37,6 +40,41 @@ def test_cpu_runner_inherits_the_hook():
 
     patches.install_all()
     assert getattr(CPUModelRunner._prepare_inputs, "__flas_patched__", False)
+
+
+def test_dummy_runs_run_inside_the_models_profiling_context():
+    """Both runners' `_dummy_run` (profiling, warm-up) runs inside `flas_profiling()`; other models untouched."""
+    import contextlib
+
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    patches.install_all()
+    seen = []
+
+    class Model:
+        @contextlib.contextmanager
+        def flas_profiling(self):
+            seen.append("enter")
+            yield
+            seen.append("exit")
+
+    def original(self, n, **kw):
+        seen.append(("run", n, kw))
+        return "out"
+
+    for runner_cls in (GPUModelRunner, V2ModelRunner):
+        assert getattr(runner_cls._dummy_run, "__flas_patched__", False), runner_cls
+        runner = object.__new__(runner_cls)
+        runner.model = Model()
+        seen.clear()
+        wrapper = patches.dummy_runs._make(original)
+        assert wrapper(runner, 7, is_profile=True) == "out"
+        assert seen == ["enter", ("run", 7, {"is_profile": True}), "exit"], runner_cls
+        runner.model = object()  # not a FLAS model: no context
+        seen.clear()
+        wrapper(runner, 3)
+        assert seen == [("run", 3, {})]
 
 
 def test_other_vllm_versions_are_refused(monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from flas_vllm.core.config import FlowGeometry
 from flas_vllm.core.flow import cross_attend
 from flas_vllm.engine.slot_table import SlotTableKV
-from flas_vllm.engine.step_buffers import StepBuffers
+from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step
 
 G = FlowGeometry(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
                  num_hidden_layers=4, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=16,
@@ -30,13 +30,17 @@ def table():
     return t, kv
 
 
+def step_state(slots, max_tokens: int | None = None, bucket_len: np.ndarray | None = None) -> StepState:
+    """The engine's step state for these per-token slots (one steered request per token), built as the
+    runtime builds it; `bucket_len` given: grouped by concept length, the indices staged by StepBuffers."""
+    slots = np.asarray(slots, dtype=np.int64)
+    state = StepState.allocate(max_tokens or max(1, len(slots)), torch.float32, "cpu")
+    rows = StepRows.of([RequestRow(steered=True, slot=int(s)) for s in slots], np.ones(len(slots), dtype=np.int64))
+    return build_step(state, rows, bucket_len)
+
+
 def _attend(t, slots, q, block=1, grouped=True):
-    slots_np = np.asarray(slots, dtype=np.int64)
-    device_slots = torch.from_numpy(slots_np)
-    t.token_slots = device_slots
-    t.groups = None
-    if grouped:  # the group indices reach the device as the engine copies them: through StepBuffers' staging
-        t.plan_step(slots_np, device_slots, StepBuffers(len(slots_np), torch.float32, "cpu").stage_order)
+    t.state = step_state(slots, bucket_len=t.bucket_len if grouped else None)
     return t.attend(block, q)
 
 
@@ -44,7 +48,7 @@ def test_buckets_follow_concept_lengths(table):
     t, _ = table
     assert [int(t.bucket_len[s]) for s in (0, 1, 2, 3, 4)] == [16, 16, 32, 48, 64]
     _attend(t, [1, 2, 2, 3, 0, 4, 1], torch.randn(7, G.num_heads, G.head_dim))
-    assert sorted(length for length, _, _ in t.groups) == [16, 32, 48, 64]
+    assert sorted(length for length, _, _ in t.state.groups) == [16, 32, 48, 64]
 
 
 def test_grouped_equals_each_concept_alone_unpadded(table):
@@ -104,17 +108,16 @@ def test_one_compiled_graph_serves_every_token_count_with_chunking(table, small_
     from torch._dynamo.testing import CompileCounterWithBackend
 
     t, _ = table
-    t.groups = None
+    t.state = step_state([], max_tokens=32)  # the engine's persistent per-token buffers, no length groups
     counter = CompileCounterWithBackend("aot_eager")
 
     @torch.compile(backend=counter, fullgraph=True, dynamic=True)
     def graph(q):
         return t.attend(1, q) * 1.0
 
-    t.token_slots = torch.zeros(32, dtype=torch.long)  # the engine's persistent per-token buffer
     compiled = []
     for n in (5, 17, 2):
-        t.token_slots[:n] = torch.arange(n) % 5
+        t.state.buffers.slot[:n] = torch.arange(n) % 5
         q = torch.randn(n, G.num_heads, G.head_dim)
         assert torch.equal(graph(q), t.attend(1, q) * 1.0), n
         compiled.append(counter.frame_count)

@@ -44,7 +44,7 @@ class V2Bridge:
         for rid in list(self.row):
             self.remove(rid)
         del self.model.flas_prepare_step, self.model.flas_request_finished
-        self.model.flas_runtime.buffers.set_staging_depth(1)
+        self.model.flas_runtime.state.buffers.set_staging_sets(1)
         self.model.flas_runtime.model_runner = "v1"
 
     # -- what V2's runner calls --------------------------------------------------
@@ -125,8 +125,8 @@ class V2Bridge:
         real = self.batch(ids, np.asarray(dummy.num_scheduled_tokens, dtype=np.int32))
         for name, batch in (("dummy", dummy), ("live", real)):
             self.state.prepare_inputs(batch, None)
-            published[name] = {"any_steered": runtime.any_steered,
-                               "steered_tokens": int(runtime.buffers.steered.sum()),
+            published[name] = {"any_steered": runtime.state.any_steered,
+                               "steered_tokens": int(runtime.state.buffers.steered.sum()),
                                "rows": [int(r) for r in batch.idx_mapping_np]}
         for rid in ids:
             self.remove(rid)
@@ -152,7 +152,7 @@ class V2BridgeWorkerExtension(FlasWorkerExtension):
 
     def flas_test_v2_counts(self) -> dict:
         counts = dict(self._bridge.counts)
-        counts["staging_depth"] = len(self._bridge.model.flas_runtime.buffers.staging)
+        counts["staging_depth"] = len(self._bridge.model.flas_runtime.state.buffers.staging)
         return counts
 
     def flas_test_v2_dummy_step(self, concept: str, num_reqs: int, num_tokens: int) -> dict:

@@ -8,7 +8,9 @@ kernels, attention and FLAS's model state are the real ones. The engine runs in 
 
 SPEC (JSON): {"model", "checkpoint", "max_tokens", "requests": [{"name", "prompt_token_ids", "extra_args"}],
 "engines": {name: FlasLLM keyword arguments}}. OUT gets, per engine: its FLAS stats, each request run
-alone ("solo"), all of them twice in one batch ("mixed"), and the preemptions vLLM counted.
+alone ("solo"), all of them twice in one batch ("mixed"), the preemptions vLLM counted, and what one
+memory-profiling dummy run did ("profile": run before any request, as vLLM runs it before sizing the KV cache;
+these engines are eager, so vLLM's CPU worker runs none itself).
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def _result(out) -> dict:
             "logprobs": [sorted([int(t), float(lp.logprob)] for t, lp in d.items()) for d in c.logprobs]}
 
 
+def _profile_dummy_run(worker) -> dict:
+    """What V2's `profile_run` runs (its device synchronize needs an accelerator), with FLAS's counters."""
+    runner = worker.model_runner
+    runtime = runner.model.flas_runtime
+    before = runtime.profile_flow_rows
+    runner._dummy_run(runner.max_num_tokens, skip_attn=True, is_profile=True)
+    return {"flow_rows": runtime.profile_flow_rows - before, "max_num_tokens": runner.max_num_tokens,
+            "steered_after": runtime.state.any_steered, "concepts": runtime.slots.entries()}
+
+
 def main(spec_path: str, out_path: str) -> None:
     _triton_interpreter_as_cpu_backend()
     from vllm import SamplingParams
@@ -57,10 +69,11 @@ def main(spec_path: str, out_path: str) -> None:
     for name, kwargs in spec["engines"].items():
         llm = FlasLLM(spec["model"], spec["checkpoint"], **kwargs)
         try:
+            profile = llm.llm.collective_rpc(_profile_dummy_run)[0]
             solo = {r["name"]: generate(llm, [r])[0] for r in reqs}
             before = preemptions(llm)
             mixed = generate(llm, reqs + reqs)
-            results[name] = {"stats": llm.concept_stats(), "solo": solo, "mixed": mixed,
+            results[name] = {"stats": llm.concept_stats(), "solo": solo, "mixed": mixed, "profile": profile,
                              "preemptions": preemptions(llm) - before}
         finally:
             shutdown_engine(llm)

@@ -41,6 +41,13 @@ ANCHORS: tuple[Anchor, ...] = (
                      "self.discard_request_mask =")),
     Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.req_ids", "patches/runner_hook.py", ("self",)),
     Anchor("vllm.v1.worker.gpu_input_batch:InputBatch.num_reqs", "patches/runner_hook.py", ("self",)),
+    # engine/patches/dummy_runs.py: profiling and warm-up go through `_dummy_run` in both runners
+    Anchor(f"{_RUNNER}._dummy_run", "patches/dummy_runs.py", ("self", "num_tokens")),
+    Anchor(f"{_RUNNER}.profile_run", "patches/dummy_runs.py", ("self",), contains=("self._dummy_run(",)),
+    Anchor(f"{_V2_RUNNER}._dummy_run", "patches/dummy_runs.py", ("self", "num_tokens")),
+    Anchor(f"{_V2_RUNNER}.profile_run", "patches/dummy_runs.py", ("self",), contains=("self._dummy_run(",)),
+    Anchor(f"{_V2_RUNNER}.execute_model", "patches/dummy_runs.py, engine/model_state.py",
+           ("self", "scheduler_output"), contains=("InputBatch.make_dummy(", "self.model_state.prepare_inputs(")),
     # engine/patches/cpu_seeded_rewind.py
     Anchor(f"{_RUNNER}._sample", "patches/cpu_seeded_rewind.py", ("self", "logits", "spec_decode_metadata")),
     Anchor(f"{_RUNNER}._bookkeeping_sync", "patches/cpu_seeded_rewind.py", ("self",),

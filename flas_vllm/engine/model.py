@@ -38,7 +38,7 @@ from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.core.flow import integrate
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
-from flas_vllm.engine.step_buffers import StepBuffers
+from flas_vllm.engine.step_state import StepState
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +137,14 @@ class FlasSteer(nn.Module):
         cores = list(self.steps.values())
         self._cores = [[cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
                        for k in range(self.max_n_steps)]
-        self.step_buffers = StepBuffers(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
+        # the engine step's per-token steering (step_state.py): built by the runtime, read here and by the table
+        self.state = StepState.allocate(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
+        self.step_buffers = self.state.buffers  # registered here, so its buffers follow the module
         concept_len = inference_concept_len(ckpt.config.concept_max_len)
         self.table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
-            concept_len, ckpt.dtype, device
+            concept_len, ckpt.dtype, device, state=self.state,
         )
-        self.table.token_slots = self.step_buffers.slot
         mc = vllm_config.model_config
         self._hf_config = config
         # a checkpoint's own concept encoder: a submodule, so its weights are part of the model's state
@@ -152,7 +153,7 @@ class FlasSteer(nn.Module):
             text_config(config), ckpt.concept_encoder, ckpt.dtype, device)
         self.runtime = FlasRuntime(
             text_model, self.flas_options, self.flow, (self.n_steps, self.max_n_steps), concept_len,
-            self.table, self.step_buffers, tokenizer_name=mc.tokenizer,
+            self.table, self.state, tokenizer_name=mc.tokenizer,
             tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
             own_encoder=self.own_encoder,
         )
@@ -186,24 +187,26 @@ class FlasSteer(nn.Module):
             flowed = torch.ops.vllm.flas_steer(stream, positions, self.target)
         else:
             flowed = self._integrate(positions, stream, self.max_n_steps)
-        steered = self.step_buffers.steered[: hidden.shape[0], None]
+        steered = self.state.buffers.steered[: hidden.shape[0], None]
         return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
 
     def steered_stream(self, positions, stream) -> torch.Tensor:
         """The skip path (eager, inside the opaque op): flow work only in steps with a steered token."""
-        runtime = self.runtime
-        if not runtime.any_steered:  # a host-side fact of the step: no device sync
+        state = self.state
+        if not state.any_steered:  # a host-side fact of the step: no device sync
             return torch.empty_like(stream)  # no row is selected; unsteered requests never read flow KV
+        if state.profiling:  # a dummy batch: every token is steered (counted for the memory-profiling test)
+            self.runtime.profile_flow_rows += stream.shape[0]
         # Only as many Euler steps as this step's steered tokens need: a request never reads
-        # the flow KV of steps beyond its own n_steps.
-        return self._integrate(positions, stream, runtime.step_count)
+        # the flow KV of Euler steps beyond its own.
+        return self._integrate(positions, stream, state.max_euler_steps)
 
-    def _integrate(self, positions, stream, n_steps: int) -> torch.Tensor:
+    def _integrate(self, positions, stream, euler_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""
         n = stream.shape[0]
-        buffers = self.step_buffers
-        h = integrate(self.flow, stream.to(self.flow.dtype), buffers.dt[:n], n_steps, positions, self.table,
-                      self._cores, token_steps=buffers.steps[:n])
+        buffers = self.state.buffers
+        h = integrate(self.flow, stream.to(self.flow.dtype), buffers.dt[:n], euler_steps, positions, self.table,
+                      self._cores, token_steps=buffers.euler_steps[:n])
         return rounded(h.to(stream.dtype))
 
     def load_flow_weights(self) -> set[str]:
@@ -296,6 +299,10 @@ class FlasCausalLMMixin:
     # V1 runner: called by patches/runner_hook.py when the runner drops a finished or aborted request.
     def flas_request_finished(self, req_id: str) -> None:
         self._flas.runtime.finish(req_id)
+
+    # Both runners: patches/dummy_runs.py runs vLLM's dummy batches (memory profiling, warm-up) inside it.
+    def flas_profiling(self):
+        return self._flas.runtime.profiling()
 
     @property
     def flas_runtime(self) -> FlasRuntime:

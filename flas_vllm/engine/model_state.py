@@ -8,7 +8,7 @@ slot then), gathered each step by the batch's `idx_mapping` and repeated by
 each request's scheduled tokens. V2 drops preempted requests and adds them
 again when they resume, so a concept evicted meanwhile is simply encoded
 again. The per-token values reach the device through round-robin host
-staging, one set per batch in flight (`StepBuffers.set_staging_depth`).
+staging, one set per batch in flight (`StepBuffers.set_staging_sets`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import torch
 
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+from flas_vllm.engine.step_state import RowTable
 
 
 REMEMBERED_REMOVALS = 1 << 16  # ids of removed requests kept to tell a resumed request from a new one
@@ -30,12 +31,9 @@ class FlasModelState(DefaultModelState):
         super().__init__(vllm_config, model, encoder_cache, device)
         self.runtime = model.flas_runtime
         self.runtime.model_runner = "v2"
-        self.runtime.buffers.set_staging_depth(max(2, int(vllm_config.max_concurrent_batches)))
+        self.runtime.state.buffers.set_staging_sets(max(2, int(vllm_config.max_concurrent_batches)))
         n = self.max_num_reqs
-        self.steered = np.zeros(n, dtype=bool)
-        self.slot = np.zeros(n, dtype=np.int64)
-        self.steps = np.zeros(n, dtype=np.int32)
-        self.dt = torch.zeros(n, dtype=self.runtime.flow.dtype)
+        self.rows = RowTable(n)  # each request index's steering row (step_state.RequestRow)
         self.owner = np.full(n, None, dtype=object)  # req_id per row: dummy batches match no row
         self.row_of: dict[str, int] = {}
         self.removed: OrderedDict[str, None] = OrderedDict()  # V2 removes preempted requests too
@@ -46,11 +44,7 @@ class FlasModelState(DefaultModelState):
         params = new_req_data.sampling_params
         resumed = self.removed.pop(rid, False) is None  # a preempted request, back: not a new steered request
         steer, slot = self.runtime.admit(rid, getattr(params, "extra_args", None), resumed=resumed)
-        steps, dt = self.runtime.integration(steer)
-        self.steered[req_index] = steer is not None
-        self.slot[req_index] = slot
-        self.steps[req_index] = steps
-        self.dt[req_index] = dt
+        self.rows.put(req_index, self.runtime.row(steer, slot))
         self.owner[req_index] = rid
         self.row_of[rid] = req_index
 
@@ -60,7 +54,7 @@ class FlasModelState(DefaultModelState):
         row = self.row_of.pop(req_id, None)
         if row is not None:
             self.owner[row] = None
-            self.steered[row] = False
+            self.rows.clear(row)
             self.removed[req_id] = None
             if len(self.removed) > REMEMBERED_REMOVALS:
                 self.removed.popitem(last=False)
@@ -69,14 +63,9 @@ class FlasModelState(DefaultModelState):
         inputs = super().prepare_inputs(input_batch, req_states)
         n = input_batch.num_reqs
         rows = input_batch.idx_mapping_np[:n]
-        # a dummy run (profiling, warm-up) has made-up req_ids: nothing steered
+        # a dummy batch has made-up req_ids: no live request's row is used (within vLLM's dummy runs the
+        # runtime steers all of it, see FlasRuntime.profiling)
         live = self.owner[rows] == np.asarray(input_batch.req_ids[:n], dtype=object)
         counts = np.diff(input_batch.query_start_loc_np[: n + 1])
-        self.runtime.publish(
-            self.steered[rows] & live,
-            np.where(live, self.slot[rows], 0),
-            np.where(live, self.steps[rows], 0).astype(np.int32),
-            torch.where(torch.from_numpy(live), self.dt[torch.from_numpy(rows.astype(np.int64))], 0),
-            counts,
-        )
+        self.runtime.publish(self.rows.gather(rows, live, counts))
         return inputs

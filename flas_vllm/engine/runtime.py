@@ -4,10 +4,11 @@ Before each forward, the runner tells us the step's requests in batch order:
 the V1 runner through its hook (patches/runner_hook.py, `prepare_step`), Model
 Runner V2 through FLAS's model-state class (model_state.py), which keeps one
 row per request. Either way a request's steering is read once when it joins,
-its concept is encoded into the slot table, and `publish` writes the step's
-per-token data (steered mask, dt, concept slot, steps) IN PLACE into
-persistent buffers, which is what a trace-once compiled graph (and, on GPUs,
-a captured CUDA graph) reads.
+its concept is encoded into the slot table, and each step the runner hands
+`publish` one row per request (step_state.RequestRow); `build_step` makes the
+step's state from them, its per-token values written IN PLACE into persistent
+buffers, which is what a trace-once compiled graph (and, on GPUs, a captured
+CUDA graph) reads.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from flas_vllm.core.concept import tokenize_concept
 from flas_vllm.engine.concept_cache import ConceptSlots
 from flas_vllm.core.concept_encoder import encode_with_decoder
 from flas_vllm.core.config import FlasEngineOptions
-from flas_vllm.core.flow import FlowFunction, dense_causal_attention, euler_dt
-from flas_vllm.engine.slot_table import SlotTableKV
-from flas_vllm.engine.step_buffers import StepBuffers
+from flas_vllm.core.flow import FlowFunction, dense_causal_attention
 from flas_vllm.core.steering import Steering
+from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step, request_row
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class FlasRuntime:
     """Request -> steering -> concept slot bookkeeping for one model instance (one worker)."""
 
     def __init__(self, model, options: FlasEngineOptions, flow: FlowFunction, n_steps: tuple[int, int],
-                 concept_max_len: int, table: SlotTableKV, buffers: StepBuffers, tokenizer_name: str,
+                 concept_max_len: int, table: SlotTableKV, state: StepState, tokenizer_name: str,
                  tokenizer_kwargs: Mapping[str, Any], own_encoder: nn.Module | None = None):
         self.model = model  # the vLLM text decoder whose layers 0-1 encode concepts
         self.options = options
@@ -45,7 +46,7 @@ class FlasRuntime:
         self.n_steps, self.max_n_steps = n_steps  # a request's default, and the most it may ask for
         self.concept_max_len = concept_max_len
         self.table = table
-        self.buffers = buffers
+        self.state = state  # the engine step's per-token steering, built by `publish`
         self.slots = ConceptSlots(options.max_concepts, options.max_pinned)
         self._tokenizer_name = tokenizer_name
         self._tokenizer_kwargs = dict(tokenizer_kwargs)
@@ -53,11 +54,8 @@ class FlasRuntime:
         self.own_encoder = own_encoder  # a checkpoint's own concept encoder (`concept_enc`), if any
         self._stale = False  # concepts in the table were encoded with weights since replaced
         self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
-        self._dt_cache: dict[tuple[float, int], torch.Tensor] = {}
         self.steered_requests = 0
-        # Host-side facts about the current step, so the model never syncs on device data:
-        self.any_steered = False  # is any token of this step steered?
-        self.step_count = 0  # the most Euler steps any steered token of this step needs
+        self.profile_flow_rows = 0  # tokens the flow ran on in dummy batches (counted on the skip path)
         self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
         self.model_runner = "v1"  # which vLLM runner publishes the steps: "v2" once its model state exists
 
@@ -125,6 +123,7 @@ class FlasRuntime:
         out["concepts"] = self.slots.entries()
         out["flow_path"] = "skip" if self.group_by_length else "graph"  # eager skip path, or CUDA-graph-safe
         out["model_runner"] = self.model_runner
+        out["profile_flow_rows"] = self.profile_flow_rows
         return out
 
     # -- per step -----------------------------------------------------------------
@@ -140,12 +139,8 @@ class FlasRuntime:
         """V1 runner (patches/runner_hook.py): the step's requests in batch order, then its tokens."""
         for gone in [r for r in self._req if r not in requests]:
             self.finish(gone)  # normally already done by the runner's request-removed hook
-        n_reqs = len(req_ids)
-        steered = np.zeros(n_reqs, dtype=bool)
-        slots = np.zeros(n_reqs, dtype=np.int64)
-        steps = np.zeros(n_reqs, dtype=np.int32)
-        dts = []
-        for i, rid in enumerate(req_ids):
+        rows = []
+        for rid in req_ids:
             entry = self._req.get(rid)
             if entry is None:
                 params = getattr(requests[rid], "sampling_params", None)
@@ -155,29 +150,41 @@ class FlasRuntime:
                 # evicted while preempted: encode again before it runs
                 slot = self._ensure_encoded(steer.concept)
                 self._req[rid] = (steer, slot)
-            steered[i] = steer is not None
-            slots[i] = slot
-            steps[i], dt = self.integration(steer)
-            dts.append(dt)
-        dt_req = torch.stack(dts) if n_reqs else self._dt(0.0, 1)[:0]
-        self.publish(steered, slots, steps, dt_req, np.asarray(num_scheduled_tokens[:n_reqs]))
+            rows.append(self.row(steer, slot))
+        self.publish(StepRows.of(rows, np.asarray(num_scheduled_tokens[: len(req_ids)])))
 
-    def publish(self, steered: np.ndarray, slots: np.ndarray, steps: np.ndarray, dt: torch.Tensor,
-                counts: np.ndarray) -> None:
-        """Per-request values (batch order) and tokens per request -> this step's per-token buffers.
+    def publish(self, rows: StepRows) -> None:
+        """The step's rows (batch order) -> its per-token state (one function builds it: `build_step`).
 
-        Also sets the host-side facts the forward pass reads instead of syncing on device data.
+        While a dummy batch runs (`profiling`), every request of it steers as `profile_row`, and every
+        token gathers the full concept length, the most any can.
         """
         self._refresh_concepts()
-        dt_tok = torch.repeat_interleave(dt, torch.from_numpy(counts.astype(np.int64, copy=False)))
-        token_slots = np.repeat(slots, counts)
-        self.buffers.publish(np.repeat(steered, counts), dt_tok, token_slots, np.repeat(steps, counts))
-        scheduled = counts > 0
-        self.any_steered = bool((steered & scheduled).any())
-        self.step_count = int(steps[steered & scheduled].max()) if self.any_steered else 0
-        self.table.token_slots = self.buffers.slot
-        if self.group_by_length:
-            self.table.plan_step(token_slots, self.buffers.slot, self.buffers.stage_order)
+        if self.state.profiling:
+            rows = rows.all_as(self.profile_row())
+        grouped = self.group_by_length and not self.state.profiling
+        build_step(self.state, rows, self.table.bucket_len if grouped else None)
+
+    def row(self, steer: Steering | None, slot: int) -> RequestRow:
+        """A request's row: its Euler steps (or the engine's default), step size and concept slot."""
+        return request_row(steer, slot, self.n_steps, self.flow.dtype)
+
+    def profile_row(self) -> RequestRow:
+        """What a dummy batch's tokens steer as: the null slot (no concept is touched), every Euler step
+        any request may take, a nonzero flowtime so the flow's arithmetic really runs."""
+        return self.row(Steering(concept="", flowtime=1.0, n_steps=self.max_n_steps), 0)
+
+    @contextlib.contextmanager
+    def profiling(self):
+        """A dummy batch (vLLM's memory profiling, warm-up, graph capture; patches/dummy_runs.py): every
+        token runs the flow at max Euler steps, so the memory vLLM measures includes the flow's."""
+        self.state.profiling = True
+        try:
+            self.publish(StepRows.of([RequestRow()], [self.state.buffers.max_tokens]))  # V1 publishes no more
+            yield
+        finally:
+            self.state.profiling = False
+            self.publish(StepRows.of([], []))  # nothing steered leaks into the next step
 
     def admit(self, rid: str, extra_args: Mapping[str, Any] | None, *, resumed: bool = False
               ) -> tuple[Steering | None, int]:
@@ -194,21 +201,6 @@ class FlasRuntime:
                 self.steered_requests += 1
         self._req[rid] = (steer, slot)
         return steer, slot
-
-    def integration(self, steer: Steering | None) -> tuple[int, torch.Tensor]:
-        """A request's Euler steps and step size dt (0 steps, dt 0 when unsteered)."""
-        if steer is None:
-            return 0, self._dt(0.0, 1)
-        n = steer.n_steps or self.n_steps
-        return n, self._dt(steer.flowtime, n)
-
-    def _dt(self, flowtime: float, n_steps: int) -> torch.Tensor:
-        dt = self._dt_cache.get((flowtime, n_steps))
-        if dt is None:
-            dt = euler_dt(flowtime, n_steps, self.flow.dtype)
-            if len(self._dt_cache) < 4096:
-                self._dt_cache[(flowtime, n_steps)] = dt
-        return dt
 
 
 # ---------------------------------------------------------------------------

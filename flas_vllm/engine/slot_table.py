@@ -8,7 +8,7 @@ memory every step.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from torch import nn
 from flas_vllm.core.config import FlowGeometry
 from flas_vllm.core.flow import cross_attend_heads, expand_concept_kv
 from flas_vllm.engine.concept_attention import FlexSlotAttention, attend_slots_flex_op, use_flex
+
+if TYPE_CHECKING:
+    from flas_vllm.engine.step_state import StepState
 
 
 LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped
@@ -67,8 +70,9 @@ class SlotTableKV(nn.Module):
     Stored already expanded to query heads ([slot, nH, Lc, D], see `expand_concept_kv`)
     so a step gathers each token's keys in one copy instead of three.
 
+    Each token's slot and the step's token groups are read from the step's state (step_state.py).
     Where the step may branch on data (no CUDA graphs: the flow runs as an opaque op),
-    `plan_step` groups tokens by their concept's length rounded up to LENGTH_BUCKET and
+    the state groups tokens by their concept's length rounded up to LENGTH_BUCKET (`bucket_len`) and
     each group gathers and attends over that many key positions instead of the full
     `concept_max_len`: most concepts are far shorter, and the gather is the flow's
     largest memory cost. A token's arithmetic depends only on its own concept, never on
@@ -78,7 +82,8 @@ class SlotTableKV(nn.Module):
     read in place by a block-sparse FlexAttention kernel, no gather, no length groups.
     """
 
-    def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device):
+    def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device,
+                 state: "StepState | None" = None):
         super().__init__()
         shape = (num_blocks, capacity + 1, g.num_heads, max_len, g.head_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -91,48 +96,20 @@ class SlotTableKV(nn.Module):
         self.head_dim = g.head_dim
         self.max_len = max_len
         self.workspace_bytes = ATTEND_WORKSPACE_BYTES
-        self.token_slots: torch.Tensor | None = None
+        self.state = state  # the engine step's per-token steering: each token's slot, the length groups
         # host copy: each slot's key length rounded up to LENGTH_BUCKET (the null slot: one bucket)
         self.bucket_len = np.full(capacity + 1, min(LENGTH_BUCKET, max_len), dtype=np.int64)
-        self.groups: list[tuple[int, torch.Tensor | None, torch.Tensor]] | None = None
         self.flex: FlexSlotAttention | None = None
         if use_flex(device):
             self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device)
-
-    def plan_step(self, token_slots: np.ndarray, device_slots: torch.Tensor,
-                  stage_order: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
-        """Group this step's tokens by bucketed concept length: [(length, token index or None, slots)].
-
-        The token indices of all groups are one host array (tokens sorted by length) that
-        `stage_order` copies to the device without a sync (pinned, non-blocking; see StepBuffers);
-        each group is a slice of it.
-        """
-        lengths = self.bucket_len[token_slots]
-        found = np.unique(lengths)
-        if len(found) <= 1:
-            length = int(found[0]) if len(found) else self.max_len
-            self.groups = [(length, None, device_slots[: len(token_slots)])]
-            return
-        order = np.argsort(lengths, kind="stable")
-        if stage_order is None:
-            device_order = torch.from_numpy(order).to(device_slots.device)
-        else:
-            device_order = stage_order(order)
-        bounds = np.searchsorted(lengths[order], found, side="right")
-        self.groups = []
-        start = 0
-        for length, end in zip(found, bounds):
-            idx = device_order[start:end]
-            self.groups.append((int(length), idx, device_slots.index_select(0, idx)))
-            start = int(end)
 
     def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
         if self.flex is not None:
             return self.attend_flex(block, q)
-        groups = self.groups
+        groups = self.state.groups
         if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
-            groups = [(self.max_len, None, self.token_slots[:n])]  # traced graphs: one full-length gather
+            groups = [(self.max_len, None, self.state.buffers.slot[:n])]  # traced graphs: one full-length gather
         out = None if len(groups) == 1 else torch.empty_like(q)
         for length, idx, slots in groups:
             qg = q if idx is None else q.index_select(0, idx)
@@ -147,8 +124,8 @@ class SlotTableKV(nn.Module):
         return out
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
-        self.flex.reserve(self.token_slots.shape[0])  # the engine's buffer: max batched tokens
-        args = (q, self.token_slots[: q.shape[0]], self.keys[block], self.values[block], self.valid)
+        self.flex.reserve(self.state.buffers.slot.shape[0])  # the engine's buffer: max batched tokens
+        args = (q, self.state.buffers.slot[: q.shape[0]], self.keys[block], self.values[block], self.valid)
         if torch.compiler.is_compiling():
             return attend_slots_flex_op(*args, self.flex.handle)
         return self.flex(*args)

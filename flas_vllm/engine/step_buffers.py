@@ -9,77 +9,82 @@ A non-blocking copy reads its host source when the device gets to it, so that
 source must not be rewritten until then. vLLM's V1 runner waits on its own
 input-preparation event before the next step's preparation; its V2 runner has
 no such event and instead rotates host buffers round-robin, as many as there
-are batches in flight (`vllm/v1/worker/gpu/buffer_utils.py`). `set_staging_depth`
+are batches in flight (`vllm/v1/worker/gpu/buffer_utils.py`). `set_staging_sets`
 does the same here.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 from torch import nn
+
+FLOW_DTYPE = "flow"  # a column held in the flow's dtype
+
+
+def _dtype(dtype, flow_dtype):
+    return flow_dtype if dtype == FLOW_DTYPE else dtype
 
 
 class HostStaging:
     """One set of host tensors a step's values are written into before the copy to the device."""
 
-    def __init__(self, max_tokens: int, flow_dtype, pin: bool):
+    def __init__(self, columns: Mapping[str, object], max_tokens: int, flow_dtype, pin: bool):
         # device="cpu" explicitly: vLLM builds the model inside `with torch.device(<gpu>)`.
-        host = dict(device="cpu", pin_memory=pin)
-        self.steered = torch.zeros(max_tokens, dtype=torch.bool, **host)
-        self.dt = torch.zeros(max_tokens, dtype=flow_dtype, **host)
-        self.slot = torch.zeros(max_tokens, dtype=torch.long, **host)
-        self.steps = torch.zeros(max_tokens, dtype=torch.int32, **host)
-        self.order = torch.zeros(max_tokens, dtype=torch.long, **host)  # tokens grouped by concept length
+        self.columns = {name: torch.zeros(max_tokens, dtype=_dtype(dtype, flow_dtype), device="cpu", pin_memory=pin)
+                        for name, dtype in columns.items()}
+        self.order = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # tokens by length
 
 
 class StepBuffers(nn.Module):
     """Per-token steering data, preallocated at max_num_batched_tokens and updated in place.
 
-    `steps` is each token's own number of Euler steps (its request's n_steps).
-    Tokens past the step's count (CUDA-graph padding) are unsteered, slot 0.
+    `columns`: name -> dtype (or FLOW_DTYPE) of each per-token buffer; the engine's are the fields of
+    a request's row (step_state.ROW_DTYPES), each repeated per token. Tokens past the step's count
+    (CUDA-graph padding) get zeros: unsteered, slot 0. `order` holds the token order by concept length.
     """
 
-    def __init__(self, max_tokens: int, flow_dtype, device):
+    def __init__(self, max_tokens: int, flow_dtype, device, columns: Mapping[str, object] | None = None):
         super().__init__()
-        self.register_buffer("steered", torch.zeros(max_tokens, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("dt", torch.zeros(max_tokens, dtype=flow_dtype, device=device), persistent=False)
-        self.register_buffer("slot", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("steps", torch.zeros(max_tokens, dtype=torch.int32, device=device), persistent=False)
+        self.columns = dict(columns or {})
+        for name, dtype in self.columns.items():
+            self.register_buffer(name, torch.zeros(max_tokens, dtype=_dtype(dtype, flow_dtype), device=device),
+                                 persistent=False)
         self.register_buffer("order", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self._pin = device is not None and torch.device(device).type == "cuda"
         self._flow_dtype = flow_dtype
         self.max_tokens = max_tokens
-        self.staging = [HostStaging(max_tokens, flow_dtype, self._pin)]
+        self.staging = [self._staging_set()]
         self._next = 0
         self._current = self.staging[0]  # the set the latest publish wrote: stage_order adds to it
 
-    def set_staging_depth(self, depth: int) -> None:
-        """Rotate through `depth` host staging sets: one per step that may still be copying."""
-        depth = max(1, int(depth))
-        while len(self.staging) < depth:
-            self.staging.append(HostStaging(self.max_tokens, self._flow_dtype, self._pin))
-        del self.staging[depth:]
-        self._next %= depth
-        self._current = self.staging[(self._next - 1) % depth]
+    def _staging_set(self) -> HostStaging:
+        return HostStaging(self.columns, self.max_tokens, self._flow_dtype, self._pin)
 
-    def publish(self, steered: np.ndarray, dt: torch.Tensor, slot: np.ndarray, steps: np.ndarray) -> None:
-        n = len(steered)
+    def set_staging_sets(self, count: int) -> None:
+        """Rotate through `count` host staging sets: one per engine step that may still be copying."""
+        count = max(1, int(count))
+        while len(self.staging) < count:
+            self.staging.append(self._staging_set())
+        del self.staging[count:]
+        self._next %= count
+        self._current = self.staging[(self._next - 1) % count]
+
+    def publish(self, values: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """One host array (or tensor) per column, all of the step's token count."""
+        n = len(next(iter(values.values())))
         if n > self.max_tokens:
             raise RuntimeError(f"step has {n} tokens, more than max_num_batched_tokens={self.max_tokens}")
         host = self._current = self.staging[self._next]
         self._next = (self._next + 1) % len(self.staging)
-        host.steered[:n] = torch.from_numpy(steered)
-        host.steered[n:] = False
-        host.dt[:n] = dt
-        host.slot[:n] = torch.from_numpy(slot)
-        host.slot[n:] = 0
-        host.steps[:n] = torch.from_numpy(steps)
-        host.steps[n:] = 0
-        self.steered.copy_(host.steered, non_blocking=True)
-        self.dt.copy_(host.dt, non_blocking=True)
-        self.slot.copy_(host.slot, non_blocking=True)
-        self.steps.copy_(host.steps, non_blocking=True)
+        for name in self.columns:
+            value = values[name]
+            staged = host.columns[name]
+            staged[:n] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            staged[n:] = 0
+            getattr(self, name).copy_(staged, non_blocking=True)
 
     def stage_order(self, order: np.ndarray) -> torch.Tensor:
         """The step's token order (grouped by concept length) on the device, copied like the rest."""

@@ -63,9 +63,10 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
 
 def install_all() -> None:
     check_vllm_version()
-    from . import admission, cpu_seeded_rewind, engine_config, runner_hook, scheduler_admission
+    from . import admission, cpu_seeded_rewind, dummy_runs, engine_config, runner_hook, scheduler_admission
 
     runner_hook.install()
+    dummy_runs.install()
     engine_config.install()
     admission.install()
     scheduler_admission.install()

@@ -1,0 +1,169 @@
+"""One engine step's steering, per token: built once per step from per-request rows, read by the flow.
+
+A runner knows the step's requests in batch order; for each it produces one
+`RequestRow` (made from the request's typed `Steering` by `request_row`):
+the V1 runner's hook through `FlasRuntime.prepare_step`, Model Runner V2 through
+`FlasModelState`, which keeps the rows in a `RowTable` by request index.
+`build_step` turns the step's rows and its tokens per request into the
+`StepState`: each row's fields repeated per token and staged in the persistent
+device buffers (`StepBuffers`), the host-side facts the forward pass branches
+on instead of syncing on device data, and the token order by concept length.
+The flow, the slot table and the model read the state; nothing else is wired
+between them.
+
+Adding a per-request field: add it to `Steering` (core/steering.py), to
+`RequestRow` and `ROW_DTYPES` and to `request_row` below; every row field is
+repeated per token into a device buffer of the same name.
+
+"Euler steps" (a request's flow integration steps, `euler_steps`) are not engine
+steps (one forward pass of the batch, a `StepState`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from flas_vllm.core.flow import euler_dt
+from flas_vllm.core.steering import Steering
+from flas_vllm.engine.step_buffers import FLOW_DTYPE, StepBuffers
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    """One request's steering as the flow reads it; the default row is unsteered."""
+
+    steered: bool = False
+    slot: int = 0  # its concept's slot in the slot table (0: the null slot)
+    euler_steps: int = 0  # the Euler steps its tokens take
+    dt: float = 0.0  # the Euler step size, already rounded to the flow dtype
+
+
+# Each field's per-token dtype on the device (FLOW_DTYPE: the flow's; float64 on the host, exact).
+ROW_DTYPES = {"steered": torch.bool, "slot": torch.long, "euler_steps": torch.int32, "dt": FLOW_DTYPE}
+ROW_FIELDS = tuple(f.name for f in dataclasses.fields(RequestRow))
+assert set(ROW_DTYPES) == set(ROW_FIELDS), "every RequestRow field needs its per-token dtype"
+
+
+@functools.lru_cache(maxsize=4096)
+def _dt(flowtime: float, euler_steps: int, flow_dtype: torch.dtype) -> float:
+    return float(euler_dt(flowtime, euler_steps, flow_dtype))  # a flow-dtype value: exact as a float
+
+
+def request_row(steer: Steering | None, slot: int, default_euler_steps: int, flow_dtype: torch.dtype) -> RequestRow:
+    """The row of a request with this steering, its concept in `slot`."""
+    if steer is None:
+        return RequestRow()
+    n = steer.n_steps or default_euler_steps
+    return RequestRow(steered=True, slot=slot, euler_steps=n, dt=_dt(steer.flowtime, n, flow_dtype))
+
+
+def _host_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if dtype == FLOW_DTYPE else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+@dataclass
+class StepRows:
+    """The step's requests in batch order: one column per `RequestRow` field, and tokens per request."""
+
+    columns: dict[str, np.ndarray]
+    tokens: np.ndarray
+
+    @classmethod
+    def of(cls, rows: Sequence[RequestRow], tokens: Sequence[int] | np.ndarray) -> "StepRows":
+        columns = {name: np.array([getattr(r, name) for r in rows], dtype=_host_dtype(ROW_DTYPES[name]))
+                   for name in ROW_FIELDS}
+        return cls(columns, np.asarray(tokens, dtype=np.int64))
+
+    def all_as(self, row: RequestRow) -> "StepRows":
+        """The same tokens, every request given `row` (profiling and warm-up batches)."""
+        return StepRows.of([row] * len(self.tokens), self.tokens)
+
+
+class RowTable:
+    """Rows by request index (Model Runner V2): set when a request is added, gathered each step."""
+
+    def __init__(self, capacity: int):
+        self.columns = {name: np.zeros(capacity, dtype=_host_dtype(ROW_DTYPES[name])) for name in ROW_FIELDS}
+
+    def put(self, index: int, row: RequestRow) -> None:
+        for name in ROW_FIELDS:
+            self.columns[name][index] = getattr(row, name)
+
+    def clear(self, index: int) -> None:
+        self.put(index, RequestRow())
+
+    def gather(self, indices: np.ndarray, live: np.ndarray, tokens: np.ndarray) -> StepRows:
+        """The step's rows; a request that is not `live` (a dummy batch's made-up request) is unsteered."""
+        empty = RequestRow()
+        columns = {name: np.where(live, col[indices], getattr(empty, name)).astype(col.dtype, copy=False)
+                   for name, col in self.columns.items()}
+        return StepRows(columns, np.asarray(tokens, dtype=np.int64))
+
+
+Groups = list[tuple[int, "torch.Tensor | None", torch.Tensor]]
+
+
+@dataclass
+class StepState:
+    """This engine step's per-token steering: `buffers` holds each row field per token (a persistent device
+    buffer of the field's name; the step's tokens are the first `n_tokens`)."""
+
+    buffers: StepBuffers
+    n_tokens: int = 0
+    any_steered: bool = False  # host-side: is any scheduled token steered?
+    max_euler_steps: int = 0  # host-side: the most Euler steps any steered token needs
+    groups: Groups | None = None  # tokens by bucketed concept length [(length, token index or None, slots)]
+    profiling: bool = False  # a dummy batch (memory profiling, warm-up): every token steered
+
+    @classmethod
+    def allocate(cls, max_tokens: int, flow_dtype: torch.dtype, device) -> "StepState":
+        """The engine's state: one persistent device buffer per row field, `max_tokens` long."""
+        return cls(StepBuffers(max_tokens, flow_dtype, device, ROW_DTYPES))
+
+
+def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None = None) -> StepState:
+    """Rows (batch order) and tokens per request -> the step's per-token state, staged on the device.
+
+    `bucket_len` (each slot's concept key length, bucketed; see SlotTableKV): given where the step may
+    branch on data, the tokens are grouped by it; otherwise each token gathers the full length.
+    """
+    counts = rows.tokens
+    state.buffers.publish({name: np.repeat(col, counts) for name, col in rows.columns.items()})
+    steered = rows.columns["steered"] & (counts > 0)
+    state.n_tokens = int(counts.sum())
+    state.any_steered = bool(steered.any())
+    state.max_euler_steps = int(rows.columns["euler_steps"][steered].max()) if state.any_steered else 0
+    state.groups = None
+    if bucket_len is not None:
+        state.groups = plan_groups(bucket_len[np.repeat(rows.columns["slot"], counts)], state.buffers.slot,
+                                   state.buffers.stage_order)
+    return state
+
+
+def plan_groups(lengths: np.ndarray, device_slots: torch.Tensor, stage_order=None) -> Groups | None:
+    """Tokens grouped by their concept's bucketed key length: [(length, token index or None, slots)].
+
+    The token indices of all groups are one host array (tokens sorted by length) that `stage_order`
+    copies to the device without a sync (pinned, non-blocking; see StepBuffers); each group is a slice.
+    One length (or none): a single group over every token, no index.
+    """
+    found = np.unique(lengths)
+    if len(found) == 0:
+        return None  # no tokens: the table's full-length fallback
+    if len(found) == 1:
+        return [(int(found[0]), None, device_slots[: len(lengths)])]
+    order = np.argsort(lengths, kind="stable")
+    device_order = torch.from_numpy(order).to(device_slots.device) if stage_order is None else stage_order(order)
+    bounds = np.searchsorted(lengths[order], found, side="right")
+    groups, start = [], 0
+    for length, end in zip(found, bounds):
+        idx = device_order[start:end]
+        groups.append((int(length), idx, device_slots.index_select(0, idx)))
+        start = int(end)
+    return groups
