@@ -20,6 +20,9 @@ HELP = (
     "anything else is sent as your message"
 )
 
+EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
+
+
 @dataclass
 class ChatSession:
     generate: Callable[[list[list[dict]], list[Optional[dict]]], list[str]]
@@ -89,12 +92,18 @@ class ChatSession:
         if self.compare and steer is not None:
             steered, unsteered = self.generate([messages, messages], [steer, None])
             reply = steered
-            text = f"--- unsteered ---\n{unsteered}\n--- steered ({self.concept} @ {self.flowtime:g}) ---\n{steered}"
+            text = (f"--- unsteered ---\n{_shown(unsteered)}\n"
+                    f"--- steered ({self.concept} @ {self.flowtime:g}) ---\n{_shown(steered)}")
         else:
             reply = self.generate([messages], [steer])[0]
-            text = reply
+            text = _shown(reply)
         self.history = messages + [{"role": "assistant", "content": reply}]
         return text, True
+
+
+def _shown(reply: str) -> str:
+    """A reply as printed: an empty one (the model ended its turn at once) says so instead of a blank line."""
+    return reply if reply.strip() else EMPTY_REPLY
 
 
 def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowtime: float | None = None,
