@@ -11,7 +11,7 @@ import typer
 
 from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D
 from flas_vllm.core.errors import FlasError
-from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
+from flas_vllm.fixtures import tiny_gemma2
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 """Context settings of a command that takes any vLLM engine argument (`--gpu-memory-utilization`, ...)."""
@@ -94,7 +94,7 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
 
 
 def _fixture_dir() -> Path:
-    return ensure_tiny_gemma2()
+    return tiny_gemma2.ensure_tiny_gemma2()  # looked up at call time: tests replace it
 
 
 def engine_kwargs(model: str, extra_args: list[str], *, eager: bool) -> dict[str, Any]:
