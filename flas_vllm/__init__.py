@@ -10,7 +10,7 @@ __all__ = ["FlasLLM", "steering", "FlasError", "FlasCheckpointError", "SteeringP
 
 def __getattr__(name):
     if name == "FlasLLM":  # imports vLLM: only when asked for
-        from flas_vllm.engine.llm import FlasLLM
+        from flas_vllm.engine.llm import FlasLLM  # lazy: `import flas_vllm` loads only the core, not the engine
 
         return FlasLLM
     raise AttributeError(name)

@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
+from flas_vllm import __version__
 from flas_vllm.bench.command import bench
+from flas_vllm.engine import compat
 from flas_vllm.eval import commands as eval_commands
 from flas_vllm.serve import commands as serve_commands
 
@@ -39,6 +41,7 @@ def make_fixture(
     overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
 ) -> None:
     """Build a deterministic tiny Gemma-2 model (and FLAS checkpoints) loadable by vLLM and transformers."""
+    # lazy: torch, via the fixture builders; the CLI starts without it
     from flas_vllm.fixtures.checkpoints import make_random_flas_checkpoint
     from flas_vllm.fixtures.tiny_gemma2 import make_fixture as build
     from flas_vllm.fixtures.trained_flow import train_fixture_flow
@@ -67,20 +70,16 @@ def check_vllm(
                                                        "default: the installed vllm"),
 ) -> None:
     """Check a vLLM release's source (not installed) for everything flas-vllm wraps, subclasses or calls."""
-    from flas_vllm.engine.compat import main
-
-    raise typer.Exit(main([str(source)] if source is not None else []))
+    raise typer.Exit(compat.main([str(source)] if source is not None else []))
 
 
 @app.command()
 def version() -> None:
     """Print versions of flas-vllm, vLLM and torch."""
-    import torch
-
-    from flas_vllm import __version__
+    import torch  # lazy: torch is heavy
 
     try:
-        import vllm
+        import vllm  # optional: vllm (cpu/cuda extra)
 
         vllm_version: Optional[str] = vllm.__version__
     except Exception as exc:  # vLLM is an extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -10,6 +11,7 @@ import typer
 
 from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D
 from flas_vllm.core.errors import FlasError
+from flas_vllm.fixtures import tiny_gemma2
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 """Context settings of a command that takes any vLLM engine argument (`--gpu-memory-utilization`, ...)."""
@@ -46,6 +48,7 @@ def vllm_engine_args(args: list[str]) -> dict[str, Any]:
     """
     if not args:
         return {}
+    # lazy: vllm is heavy and optional (cpu/cuda extra)
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -77,6 +80,7 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
         if model != FIXTURE:
             raise typer.BadParameter(f"{flas_checkpoint!r} is a checkpoint for the built-in fixture model only: "
                                      "use it with --model fixture", param_hint="--flas-checkpoint")
+        # lazy: torch, via the fixture builders
         from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
         from flas_vllm.fixtures.trained_flow import ensure_trained_flas_checkpoint
 
@@ -90,9 +94,7 @@ def resolve_fixture(model: str, flas_checkpoint: str) -> tuple[str, str]:
 
 
 def _fixture_dir() -> Path:
-    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
-
-    return ensure_tiny_gemma2()
+    return tiny_gemma2.ensure_tiny_gemma2()  # looked up at call time: tests replace it
 
 
 def engine_kwargs(model: str, extra_args: list[str], *, eager: bool) -> dict[str, Any]:
@@ -110,6 +112,4 @@ def optional_path(path: Optional[Path], bundled_name: str) -> Path:
     """`path`, or the bundled data file of that name."""
     if path is not None:
         return path
-    from importlib import resources
-
     return Path(str(resources.files("flas_vllm.data").joinpath(bundled_name)))

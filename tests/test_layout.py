@@ -133,3 +133,29 @@ def test_no_module_imports_another_modules_private_names():
            for line, module, names in _imports(p) for name in names
            if name.startswith("_") and not name.startswith("__")]
     assert not bad, f"private names imported across modules (make them public or move them): {bad}"
+
+
+def _is_indented_import(line: str) -> bool:
+    text = line.strip()
+    return line[:1].isspace() and (text.startswith("import ") or text.startswith("from ") and " import " in text)
+
+
+def _uncommented_indented_imports(path: pathlib.Path) -> list[int]:
+    """Line numbers of indented imports with no comment on their line nor on a comment line above their group."""
+    lines = path.read_text().splitlines()
+    bad = []
+    for i, line in enumerate(lines):
+        if not _is_indented_import(line) or "#" in line:
+            continue
+        j = i - 1  # walk up over the uncommented imports grouped with this one
+        while j >= 0 and _is_indented_import(lines[j]) and "#" not in lines[j]:
+            j -= 1
+        if j < 0 or not lines[j].strip().startswith("#"):
+            bad.append(i + 1)
+    return bad
+
+
+def test_every_in_function_import_says_why_it_is_lazy():
+    """An import inside a function keeps an optional or heavy dependency lazy, or breaks a cycle: a comment says which."""
+    bad = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := _uncommented_indented_imports(p))}
+    assert not bad, f"indented imports without a comment saying why they are lazy (file: lines): {bad}"

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from flas_vllm.bench import MODELS, BenchConfig, parse_ks, run_benchmark
+
 
 def bench(
     model: str = typer.Option("fixture", help="fixture (tiny trained Gemma-2), bench-2b-shape or "
@@ -25,8 +27,6 @@ def bench(
                                               "('' for none)"),
 ) -> None:
     """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
-    from flas_vllm.bench import MODELS, BenchConfig, parse_ks, run_benchmark
-
     if model not in MODELS:
         raise typer.BadParameter(f"must be one of {', '.join(MODELS)}", param_hint="--model")
     try:

@@ -58,7 +58,7 @@ def flow_flops_per_token(base: Any, flas: Any, n_steps: int, context: float) -> 
     over all concept_max_len (64) key slots, masked, whatever the concept's length.
     The concept's own K/V projection runs once per concept and is amortized (not counted).
     """
-    from flas_vllm.core.flow import TIME_EMBED_DIM
+    from flas_vllm.core.flow import TIME_EMBED_DIM  # lazy: torch, via core.flow
 
     h = int(_get(base, "hidden_size"))
     nh = int(_get(base, "num_attention_heads"))
@@ -93,9 +93,9 @@ def flops_ceiling(base: Any, flas: Any, n_steps: int, context: float) -> dict[st
 
 
 def flops_section(model: BenchModel, cfg: BenchConfig, wl: Workload) -> dict:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers is heavy
 
-    from flas_vllm.core.checkpoint import load_checkpoint
+    from flas_vllm.core.checkpoint import load_checkpoint  # lazy: torch, via core.checkpoint
 
     base = AutoConfig.from_pretrained(str(model.model_dir))
     ckpt = load_checkpoint(str(model.checkpoint_dir), base)

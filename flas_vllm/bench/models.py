@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flas_vllm.fixtures.family_models import ensure_family_model
+from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2, file_lock, fixture_cache_dir, save_model
 
 
 MODELS = ("fixture", "bench-2b-shape", "bench-qwen3-8b-shape")
@@ -95,15 +99,12 @@ class BenchModel:
 
 def prepare_model(name: str) -> BenchModel:
     """Build (or reuse from the cache) the model and a random FLAS checkpoint for it."""
-    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint
-    from flas_vllm.fixtures.tiny_gemma2 import ensure_tiny_gemma2
+    from flas_vllm.fixtures.checkpoints import ensure_flas_checkpoint  # lazy: torch, via fixtures.checkpoints
 
     fixture = ensure_tiny_gemma2()
     if name == "fixture":
         return BenchModel(name, fixture, ensure_flas_checkpoint(fixture, **FIXTURE_FLAS))
     if name in SHAPED_MODELS:
-        from flas_vllm.fixtures.family_models import ensure_family_model
-
         family, _, _, variant = SHAPED_MODELS[name]
         model_dir = ensure_bench_shape(name, ensure_family_model(family))
         return BenchModel(name, model_dir, ensure_flas_checkpoint(model_dir, **variant))
@@ -111,8 +112,6 @@ def prepare_model(name: str) -> BenchModel:
 
 
 def _bench_key(name: str, fixture_dir: Path) -> str:
-    import hashlib
-
     try:
         fixture_key = json.loads((fixture_dir / ".flas_fixture.json").read_text()).get("key", "")
     except (OSError, ValueError):
@@ -123,8 +122,6 @@ def _bench_key(name: str, fixture_dir: Path) -> str:
 
 def ensure_bench_shape(name: str, fixture_dir: Path) -> Path:
     """A real model's proportions with random weights (no training), cached; tokenizer from the fixture."""
-    from flas_vllm.fixtures.tiny_gemma2 import file_lock, fixture_cache_dir
-
     key = _bench_key(name, fixture_dir)
     cache = fixture_cache_dir()
     out = cache / f"{name}-{key}"
@@ -148,10 +145,9 @@ def ensure_bench_shape(name: str, fixture_dir: Path) -> Path:
 
 
 def build_bench_shape(name: str, out_dir: Path, fixture_dir: Path, *, seed: int = 0) -> Path:
+    # lazy: torch and transformers are heavy
     import torch
     import transformers
-
-    from flas_vllm.fixtures.tiny_gemma2 import save_model
 
     _, prefix, config, _ = SHAPED_MODELS[name]
     fixture_cfg = json.loads((fixture_dir / "config.json").read_text())

@@ -8,6 +8,7 @@ import platform
 import time
 from pathlib import Path
 
+from flas_vllm import __version__
 from flas_vllm.bench.config import BenchConfig
 from flas_vllm.bench.runners import usable_cpu_count
 
@@ -17,9 +18,7 @@ from flas_vllm.bench.runners import usable_cpu_count
 
 
 def run_environment(cfg: BenchConfig) -> dict:
-    import torch
-
-    from flas_vllm import __version__
+    import torch  # lazy: torch is heavy
 
     env = {"flas_vllm": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "machine": platform.machine(),
@@ -133,11 +132,11 @@ def render_markdown(report: dict) -> str:
 def plot(report: dict, path: Path) -> str | None:
     """Output tokens/s vs K. Returns None when done, else why not."""
     try:
-        import matplotlib
+        import matplotlib  # optional: matplotlib (bench extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
+        import matplotlib.pyplot as plt  # optional: matplotlib (bench extra)
+        import matplotlib.ticker  # optional: matplotlib (bench extra)
     except ImportError:
         return "matplotlib is not installed (pip install 'flas-vllm[bench]'): no PNG plot"
     runs = report["runs"]

@@ -9,7 +9,8 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-from flas_vllm.engine.llm import shutdown_engine
+from flas_vllm.core.steering import steering
+from flas_vllm.engine.llm import shutdown_engine, FlasLLM
 from flas_vllm.bench.config import BenchConfig
 from flas_vllm.bench.models import BenchModel
 from flas_vllm.bench.results import RunResult, to_ms, vllm_latencies, percentiles
@@ -63,7 +64,7 @@ def _timed_generate(llm, prompts: list[list[int]], params: list) -> tuple[list, 
 
 
 def _sampling(cfg: BenchConfig, extra=None):
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # lazy: vllm is heavy
 
     return SamplingParams(temperature=0.0, max_tokens=cfg.output_len, ignore_eos=True, extra_args=extra)
 
@@ -73,7 +74,7 @@ def _warm_prompts(cfg: BenchConfig, wl: Workload) -> list[list[int]]:
 
 
 def _warm_sampling(cfg: BenchConfig, extra=None):
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # lazy: vllm is heavy
 
     return SamplingParams(temperature=0.0, max_tokens=min(2, cfg.output_len), ignore_eos=True, extra_args=extra)
 
@@ -100,7 +101,7 @@ Log = Callable[[str], None]
 
 
 def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[RunResult, dict]:
-    from vllm import LLM
+    from vllm import LLM  # lazy: vllm is heavy
 
     t0 = time.perf_counter()
     llm = LLM(model=str(model.model_dir), **_engine_kwargs(cfg))
@@ -118,9 +119,6 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> 
 
 
 def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[list[RunResult], dict]:
-    from flas_vllm.engine.llm import FlasLLM
-    from flas_vllm.core.steering import steering
-
     t0 = time.perf_counter()
     llm = FlasLLM(str(model.model_dir), str(model.checkpoint_dir), max_concepts=cfg.max_concepts,
                   **_engine_kwargs(cfg))
@@ -174,7 +172,7 @@ def _probe_encoding(llm, cfg: BenchConfig, flush_prompt: list[int]) -> dict:
     """Latency of encoding a new concept: engine counters, and preload_concepts() of fresh ones (RPC included)."""
     # A finished request's concept slot is released at the NEXT engine step: one tiny unsteered
     # request frees the last run's slots, so the probes below find room without waiting.
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # lazy: vllm is heavy
 
     llm.generate([{"prompt_token_ids": flush_prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
     stats = llm.concept_stats()
@@ -222,9 +220,9 @@ def hf_batches(concepts: Sequence[str], batch_size: int) -> list[tuple[str, list
 
 
 def run_hf(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[list[RunResult], dict]:
-    import torch
+    import torch  # lazy: torch is heavy
 
-    from flas_vllm.reference.hf import HFSteerer
+    from flas_vllm.reference.hf import HFSteerer  # lazy: torch, via reference.hf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, cfg.dtype) if cfg.dtype not in ("auto",) else torch.float32

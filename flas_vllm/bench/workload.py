@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 
+from importlib import resources
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from flas_vllm.core.prompts import format_prompt
+from flas_vllm.fixtures.tiny_gemma2 import load_alpaca
 
 
 # ---------------------------------------------------------------------------
@@ -26,10 +30,7 @@ class Workload:
 
 def build_workload(model_dir: Path, n: int, max_prompt_tokens: int, prompt_format: str = "chat") -> Workload:
     """The first AlpacaEval instructions (cycled when more are needed) as token ids."""
-    from transformers import AutoTokenizer
-
-    from flas_vllm.fixtures.tiny_gemma2 import load_alpaca
-    from flas_vllm.core.prompts import format_prompt
+    from transformers import AutoTokenizer  # lazy: transformers is heavy
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     pool: list[tuple[str, list[int]]] = []
@@ -44,8 +45,6 @@ def build_workload(model_dir: Path, n: int, max_prompt_tokens: int, prompt_forma
 
 
 def concept_pool() -> list[str]:
-    from importlib import resources
-
     try:
         text = resources.files("flas_vllm.data").joinpath("concept500_2b_l20_metadata.jsonl").read_text("utf-8")
     except (ModuleNotFoundError, FileNotFoundError):  # a bare checkout

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from safetensors.torch import load_file, save_file
 import torch
 
 from flas_vllm.core.config import CONFIG_DEFAULTS, FlasConfig, FlowGeometry, check_against_base
@@ -102,7 +103,7 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
 def _download_from_hub(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # lazy: huggingface_hub, only for checkpoints on the Hub
 
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # offline, missing repo, no network: all reported the same way
@@ -117,8 +118,6 @@ def _download_from_hub(repo_id: str) -> Path:
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
     """(flow tensors, own concept encoder or None, config embedded in a .pt or None)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path)), None, None
         except Exception as exc:
@@ -258,8 +257,6 @@ def save_checkpoint(
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     state = {k: v.detach().contiguous().cpu() for k, v in flow.state_dict().items()}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
         path = out / f"{name}.safetensors"
         save_file(state, str(path))
     elif fmt == "pt":

@@ -22,7 +22,7 @@ ENCODER_LAYERS = 2
 def build_own_encoder(base_config: Any, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
                       device: torch.device | str = "cpu"):
     """A transformers text decoder of ENCODER_LAYERS layers holding the checkpoint's encoder weights."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel  # lazy: transformers is heavy
 
     raw = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
     for key in ("architectures", "flas", "auto_map"):

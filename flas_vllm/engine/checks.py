@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.core.errors import FlasCheckpointError, FlasConfigError
 from flas_vllm.core.families import ARCHITECTURES
 
@@ -68,7 +69,7 @@ V2_BY_DEFAULT = False
 
 def v1_preference(model_config: Any) -> str | None:
     """The entry FLAS adds to vLLM's "V2 does not support" list, or None where V2 was asked for by name."""
-    import vllm.envs as envs
+    import vllm.envs as envs  # lazy: vllm is heavy
 
     if V2_BY_DEFAULT or envs.VLLM_USE_V2_MODEL_RUNNER is not None:
         return None
@@ -106,7 +107,7 @@ def check_runner(vllm_config: Any) -> None:
     """
     if vllm_config.use_v2_model_runner:
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # lazy: vllm is heavy
 
     if not getattr(GPUModelRunner._prepare_inputs, "__flas_patched__", False):
         raise FlasConfigError(
@@ -122,8 +123,7 @@ def stamp_fingerprint(hf_config: Any) -> str:
     The checkpoint path alone is already in that key (through `hf_config.flas`);
     the fingerprint makes a checkpoint replaced in place compile afresh.
     """
-    from flas_vllm.core.checkpoint import checkpoint_fingerprint
-    from flas_vllm.core.config import FlasEngineOptions
+    from flas_vllm.core.checkpoint import checkpoint_fingerprint  # lazy: torch, via core.checkpoint
 
     options = FlasEngineOptions.from_hf_config(hf_config)
     fingerprint = checkpoint_fingerprint(options.checkpoint)
@@ -159,8 +159,7 @@ def keep_flow_kv_unquantized(cache_config: Any, hf_config: Any) -> list[str]:
     unquantized cache), so a scheme applied later in the worker cannot reach the flow either.
     Returns the entries added.
     """
-    from flas_vllm.core.checkpoint import read_checkpoint_config
-    from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
+    from flas_vllm.core.checkpoint import read_checkpoint_config  # lazy: torch, via core.checkpoint
 
     options = FlasEngineOptions.from_hf_config(hf_config)
     cfg = read_checkpoint_config(options.checkpoint)

@@ -11,6 +11,7 @@ The version guard in `patches/__init__.py` should only cover releases that pass.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 import sys
 import zipfile
@@ -192,8 +193,6 @@ class VllmSource:
 
     @classmethod
     def installed(cls) -> "VllmSource":
-        import importlib.util
-
         spec = importlib.util.find_spec("vllm")
         if spec is None or not spec.origin:
             raise FileNotFoundError("vllm is not installed in this environment")

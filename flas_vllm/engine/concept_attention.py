@@ -42,6 +42,7 @@ KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}  # never the split-KV decodi
 
 def flex_available() -> bool:
     try:
+        # optional: flex attention exists only in newer torch
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError:
         return False
@@ -59,7 +60,7 @@ _COMPILED: dict[bool, object] = {}
 def compiled_flex(dynamic: bool):
     """torch.compile(flex_attention), one per shape mode: uncompiled it materializes every score."""
     if dynamic not in _COMPILED:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # optional: flex attention (see flex_available)
 
         _COMPILED[dynamic] = torch.compile(flex_attention, dynamic=dynamic, fullgraph=True)
     return _COMPILED[dynamic]
@@ -125,7 +126,7 @@ class FlexSlotAttention:
 
     def plan(self, slots: torch.Tensor, valid: torch.Tensor):
         """This call's row order (rows sorted by group) and block mask, in the persistent buffers."""
-        from torch.nn.attention.flex_attention import BlockMask
+        from torch.nn.attention.flex_attention import BlockMask  # optional: flex attention (see flex_available)
 
         nh, lc = self.num_heads, self.max_len
         n_rows = slots.shape[0] * nh

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from typing import Any
 
+from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.errors import FlasConfigError
+from flas_vllm.core.families import architecture_for, is_multimodal
+from flas_vllm.core.prompts import ALPACA_CHAT_TEMPLATE, chat_template_kwargs
+from flas_vllm.engine.plugin import register
 
 
 def base_model_config(model: str, **kwargs: Any):
     """The base model's HF config (its family picks the FLAS architecture)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers is heavy
 
     keep = {k: kwargs[k] for k in ("revision", "trust_remote_code") if kwargs.get(k) is not None}
     if str(model).startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(str(model))):
@@ -26,7 +32,7 @@ CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
 def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # lazy: vllm is heavy
 
     return current_platform.is_cpu()
 
@@ -48,8 +54,6 @@ def flas_engine_kwargs(
     Multimodal checkpoints (Gemma-3) run their text decoder only: images are refused by vLLM
     (`limit_mm_per_prompt` 0) and the vision tower is never built (`language_model_only`).
     """
-    from flas_vllm.core.families import architecture_for, is_multimodal
-
     base = base_model_config(model, **vllm_kwargs)
     flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
     for key, value in (("n_steps", n_steps), ("max_n_steps", max_n_steps), ("max_concepts", max_concepts),
@@ -71,8 +75,6 @@ def flas_engine_kwargs(
 
 def shutdown_engine(llm) -> None:
     """Stop a `vllm.LLM` or `FlasLLM` engine core now (frees its memory before the next engine starts)."""
-    import gc
-
     inner = getattr(llm, "llm", llm)
     try:
         inner.llm_engine.engine_core.shutdown()
@@ -92,10 +94,9 @@ class FlasLLM:
                  max_n_steps: int | None = None, max_concepts: int | None = None,
                  max_flowtime: float | None = None, max_pinned: int | None = None, graph_path: bool | None = None,
                  **vllm_kwargs: Any):
-        from vllm import LLM
+        from vllm import LLM  # lazy: vllm is heavy
 
-        from flas_vllm.core.checkpoint import read_checkpoint_config
-        from flas_vllm.engine.plugin import register
+        from flas_vllm.core.checkpoint import read_checkpoint_config  # lazy: torch, via core.checkpoint
 
         register()
         self.prompt_format = read_checkpoint_config(flas_checkpoint).prompt_format
@@ -103,8 +104,6 @@ class FlasLLM:
                                     max_concepts=max_concepts, max_flowtime=max_flowtime, max_pinned=max_pinned,
                                     graph_path=graph_path, **vllm_kwargs)
         kwargs.setdefault("worker_extension_cls", "flas_vllm.engine.worker_ext.FlasWorkerExtension")
-        from flas_vllm.core.config import FlasEngineOptions
-
         self.options = FlasEngineOptions.from_mapping(kwargs["hf_overrides"]["flas"])  # checked before any load
         self.llm = LLM(**kwargs)
 
@@ -115,8 +114,6 @@ class FlasLLM:
         return self.llm.generate(*args, **kwargs)
 
     def chat(self, *args, **kwargs):
-        from flas_vllm.core.prompts import ALPACA_CHAT_TEMPLATE, chat_template_kwargs
-
         if self.prompt_format == "alpaca" and kwargs.get("chat_template") is None:
             kwargs["chat_template"] = ALPACA_CHAT_TEMPLATE
         template = kwargs.get("chat_template") or getattr(self.llm.get_tokenizer(), "chat_template", None)
@@ -136,8 +133,6 @@ class FlasLLM:
         worker (vLLM sends finished ids with the following step). With nothing in flight, a concept
         reported in use is therefore asked about again for up to `settle_seconds`.
         """
-        import time
-
         concepts = list(concepts)
         result = self.llm.collective_rpc("flas_evict", args=(concepts,))[0]
         deadline = time.monotonic() + settle_seconds

@@ -19,13 +19,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, CUDAGraphMode
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from flas_vllm.core.checkpoint import load_checkpoint
 from flas_vllm.core.concept import inference_concept_len
@@ -51,8 +55,6 @@ def _flas_steer(stream: torch.Tensor, positions: torch.Tensor, target: str) -> t
     `torch.where` in the graph: unsteered tokens compile exactly as in vanilla's graph.
     Finds its `FlasSteer` by name in the forward context, as vLLM's own custom ops find their layers.
     """
-    from vllm.forward_context import get_forward_context
-
     return get_forward_context().no_compile_layers[target].steered_stream(positions, stream)
 
 
@@ -63,8 +65,6 @@ def _flas_steer_fake(stream: torch.Tensor, positions: torch.Tensor, target: str)
 def _register_steer_op() -> None:
     if hasattr(torch.ops.vllm, "flas_steer"):
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
     direct_register_custom_op("flas_steer", _flas_steer, mutates_args=[], fake_impl=_flas_steer_fake)
 
 
@@ -160,8 +160,6 @@ class FlasSteer(nn.Module):
         # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
         # work in steps where no token is steered. Captured graphs cannot branch on data, so there
         # the flow stays in the graph and torch.where keeps unsteered tokens untouched.
-        from vllm.config import CUDAGraphMode
-
         mode = vllm_config.compilation_config.cudagraph_mode
         self.skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
         self.target = f"{prefix}.flas"
@@ -239,8 +237,6 @@ class FlasSteer(nn.Module):
 
 def _load_params(module: nn.Module, tensors, prefix: str) -> set[str]:
     """Each parameter through its weight loader (vLLM wraps these while it reloads weights in place)."""
-    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
     names = [name for name, _ in module.named_parameters()]  # a layer's last load re-registers its parameters
     with torch.no_grad():
         for name in names:
@@ -288,7 +284,7 @@ class FlasCausalLMMixin:
 
     def get_model_state_cls(self) -> type:
         """Model Runner V2's per-model extension point: steering rows per request (model_state.py)."""
-        from flas_vllm.engine.model_state import FlasModelState
+        from flas_vllm.engine.model_state import FlasModelState  # lazy: vLLM's V2 model runner, imported only when it runs
 
         return FlasModelState
 
@@ -348,7 +344,7 @@ class PlatformLinear(nn.Module):
 
     def dispatch(self) -> None:
         """Build the platform's matmul for the current weights (oneDNN prepares them): after every load."""
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm  # lazy: a CPU-only vLLM helper, reached only on CPU
 
         dispatch_cpu_unquantized_gemm(self, remove_weight=False)  # sets self.cpu_linear
 
@@ -369,8 +365,6 @@ def _use_platform_gemm(flow: nn.Module) -> None:
     module tree (for in-place weight reloads) sees them; `_dispatch_platform_gemm`
     builds their matmuls after each load.
     """
-    from vllm.platforms import current_platform
-
     if not current_platform.is_cpu():
         return
     for parent in list(flow.modules()):

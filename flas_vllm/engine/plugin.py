@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from flas_vllm.core.families import FAMILIES
+from flas_vllm.engine import patches
+
 logger = logging.getLogger("flas_vllm")
 
 _registered = False
@@ -14,8 +17,6 @@ MULTIMODAL_MODELS = "flas_vllm.engine.model_multimodal"  # FlasGemma3ForConditio
 
 def steered_classes() -> dict[str, str]:
     """Every steered architecture (named in core/families.py) -> `module:class` where it is defined."""
-    from flas_vllm.core.families import FAMILIES
-
     out = {f.architecture: f"{TEXT_MODELS}:{f.architecture}" for f in FAMILIES}
     out.update({f.multimodal_architecture: f"{MULTIMODAL_MODELS}:{f.multimodal_architecture}"
                 for f in FAMILIES if f.multimodal_architecture})
@@ -28,13 +29,11 @@ def register() -> None:
         return
     # No process-wide settings here: other models in this process keep vLLM's defaults. The runner
     # choice for FLAS engines alone lives in patches/engine_config.py.
-    from vllm import ModelRegistry
+    from vllm import ModelRegistry  # lazy: vllm is heavy
 
     supported = ModelRegistry.get_supported_archs()
     for arch, location in steered_classes().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, location)  # by path: vLLM imports the module when it loads one
-    from flas_vllm.engine import patches
-
     patches.install_all()
     _registered = True

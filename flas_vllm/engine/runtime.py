@@ -64,7 +64,7 @@ class FlasRuntime:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # lazy: transformers is heavy
 
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_name, **self._tokenizer_kwargs)
         return self._tokenizer

@@ -19,7 +19,7 @@ from flas_vllm.core.flow import cross_attend_heads, expand_concept_kv
 from flas_vllm.engine.concept_attention import FlexSlotAttention, attend_slots_flex_op, use_flex
 
 if TYPE_CHECKING:
-    from flas_vllm.engine.step_state import StepState
+    from flas_vllm.engine.step_state import StepState  # typing only
 
 
 LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped

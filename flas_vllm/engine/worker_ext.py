@@ -22,7 +22,7 @@ class FlasWorkerExtension:
 
     def flas_kv_cache_dtypes(self) -> dict[str, tuple[str, str]]:
         """Per paged attention layer: (its kv_cache_dtype setting, dtype of its bound cache tensor)."""
-        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.layers.attention import Attention  # lazy: vllm; this runs only inside its worker
 
         out = {}
         for name, layer in self.vllm_config.compilation_config.static_forward_context.items():

@@ -3,9 +3,12 @@ directory; `eval` is the three stages composed, with their options (not copies o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
 from pathlib import Path
+import time
 from typing import Optional, get_type_hints
 
 import typer
@@ -14,6 +17,7 @@ from flas_vllm.cli_common import (
     FIXTURE, FIXTURE_CONCEPTS, CHECKPOINT_OPTION, EAGER_OPTION, MAX_CONCEPTS_OPTION, MODEL_OPTION, N_STEPS_OPTION, PASS_THROUGH, engine_kwargs,
     floats, optional_path, resolve_fixture,
 )
+from flas_vllm.eval.lexical_judge import MODEL_NAME, lexical_judge_server
 
 BUNDLED_PROMPTS = "alpaca_eval.json"
 BUNDLED_CONCEPTS = "concept500_2b_l20_metadata.jsonl"
@@ -58,6 +62,7 @@ def generate(
 ) -> None:
     """Bulk generation over concepts x prompts x flowtimes into parquet, resumable; any vLLM engine argument
     (--gpu-memory-utilization, --max-num-seqs, --dtype, --quantization, ...) passes through."""
+    # lazy: pyarrow, via the eval pipeline; the CLI starts without it
     from flas_vllm.eval.generate import GenerationSettings
     from flas_vllm.eval.pipeline import GenerateSpec, run_generate, run_generate_ray
 
@@ -106,12 +111,9 @@ def judge(
     allow_mixed_judges: bool = MIXED_JUDGES_OPTION,
 ) -> None:
     """Rate generations with AxBench's three judge templates; failures are kept and retried on resume."""
-    import contextlib
-    import os
-
+    # lazy: pyarrow, via the eval pipeline; the CLI starts without it
     from flas_vllm.eval.generate import load_generations
     from flas_vllm.eval.judge import JudgeSettings, MixedJudgesError, judge as run_judge
-    from flas_vllm.eval.lexical_judge import MODEL_NAME, lexical_judge_server
 
     check_judge_choice(base_url, judge_model, local_judge)
     try:
@@ -152,6 +154,7 @@ def score(
 ) -> None:
     """AxBench scores as FLAS reports them: best factor per concept on train prompts, HMean/C/I/F pooled over
     the kept test samples; per-concept mean, bootstrap CI, baseline, judge provenance, report and plot."""
+    # lazy: pyarrow, via the eval pipeline; the CLI starts without it
     from flas_vllm.eval.judge import latest_judgements
     from flas_vllm.eval.score import score_rows, write_reports
 
@@ -233,10 +236,6 @@ def judge_server(
     host: str = typer.Option("127.0.0.1"),
 ) -> None:
     """Serve the offline lexical judge (a smoke-test stand-in for AxBench's LLM judge) until Ctrl-C."""
-    import time
-
-    from flas_vllm.eval.lexical_judge import MODEL_NAME, lexical_judge_server
-
     try:
         server = lexical_judge_server(port=port, host=host)
     except OSError as exc:

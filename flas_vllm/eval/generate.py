@@ -24,6 +24,10 @@ from typing import Iterable, Sequence, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flas_vllm.core.prompts import format_prompt, truncate_prompt
+from flas_vllm.core.steering import STOP_RULE_KEY, steering
+from tqdm import tqdm
+
 GENERATION_SCHEMA = pa.schema([
     ("concept_id", pa.int64()),
     ("concept", pa.string()),
@@ -285,10 +289,7 @@ class GenerationSettings:
 def job_request(job: Job, settings: GenerationSettings, tokenizer, prompt_format: str):
     """(prompt token ids, SamplingParams) of one job, as the original generator would run it:
     the checkpoint's prompt format, the first `max_prompt_tokens` tokens, its stop rule."""
-    from vllm import SamplingParams
-
-    from flas_vllm.core.prompts import format_prompt, truncate_prompt
-    from flas_vllm.core.steering import STOP_RULE_KEY, steering
+    from vllm import SamplingParams  # lazy: vllm is heavy
 
     extra = steering(job.concept, job.flowtime) if job.flowtime > 0 else {}
     extra[STOP_RULE_KEY] = settings.stop_rule
@@ -314,8 +315,6 @@ def generate_rows(llm, jobs: Iterable[Job], settings: GenerationSettings, writer
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(jobs), unit="req", desc="generate", dynamic_ncols=True)
     pending: list[dict] = []
     done = tokens = 0

@@ -22,6 +22,7 @@ from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from flas_vllm.eval.generate import GENERATION_SCHEMA, PartWriter, read_parts, schema_for_ids
 
@@ -89,7 +90,7 @@ class JudgeError(Exception):
 
 
 async def _rate(client, settings: JudgeSettings, prompt: str) -> tuple[float, str]:
-    import openai
+    import openai  # optional: openai (eval extra)
 
     last = "no attempt"
     for attempt in range(settings.max_attempts):
@@ -173,7 +174,7 @@ def check_one_judge(models: Counter, what: str, allow_mixed: bool) -> None:
 
 async def judge_async(generations: Sequence[dict], judge_dir: str | Path, settings: JudgeSettings,
                       progress: bool = True, allow_mixed: bool = False) -> dict:
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI  # optional: openai (eval extra)
 
     done = latest_judgements(judge_dir)
     others = Counter({m: n for m, n in judge_models(list(done.values())).items() if m != settings.model})
@@ -191,8 +192,6 @@ async def judge_async(generations: Sequence[dict], judge_dir: str | Path, settin
     sem = asyncio.Semaphore(settings.concurrency)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), unit="row", desc="judge", dynamic_ncols=True)
     pending: list[dict] = []
     failed = 0

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flas_vllm.core.steering import STOP_RULES
+from flas_vllm.engine.llm import FlasLLM
 from flas_vllm.eval.concept_sets import load_concept_ids, select_concepts
 from flas_vllm.eval.generate import (
     GENERATION_SCHEMA, Concept, GenerationSettings, PartWriter, build_jobs, completed_keys, generate_rows,
@@ -44,8 +47,6 @@ class GenerateSpec:
 
 
 def _engine(spec: GenerateSpec):
-    from flas_vllm.engine.llm import FlasLLM
-
     kwargs = dict(spec.engine_kwargs)
     if spec.max_concepts:
         kwargs["max_concepts"] = spec.max_concepts
@@ -95,8 +96,6 @@ def validate_spec(spec: GenerateSpec) -> list[Concept]:
         raise ValueError(f"--n-steps must be >= 1, got {spec.n_steps}")
     if spec.settings.max_prompt_tokens is not None and spec.settings.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens must be >= 1, got {spec.settings.max_prompt_tokens}")
-    from flas_vllm.core.steering import STOP_RULES
-
     if spec.settings.stop_rule not in STOP_RULES:
         raise ValueError(f"--stop-rule must be one of {', '.join(STOP_RULES)}, got {spec.settings.stop_rule!r}")
     return concepts
@@ -143,7 +142,7 @@ def run_generate_ray(spec: GenerateSpec, out_dir: str | Path, *, num_actors: int
                      ray_address: str | None = None, num_gpus_per_actor: float | None = None,
                      max_shard_attempts: int = 3, progress: bool = False) -> pa.Table:
     """Shard concepts over Ray actors (one engine each); retry a dead actor's shard on a fresh one."""
-    import ray
+    import ray  # optional: ray (eval extra)
 
     concepts = validate_spec(spec)
     out = Path(out_dir).resolve()
@@ -213,8 +212,6 @@ class GenerationActor:
         self.llm = _engine(self.spec)
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def generate_shard(self, concepts: list[dict], out_dir: str) -> int:

@@ -238,10 +238,10 @@ def write_reports(result: dict, out_dir: str | Path,
 
 
 def _plot(by_flowtime: Mapping[str, Mapping[str, float]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional: matplotlib (bench extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib (bench extra)
 
     ts = sorted(float(t) for t in by_flowtime)
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -111,7 +111,7 @@ class HFSteerer:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, checkpoint, *, dtype=torch.float32, n_steps=None,
                         device="cpu") -> "HFSteerer":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers is heavy
 
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, attn_implementation="eager"
@@ -186,7 +186,7 @@ class HFSteerer:
         state = StreamState()
         caches = self._new_caches(state, use_cache, n_steps)
         past = None
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # lazy: transformers is heavy
 
         if use_cache:
             past = DynamicCache(config=self.model.config)

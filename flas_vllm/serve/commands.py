@@ -9,6 +9,8 @@ import typer
 from flas_vllm.cli_common import (
     CHECKPOINT_OPTION, EAGER_OPTION, N_STEPS_OPTION, PASS_THROUGH, engine_kwargs, refused_in_one_line,
 )
+from flas_vllm.engine.llm import FlasLLM
+from flas_vllm.serve.repl import run_repl
 
 
 def serve(ctx: typer.Context) -> None:
@@ -29,9 +31,6 @@ def chat(
 ) -> None:
     """Interactive steering REPL: /concept TEXT, /flowtime T, /off, /on, /compare, /quit; any vLLM engine
     argument (--dtype, --max-model-len, --kv-cache-memory-bytes, ...) passes through."""
-    from flas_vllm.engine.llm import FlasLLM
-    from flas_vllm.serve.repl import run_repl
-
     kwargs = engine_kwargs(model, ctx.args, eager=eager)
     typer.echo("loading the model ...")
     with refused_in_one_line():

@@ -113,7 +113,7 @@ def run_repl(llm, *, max_tokens: int = 128, temperature: float = 0.0, max_flowti
     if max_flowtime is None:
         max_flowtime = options.max_flowtime if options is not None else ENGINE_OPTION_DEFAULTS["max_flowtime"]
     max_concept_bytes = options.max_concept_bytes if options is not None else ENGINE_OPTION_DEFAULTS["max_concept_bytes"]
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # lazy: vllm is heavy
 
     def generate(conversations, steerings):
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, extra_args=s) for s in steerings]

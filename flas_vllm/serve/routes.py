@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.errors import SteeringParamError
 from flas_vllm.core.steering import check_concept
 
@@ -87,7 +88,7 @@ class FlasMetricsCollector:
         self.stats = stats
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # lazy: prometheus_client ships with vLLM, not with flas-vllm
 
         s = self.stats.latest
         counters = {
@@ -155,12 +156,10 @@ class FlasEndpointPlugin:
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
             return
-        from flas_vllm.core.config import FlasEngineOptions
-
         state.flas_options = FlasEngineOptions.from_hf_config(engine_client.model_config.hf_config)
         state.flas_stats = FlasStats(engine_client)
         try:
-            from prometheus_client import REGISTRY
+            from prometheus_client import REGISTRY  # lazy: prometheus_client ships with vLLM, not with flas-vllm
 
             REGISTRY.register(FlasMetricsCollector(state.flas_stats))
         except ValueError:  # already registered in this process

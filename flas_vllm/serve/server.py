@@ -14,6 +14,11 @@ import logging
 import os
 import sys
 
+from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D, FlasEngineOptions
+from flas_vllm.core.prompts import ALPACA_CHAT_TEMPLATE, chat_template_kwargs
+from flas_vllm.engine.llm import flas_engine_kwargs
+from flas_vllm.engine.plugin import register
+
 logger = logging.getLogger("flas_vllm.serve.server")
 
 GENERAL_PLUGIN = "flas_vllm"
@@ -21,8 +26,6 @@ ENDPOINT_PLUGIN = "flas_vllm_routes"
 
 
 def _flas_parser() -> argparse.ArgumentParser:
-    from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D
-
     p = argparse.ArgumentParser(prog="flas-vllm serve", add_help=False)
     p.add_argument("model", help="the base model (Gemma-2, Gemma-3, Qwen3, Llama-3.1): directory or Hugging Face id")
     p.add_argument("--flas-checkpoint", required=True, help="FLAS checkpoint: file, directory or Hub repo id")
@@ -37,11 +40,9 @@ def _flas_parser() -> argparse.ArgumentParser:
 
 def build_args(argv: list[str]):
     """FLAS flags + any vLLM server flag -> the Namespace vLLM's server expects."""
-    from flas_vllm.engine.llm import flas_engine_kwargs
-
     flas_args, rest = _flas_parser().parse_known_args(argv)
     _allow_plugins()
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser  # lazy: vllm is heavy
 
     make_arg_parser, validate_parsed_serve_args = _serve_arg_helpers()
 
@@ -62,20 +63,16 @@ def build_args(argv: list[str]):
         if key in kwargs and not getattr(args, key, None):
             setattr(args, key, kwargs[key])
     if not getattr(args, "chat_template", None):
-        from flas_vllm.core.checkpoint import read_checkpoint_config
+        from flas_vllm.core.checkpoint import read_checkpoint_config  # lazy: torch, via core.checkpoint
 
         if read_checkpoint_config(flas_args.flas_checkpoint).prompt_format == "alpaca":
-            from flas_vllm.core.prompts import ALPACA_CHAT_TEMPLATE
-
             args.chat_template = ALPACA_CHAT_TEMPLATE  # trained on a base model: the alpaca format
     if getattr(args, "chat_template", None) is None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: transformers is heavy
 
         template = getattr(AutoTokenizer.from_pretrained(getattr(args, "tokenizer", None) or args.model), "chat_template", None)
     else:
         template = args.chat_template
-    from flas_vllm.core.prompts import chat_template_kwargs
-
     # non-thinking by default (Qwen3), as the original; the user's --default-chat-template-kwargs win
     args.default_chat_template_kwargs = {**chat_template_kwargs(template), **(args.default_chat_template_kwargs or {})}
     if not getattr(args, "worker_extension_cls", None):
@@ -87,9 +84,9 @@ def build_args(argv: list[str]):
 def _serve_arg_helpers():
     """vLLM's server argument parser and its checks: in `entrypoints.common` from 0.33, `launchers` in 0.32."""
     try:
-        from vllm.entrypoints.common import cli_args
+        from vllm.entrypoints.common import cli_args  # lazy: vllm is heavy; this module moved between versions
     except ImportError:
-        from vllm.entrypoints.launchers import cli_args
+        from vllm.entrypoints.launchers import cli_args  # lazy: vllm is heavy; this module moved between versions
     return cli_args.make_arg_parser, cli_args.validate_parsed_serve_args
 
 
@@ -105,8 +102,7 @@ def _allow_plugins() -> None:
 
 def describe(args) -> str:
     """The startup line; reads the checkpoint's config and hashes its file, loads no tensor."""
-    from flas_vllm.core.checkpoint import checkpoint_fingerprint, read_checkpoint_config, resolve_checkpoint
-    from flas_vllm.core.config import FlasEngineOptions
+    from flas_vllm.core.checkpoint import checkpoint_fingerprint, read_checkpoint_config, resolve_checkpoint  # lazy: torch, via core.checkpoint
 
     opts = FlasEngineOptions.from_mapping(args.hf_overrides["flas"])
     cfg = read_checkpoint_config(opts.checkpoint)
@@ -122,9 +118,8 @@ def describe(args) -> str:
 
 def serve(argv: list[str]) -> None:
     args = build_args(argv)
-    from flas_vllm.engine.plugin import register
-
     register()
+    # lazy: vllm's server is heavy (uvloop ships with vLLM)
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.logger import configure_logging_from_args

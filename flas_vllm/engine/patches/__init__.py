@@ -24,7 +24,7 @@ class UnsupportedVllmVersion(RuntimeError):
 
 
 def vllm_version() -> tuple[int, int, int]:
-    import vllm
+    import vllm  # lazy: vllm; patches install only inside vLLM
 
     parts = []
     for piece in vllm.__version__.split("+")[0].split(".")[:3]:
@@ -63,7 +63,7 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
 
 def install_all() -> None:
     check_vllm_version()
-    from . import admission, cpu_seeded_rewind, dummy_runs, engine_config, runner_hook, scheduler_admission
+    from . import admission, cpu_seeded_rewind, dummy_runs, engine_config, runner_hook, scheduler_admission  # cycle: each patch imports wrap_once from this package
 
     runner_hook.install()
     dummy_runs.install()

@@ -11,9 +11,13 @@ fingerprint), combined with any salt the user set.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from . import wrap_once
+from flas_vllm.core.config import FlasEngineOptions
+from flas_vllm.core.errors import SteeringParamError
+from flas_vllm.core.steering import parse_steering, STOP_RULE_KEY, parse_stop_rule, cache_salt, WIRE_KEY
 
 _FRONT_END: dict = {}  # FlasEngineOptions -> ((default n_steps, max n_steps), fingerprint), once per process
 
@@ -23,12 +27,10 @@ def _flas_context(input_processor):
     hf_config = input_processor.model_config.hf_config
     if getattr(hf_config, "flas", None) is None:
         return None
-    from flas_vllm.core.config import FlasEngineOptions
-
     options = FlasEngineOptions.from_hf_config(hf_config)  # parsed once per process (cached)
     known = _FRONT_END.get(options)
     if known is None:  # the front end needs the fingerprint and config only: no tensor is loaded here
-        from flas_vllm.core.checkpoint import checkpoint_fingerprint, read_checkpoint_config
+        from flas_vllm.core.checkpoint import checkpoint_fingerprint, read_checkpoint_config  # lazy: torch, via core.checkpoint
 
         n_steps = read_checkpoint_config(options.checkpoint).n_steps
         known = _FRONT_END[options] = (options.step_limits(n_steps), checkpoint_fingerprint(options.checkpoint))
@@ -36,9 +38,6 @@ def _flas_context(input_processor):
 
 
 def _check(input_processor, params):
-    from flas_vllm.core.errors import SteeringParamError
-    from flas_vllm.core.steering import parse_steering
-
     ctx = _flas_context(input_processor)
     extra = getattr(params, "extra_args", None)
     if ctx is None:
@@ -65,8 +64,6 @@ def _apply_stop_rule(input_processor, params):
     vLLM adds generation_config's EOS ids to `stop_token_ids` unless `ignore_eos`; so the request
     gets `ignore_eos` with the tokenizer's EOS as its one added stop id. Returns the params to use.
     """
-    from flas_vllm.core.steering import STOP_RULE_KEY, parse_stop_rule
-
     extra = getattr(params, "extra_args", None)
     if not extra or STOP_RULE_KEY not in extra or parse_stop_rule(extra) != "original":
         return params
@@ -97,9 +94,7 @@ def _validation_error_cls():
     """
     global _VALIDATION_ERROR
     if _VALIDATION_ERROR is None:
-        from vllm.exceptions import VLLMValidationError
-
-        from flas_vllm.core.errors import SteeringParamError
+        from vllm.exceptions import VLLMValidationError  # lazy: vllm; patches install only inside vLLM
 
         class SteeringValidationError(VLLMValidationError, SteeringParamError):
             def __init__(self, field: str, message: str):
@@ -117,8 +112,6 @@ def _validation_error_cls():
 def _salt(request, steer, ctx) -> None:
     if steer is None:
         return
-    from flas_vllm.core.steering import cache_salt
-
     n_steps, fingerprint = ctx
     request.cache_salt = cache_salt(steer, n_steps=n_steps, fingerprint=fingerprint, user_salt=request.cache_salt)
 
@@ -127,10 +120,6 @@ def _attach_wire_form(params, steer, ctx):
     """Leave the validated steering on the request, n_steps resolved (the engine core and the worker
     decode it, never re-validate); a client-sent `_flas` is always overwritten. Returns the params to
     use (a copy when changed)."""
-    import dataclasses
-
-    from flas_vllm.core.steering import WIRE_KEY
-
     extra = getattr(params, "extra_args", None)
     if not extra or not any(str(k).startswith(("flas_", WIRE_KEY)) for k in extra):
         return params
@@ -155,7 +144,7 @@ def _make_sync(original):
 
 
 def install() -> bool:
-    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.input_processor import InputProcessor  # lazy: vllm; patches install only inside vLLM
 
     # process_inputs_async is built per instance from self.process_inputs, so it sees this wrapper.
     return wrap_once(InputProcessor, "process_inputs", _make_sync)

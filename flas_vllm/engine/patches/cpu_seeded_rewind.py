@@ -65,7 +65,7 @@ def _make_bookkeeping(original):
 
 
 def install() -> bool:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # lazy: vllm; patches install only inside vLLM
 
     done = wrap_once(GPUModelRunner, "_sample", _make_sample)
     done |= wrap_once(GPUModelRunner, "_bookkeeping_sync", _make_bookkeeping)

@@ -34,6 +34,7 @@ def _make(original):
 
 
 def install() -> bool:
+    # lazy: vllm; patches install only inside vLLM
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 import functools
 
 from . import wrap_once
+from flas_vllm.engine.checks import check_engine_args, check_vllm_config, is_flas_model, v1_preference
 
 
 def _make_create(original):
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        from flas_vllm.engine.checks import check_engine_args, check_vllm_config
-
         check_engine_args(self)
         config = original(self, *args, **kwargs)
         check_vllm_config(config)
@@ -38,8 +37,6 @@ def _make_unsupported(original):
     @functools.wraps(original)
     def _get_v2_model_runner_unsupported_features(self, *args, **kwargs):
         found = original(self, *args, **kwargs)
-        from flas_vllm.engine.checks import is_flas_model, v1_preference
-
         entry = v1_preference(self.model_config) if is_flas_model(self.model_config) else None
         return [*found, entry] if entry else found
 
@@ -47,6 +44,7 @@ def _make_unsupported(original):
 
 
 def install() -> bool:
+    # lazy: vllm; patches install only inside vLLM
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
 

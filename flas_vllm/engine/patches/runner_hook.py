@@ -48,7 +48,7 @@ def _make_removed(original):
 
 
 def install() -> bool:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # lazy: vllm; patches install only inside vLLM
 
     done = wrap_once(GPUModelRunner, "_prepare_inputs", _make)
     done |= wrap_once(GPUModelRunner, "_on_request_state_removed", _make_removed)

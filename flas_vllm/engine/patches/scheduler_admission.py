@@ -14,6 +14,9 @@ import functools
 import logging
 
 from . import wrap_once
+from flas_vllm.core.config import FlasEngineOptions
+from flas_vllm.core.errors import SteeringParamError
+from flas_vllm.core.steering import Steering
 
 logger = logging.getLogger("flas_vllm")
 
@@ -24,8 +27,6 @@ def _limits(scheduler):
         cached = None
         hf_config = scheduler.vllm_config.model_config.hf_config
         if getattr(hf_config, "flas", None) is not None:
-            from flas_vllm.core.config import FlasEngineOptions
-
             cached = FlasEngineOptions.from_hf_config(hf_config)
         scheduler._flas_max_concepts = cached
     return cached
@@ -40,9 +41,6 @@ def _concept(request, options):
     cached = getattr(request, "_flas_concept", False)
     if cached is not False:
         return cached
-    from flas_vllm.core.errors import SteeringParamError
-    from flas_vllm.core.steering import Steering
-
     params = request.sampling_params
     try:
         steer = Steering.from_request(params.extra_args if params else None)
@@ -58,7 +56,7 @@ def _make_schedule(original):
     def schedule(self, *args, **kwargs):
         options = _limits(self)
         if options is not None:
-            from vllm.v1.request import RequestStatus
+            from vllm.v1.request import RequestStatus  # lazy: vllm; patches install only inside vLLM
 
             inflight = set()
             for req in self.requests.values():
@@ -77,7 +75,7 @@ def _fail(scheduler, request_id: str) -> None:
     a set of ids in 0.32, a dict of id -> RequestError (with the message) in 0.33."""
     errors = scheduler.grammar_compile_error_reqs
     if isinstance(errors, dict):
-        from vllm.outputs import RequestError
+        from vllm.outputs import RequestError  # lazy: vllm; patches install only inside vLLM
 
         errors[request_id] = RequestError(code="validation_error", message=(
             "flas_* steering fields reached the engine without the FLAS front end's validation"))
@@ -112,7 +110,7 @@ def _make_gate(original):
 
 
 def install() -> bool:
-    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.sched.scheduler import Scheduler  # lazy: vllm; patches install only inside vLLM
 
     done = wrap_once(Scheduler, "schedule", _make_schedule)
     done |= wrap_once(Scheduler, "_handle_blocked_waiting_request", _make_gate)
