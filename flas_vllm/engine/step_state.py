@@ -8,6 +8,9 @@ the V1 runner's hook through `FlasRuntime.prepare_step`, Model Runner V2 through
 `StepState`: each row's fields repeated per token and staged in the persistent
 device buffers (`StepBuffers`), the host-side facts the forward pass branches
 on instead of syncing on device data, and the token order by concept length.
+On the skip path (no CUDA graphs) it also stages the steered tokens' indices,
+padded to a bucket (`rows`, `flow_row_bucket`): the flow computes only those rows
+(flow_rows.py), and the concept-length groups are planned over them.
 The flow, the slot table and the model read the state; nothing else is wired
 between them.
 
