@@ -196,9 +196,15 @@ def solo(main_llm, tiny_model) -> dict[str, Result]:
     return {r.name: run(main_llm, tiny_model, [r])[0] for r in MIXED}
 
 
+MIXED_STATS: dict[str, dict] = {}  # MAIN's concept stats around the `mixed` run
+
+
 @pytest.fixture(scope="module")
 def mixed(main_llm, tiny_model) -> list[Result]:
-    return run(main_llm, tiny_model, MIXED)
+    MIXED_STATS["before"] = main_llm.concept_stats()
+    results = run(main_llm, tiny_model, MIXED)
+    MIXED_STATS["after"] = main_llm.concept_stats()
+    return results
 
 
 def test_mixed_batch_equals_solo_in_two_orders(main_llm, tiny_model, solo, mixed):
@@ -209,6 +215,20 @@ def test_mixed_batch_equals_solo_in_two_orders(main_llm, tiny_model, solo, mixed
     reordered = MIXED[1::2][::-1] + MIXED[0::2]
     for req, res in zip(reordered, run(main_llm, tiny_model, reordered)):
         assert_same(res, solo[req.name], f"{req.name} (batch order 2)")
+
+
+def test_mixed_batch_runs_the_flow_on_its_steered_tokens_only(main_llm, tiny_model, mixed):
+    """MAIN runs the skip path: each step's flow computes its steered tokens, rounded up to a bucket
+    (step_state.flow_row_bucket: padding under FLOW_ROW_BUCKET rows a step), not every scheduled token."""
+    from flas_vllm.engine.step_state import FLOW_ROW_BUCKET
+
+    delta = {k: MIXED_STATS["after"][k] - MIXED_STATS["before"][k] for k in ("flow_rows", "steered_tokens", "flow_steps")}
+    scheduled = {r.name: len(prompt_ids(tiny_model, r.text)) - (res.num_cached_tokens or 0) + MAX_TOKENS - 1
+                 for r, res in zip(MIXED, mixed)}  # prompt tokens not cached, then one token per decode step
+    assert delta["steered_tokens"] == sum(n for r in MIXED if r.steered for n in [scheduled[r.name]])
+    assert delta["flow_steps"] >= MAX_TOKENS
+    assert delta["steered_tokens"] <= delta["flow_rows"] < delta["steered_tokens"] + FLOW_ROW_BUCKET * delta["flow_steps"]
+    assert delta["flow_rows"] < sum(scheduled.values())  # unsteered tokens cost no flow rows
 
 
 def test_steering_changes_output(solo):

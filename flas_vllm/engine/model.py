@@ -39,7 +39,7 @@ from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, check_runner, flow_layer_indices
 from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
-from flas_vllm.core.flow import integrate
+from flas_vllm.engine.flow_rows import integrate_rows
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import StepState
@@ -158,8 +158,9 @@ class FlasSteer(nn.Module):
             own_encoder=self.own_encoder,
         )
         # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
-        # work in steps where no token is steered. Captured graphs cannot branch on data, so there
-        # the flow stays in the graph and torch.where keeps unsteered tokens untouched.
+        # work in steps where no token is steered and runs only the steered tokens otherwise. Captured
+        # graphs cannot branch on data, so there the flow stays in the graph on every token and
+        # torch.where keeps unsteered tokens untouched.
         mode = vllm_config.compilation_config.cudagraph_mode
         self.skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
         self.target = f"{prefix}.flas"
@@ -189,23 +190,23 @@ class FlasSteer(nn.Module):
         return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
 
     def steered_stream(self, positions, stream) -> torch.Tensor:
-        """The skip path (eager, inside the opaque op): flow work only in steps with a steered token."""
+        """The skip path (eager, inside the opaque op): flow work only on a step's steered tokens."""
         state = self.state
         if not state.any_steered:  # a host-side fact of the step: no device sync
             return torch.empty_like(stream)  # no row is selected; unsteered requests never read flow KV
         if state.profiling:  # a dummy batch: every token is steered (counted for the memory-profiling test)
             self.runtime.profile_flow_rows += stream.shape[0]
-        # Only as many Euler steps as this step's steered tokens need: a request never reads
-        # the flow KV of Euler steps beyond its own.
-        return self._integrate(positions, stream, state.max_euler_steps)
+        else:
+            self.runtime.count_flow_rows(state.steered_rows, stream.shape[0] if state.rows is None else
+                                         state.rows.shape[0])
+        # Only the steered rows (flow_rows.py), and only as many Euler steps as they need: a request
+        # never reads the flow KV of Euler steps beyond its own.
+        return integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
+                              state.rows)
 
     def _integrate(self, positions, stream, euler_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""
-        n = stream.shape[0]
-        buffers = self.state.buffers
-        h = integrate(self.flow, stream.to(self.flow.dtype), buffers.dt[:n], euler_steps, positions, self.table,
-                      self._cores, token_steps=buffers.euler_steps[:n])
-        return rounded(h.to(stream.dtype))
+        return integrate_rows(self.flow, self.table, self._cores, self.state, positions, stream, euler_steps, None)
 
     def load_flow_weights(self) -> set[str]:
         """Load the flow (and a checkpoint's own concept encoder) through each parameter's weight loader.

@@ -56,6 +56,8 @@ class FlasRuntime:
         self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
         self.steered_requests = 0
         self.profile_flow_rows = 0  # tokens the flow ran on in dummy batches (counted on the skip path)
+        # the skip path's real steps: rows the flow computed (bucket-padded), steered tokens, steps with flow work
+        self.flow_rows = self.steered_tokens = self.flow_steps = 0
         self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
         self.model_runner = "v1"  # which vLLM runner publishes the steps: "v2" once its model state exists
 
@@ -124,9 +126,16 @@ class FlasRuntime:
         out["flow_path"] = "skip" if self.group_by_length else "graph"  # eager skip path, or CUDA-graph-safe
         out["model_runner"] = self.model_runner
         out["profile_flow_rows"] = self.profile_flow_rows
+        out["flow_rows"], out["steered_tokens"], out["flow_steps"] = self.flow_rows, self.steered_tokens, self.flow_steps
         return out
 
     # -- per step -----------------------------------------------------------------
+
+    def count_flow_rows(self, steered: int, rows: int) -> None:
+        """A skip-path step ran the flow on `rows` rows for `steered` steered tokens (stats)."""
+        self.flow_steps += 1
+        self.steered_tokens += steered
+        self.flow_rows += rows
 
     def finish(self, rid: str) -> None:
         """Drop a finished or aborted request and release its concept slot reference."""

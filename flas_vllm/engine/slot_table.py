@@ -70,7 +70,8 @@ class SlotTableKV(nn.Module):
     Stored already expanded to query heads ([slot, nH, Lc, D], see `expand_concept_kv`)
     so a step gathers each token's keys in one copy instead of three.
 
-    Each token's slot and the step's token groups are read from the step's state (step_state.py).
+    Each row's slot and the step's row groups are read from the step's state (step_state.py); on the
+    skip path the flow's rows are the step's steered tokens only, compacted, with their slots gathered.
     Where the step may branch on data (no CUDA graphs: the flow runs as an opaque op),
     the state groups tokens by their concept's length rounded up to LENGTH_BUCKET (`bucket_len`) and
     each group gathers and attends over that many key positions instead of the full
@@ -109,7 +110,7 @@ class SlotTableKV(nn.Module):
             return self.attend_flex(block, q)
         groups = self.state.groups
         if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
-            groups = [(self.max_len, None, self.state.buffers.slot[:n])]  # traced graphs: one full-length gather
+            groups = [(self.max_len, None, self.state.slots(n))]  # traced graphs: one full-length gather
         out = None if len(groups) == 1 else torch.empty_like(q)
         for length, idx, slots in groups:
             qg = q if idx is None else q.index_select(0, idx)
@@ -125,7 +126,7 @@ class SlotTableKV(nn.Module):
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
         self.flex.reserve(self.state.buffers.slot.shape[0])  # the engine's buffer: max batched tokens
-        args = (q, self.state.buffers.slot[: q.shape[0]], self.keys[block], self.values[block], self.valid)
+        args = (q, self.state.slots(q.shape[0]), self.keys[block], self.values[block], self.valid)
         if torch.compiler.is_compiling():
             return attend_slots_flex_op(*args, self.flex.handle)
         return self.flex(*args)

@@ -36,6 +36,7 @@ class HostStaging:
         self.columns = {name: torch.zeros(max_tokens, dtype=_dtype(dtype, flow_dtype), device="cpu", pin_memory=pin)
                         for name, dtype in columns.items()}
         self.order = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # tokens by length
+        self.rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # the flow's rows
 
 
 class StepBuffers(nn.Module):
@@ -43,7 +44,8 @@ class StepBuffers(nn.Module):
 
     `columns`: name -> dtype (or FLOW_DTYPE) of each per-token buffer; the engine's are the fields of
     a request's row (step_state.ROW_DTYPES), each repeated per token. Tokens past the step's count
-    (CUDA-graph padding) get zeros: unsteered, slot 0. `order` holds the token order by concept length.
+    (CUDA-graph padding) get zeros: unsteered, slot 0. `order` holds the token order by concept length,
+    `rows` the tokens the flow computes when it runs on the steered tokens only (step_state.build_step).
     """
 
     def __init__(self, max_tokens: int, flow_dtype, device, columns: Mapping[str, object] | None = None):
@@ -53,6 +55,7 @@ class StepBuffers(nn.Module):
             self.register_buffer(name, torch.zeros(max_tokens, dtype=_dtype(dtype, flow_dtype), device=device),
                                  persistent=False)
         self.register_buffer("order", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("rows", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self._pin = device is not None and torch.device(device).type == "cuda"
         self._flow_dtype = flow_dtype
         self.max_tokens = max_tokens
@@ -88,8 +91,15 @@ class StepBuffers(nn.Module):
 
     def stage_order(self, order: np.ndarray) -> torch.Tensor:
         """The step's token order (grouped by concept length) on the device, copied like the rest."""
-        n = len(order)
-        host = self._current
-        host.order[:n] = torch.from_numpy(order)
-        self.order[:n].copy_(host.order[:n], non_blocking=True)
-        return self.order[:n]
+        return self._stage("order", order)
+
+    def stage_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """The token indices the flow computes this step (its steered tokens, padded) on the device."""
+        return self._stage("rows", rows)
+
+    def _stage(self, name: str, values: np.ndarray) -> torch.Tensor:
+        n = len(values)
+        staged, buffer = getattr(self._current, name), getattr(self, name)
+        staged[:n] = torch.from_numpy(values)
+        buffer[:n].copy_(staged[:n], non_blocking=True)
+        return buffer[:n]

@@ -8,6 +8,9 @@ the V1 runner's hook through `FlasRuntime.prepare_step`, Model Runner V2 through
 `StepState`: each row's fields repeated per token and staged in the persistent
 device buffers (`StepBuffers`), the host-side facts the forward pass branches
 on instead of syncing on device data, and the token order by concept length.
+On the skip path (no CUDA graphs) it also stages the steered tokens' indices,
+padded to a bucket (`rows`, `flow_row_bucket`): the flow computes only those rows
+(flow_rows.py), and the concept-length groups are planned over them.
 The flow, the slot table and the model read the state; nothing else is wired
 between them.
 
@@ -107,6 +110,7 @@ class RowTable:
 
 
 Groups = list[tuple[int, "torch.Tensor | None", torch.Tensor]]
+FLOW_ROW_BUCKET = 16  # the skip path pads its steered rows to a power of two up to this, then a multiple of it
 
 
 @dataclass
@@ -118,8 +122,16 @@ class StepState:
     n_tokens: int = 0
     any_steered: bool = False  # host-side: is any scheduled token steered?
     max_euler_steps: int = 0  # host-side: the most Euler steps any steered token needs
-    groups: Groups | None = None  # tokens by bucketed concept length [(length, token index or None, slots)]
+    groups: Groups | None = None  # the flow's rows by bucketed concept length [(length, row index or None, slots)]
     profiling: bool = False  # a dummy batch (memory profiling, warm-up): every token steered
+    steered_rows: int = 0  # host-side: the step's steered tokens
+    flow_rows: int = 0  # host-side: the rows the flow computes (the skip path: steered, rounded up to a bucket)
+    rows: torch.Tensor | None = None  # the flow's rows (token indices, `flow_rows` long); None: every token
+    row_slots: torch.Tensor | None = None  # each of those rows' slot (the state's slots gathered by `rows`)
+
+    def slots(self, n: int) -> torch.Tensor:
+        """The concept slot of each of the flow's `n` rows: its compacted rows' slots, or the first n tokens'."""
+        return self.buffers.slot[:n] if self.rows is None else self.row_slots
 
     @classmethod
     def allocate(cls, max_tokens: int, flow_dtype: torch.dtype, device) -> "StepState":
@@ -131,7 +143,8 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     """Rows (batch order) and tokens per request -> the step's per-token state, staged on the device.
 
     `bucket_len` (each slot's concept key length, bucketed; see SlotTableKV): given where the step may
-    branch on data, the tokens are grouped by it; otherwise each token gathers the full length.
+    branch on data (the skip path), the flow runs only on the steered tokens (`rows`, padded to
+    `flow_row_bucket`) and those rows are grouped by it; otherwise each token gathers the full length.
     """
     counts = rows.tokens
     state.buffers.publish({name: np.repeat(col, counts) for name, col in rows.columns.items()})
@@ -139,11 +152,30 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     state.n_tokens = int(counts.sum())
     state.any_steered = bool(steered.any())
     state.max_euler_steps = int(rows.columns["euler_steps"][steered].max()) if state.any_steered else 0
-    state.groups = None
-    if bucket_len is not None:
-        state.groups = plan_groups(bucket_len[np.repeat(rows.columns["slot"], counts)], state.buffers.slot,
-                                   state.buffers.stage_order)
+    token_rows = np.flatnonzero(np.repeat(steered, counts))
+    state.steered_rows = len(token_rows)
+    state.flow_rows = state.n_tokens if state.any_steered else 0
+    state.groups = state.rows = state.row_slots = None
+    if bucket_len is None or not state.any_steered:
+        return state  # no flow work on the skip path: no groups either
+    lengths = bucket_len[np.repeat(rows.columns["slot"], counts)]
+    slots = state.buffers.slot
+    state.flow_rows = min(flow_row_bucket(state.steered_rows), state.n_tokens)
+    if state.flow_rows < state.n_tokens:  # padding rows repeat the last steered token (results discarded)
+        padded = np.concatenate([token_rows, np.full(state.flow_rows - len(token_rows), token_rows[-1])])
+        state.rows = state.buffers.stage_rows(padded)
+        slots = state.row_slots = state.buffers.slot.index_select(0, state.rows)
+        lengths = lengths[padded]
+    state.groups = plan_groups(lengths, slots, state.buffers.stage_order)
     return state
+
+
+def flow_row_bucket(steered: int) -> int:
+    """The rows the flow computes for `steered` tokens: the next power of two up to FLOW_ROW_BUCKET,
+    then the next multiple of it (at most FLOW_ROW_BUCKET - 1 rows of padding, at most 2x on tiny steps)."""
+    if steered <= FLOW_ROW_BUCKET:
+        return 1 << max(0, steered - 1).bit_length()
+    return -(-steered // FLOW_ROW_BUCKET) * FLOW_ROW_BUCKET
 
 
 def plan_groups(lengths: np.ndarray, device_slots: torch.Tensor, stage_order=None) -> Groups | None:

@@ -1,0 +1,131 @@
+"""The skip path's flow on steered tokens only: the compaction `build_step` plans, the self-attention
+wrapper that still shows vLLM's attention every token, and the compacted flow against the full one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flas_vllm.core.flow import dense_causal_attention, euler_dt
+from flas_vllm.engine.flow_rows import RowsCore, integrate_rows, rows_cores
+from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step, flow_row_bucket
+from tests.test_flow_quirks import random_flow
+from tests.test_slot_table import G
+
+BUCKET_LEN = np.array([16, 16, 32, 48, 64, 16, 16])  # slot -> bucketed concept length (as SlotTableKV keeps it)
+
+
+def _steered(slot: int, euler_steps: int = 3, flowtime: float = 1.0) -> RequestRow:
+    return RequestRow(True, slot, euler_steps, float(euler_dt(flowtime, euler_steps, torch.float32)))
+
+
+# requests in batch order and their tokens: 5 unsteered, 3 on slot 2, 4 unsteered, 2 on slot 3, one with none
+STEP = [(RequestRow(), 5), (_steered(2, 2, 1.5), 3), (RequestRow(), 4), (_steered(3, 3, 0.7), 2), (_steered(1), 0)]
+STEERED_TOKENS = [5, 6, 7, 12, 13]
+N_TOKENS = 14
+
+
+def _build(step=STEP, bucket_len=BUCKET_LEN, max_tokens=32) -> StepState:
+    state = StepState.allocate(max_tokens, torch.float32, "cpu")
+    return build_step(state, StepRows.of([r for r, _ in step], [n for _, n in step]), bucket_len)
+
+
+def test_flow_row_bucket():
+    assert [flow_row_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 32, 33, 100)] == [1, 2, 4, 8, 16, 16, 32, 32, 48, 112]
+
+
+def test_build_step_compacts_steered_tokens_and_pads_to_the_bucket():
+    state = _build()
+    assert state.steered_rows == 5 and state.flow_rows == flow_row_bucket(5) == 8
+    # steered tokens in token order, then padding repeating the last one
+    assert state.rows.tolist() == STEERED_TOKENS + [13] * 3
+    assert state.row_slots.tolist() == [2, 2, 2, 3, 3, 3, 3, 3]
+    assert state.slots(8).tolist() == state.row_slots.tolist()
+    # concept-length groups over the compacted rows (row indices, not token indices)
+    groups = {length: (idx.tolist(), slots.tolist()) for length, idx, slots in state.groups}
+    assert groups == {32: ([0, 1, 2], [2, 2, 2]), 48: ([3, 4, 5, 6, 7], [3] * 5)}
+
+
+def test_compaction_needs_the_skip_path_and_fewer_rows_than_tokens():
+    graph = _build(bucket_len=None)  # the graph path: every token, no groups
+    assert graph.rows is None and graph.groups is None and graph.flow_rows == N_TOKENS and graph.steered_rows == 5
+    assert graph.slots(N_TOKENS).tolist() == graph.buffers.slot[:N_TOKENS].tolist()
+    dense = _build([(RequestRow(), 2), (_steered(2), 7), (_steered(4), 3)])  # 10 steered of 12: a bucket of 16
+    assert dense.rows is None and dense.flow_rows == 12 and dense.steered_rows == 10
+    assert sorted(len(idx) for _, idx, _ in dense.groups) == [2, 3, 7]  # every token (the null slot too)
+    none = _build([(RequestRow(), 6), (_steered(2), 0)])
+    assert none.rows is None and none.groups is None and none.flow_rows == 0 and not none.any_steered
+    single = _build([(RequestRow(), 40), (_steered(4), 1)], max_tokens=64)  # one decode token among a prefill
+    assert single.rows.tolist() == [40] and single.flow_rows == 1
+    assert [(length, idx, slots.tolist()) for length, idx, slots in single.groups] == [(64, None, [4])]
+
+
+def _segment_attention(segments, calls):
+    """Stands in for vLLM's paged Attention: causal within each request, needs every token of the step."""
+
+    def core(q, k, v):
+        calls.append(q.shape[0])
+        assert q.shape[0] == segments[-1][1], "the attention metadata covers every token of the step"
+        out = torch.empty_like(q)
+        for start, end in segments:
+            t = end - start
+            allowed = torch.ones(t, t, dtype=torch.bool).tril()[None]
+            out[start:end] = dense_causal_attention(
+                q[start:end].view(1, t, G.num_heads, G.head_dim), k[start:end].view(1, t, G.num_kv_heads, G.head_dim),
+                v[start:end].view(1, t, G.num_kv_heads, G.head_dim), allowed, 0.25, 50.0).reshape(t, -1)
+        return out
+
+    return core
+
+
+SEGMENTS = [(0, 5), (5, 8), (8, 12), (12, 14)]  # STEP's requests with tokens
+
+
+def test_rows_core_equals_full_attention_on_its_rows():
+    torch.manual_seed(0)
+    calls = []
+    core = _segment_attention(SEGMENTS, calls)
+    q = torch.randn(N_TOKENS, G.num_heads * G.head_dim)
+    k, v = torch.randn(2, N_TOKENS, G.num_kv_heads * G.head_dim)
+    full = core(q, k, v)  # unsteered tokens carry values here; they are other requests, so they cannot matter
+    rows = torch.tensor(STEERED_TOKENS + [13] * 3)
+    got = RowsCore(core, rows, 5, N_TOKENS)(q[rows], k[rows], v[rows])
+    assert calls == [N_TOKENS, N_TOKENS] and got.shape == (8, q.shape[1])
+    assert torch.equal(got[:5], full[STEERED_TOKENS])
+    assert torch.equal(got[5:], full[[13] * 3])  # padding rows: the repeated token's result
+    assert rows_cores([[core, None]], rows, 5, N_TOKENS)[0][1] is None  # a block without self-attention
+
+
+@pytest.fixture(scope="module")
+def flow_and_table():
+    flow = random_flow(G, num_blocks=2, seed=5)
+    table = SlotTableKV(G, num_blocks=2, capacity=4, max_len=64, dtype=torch.float32, device="cpu")
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for slot, length in ((2, 20), (3, 40)):
+            table.write(slot, flow.project_concept(torch.randn(length, G.hidden_size, generator=gen)))
+    return flow, table
+
+
+def test_flow_on_steered_rows_equals_the_flow_on_every_token(flow_and_table):
+    """The skip path's compacted flow gives each steered token what the flow on every token gives it
+    (each request's own Euler steps, dt, slot and causal self-attention)."""
+    flow, table = flow_and_table
+    stream = torch.randn(N_TOKENS, G.hidden_size, generator=torch.Generator().manual_seed(7))
+    positions = torch.cat([torch.arange(end - start) + 3 for start, end in SEGMENTS])
+    results = {}
+    for compact in (True, False):
+        # the reference: the graph path's state (every token, each gathering the full concept length)
+        state = table.state = _build(bucket_len=table.bucket_len if compact else None)
+        calls = []
+        cores = [[_segment_attention(SEGMENTS, calls)] * 2 for _ in range(3)]
+        rows = state.rows
+        assert (rows is not None) == compact
+        with torch.no_grad():
+            results[compact] = integrate_rows(flow, table, cores, state, positions, stream, state.max_euler_steps, rows)
+        assert calls == [N_TOKENS] * 6  # 3 Euler steps x 2 blocks, each on the whole step
+    got, want = results[True][STEERED_TOKENS], results[False][STEERED_TOKENS]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, stream[STEERED_TOKENS], atol=1e-3)  # the flow did move them
