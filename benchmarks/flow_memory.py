@@ -32,6 +32,7 @@ from gpu_ceiling import FLOW, GEOMETRIES, Gemma2Layer  # noqa: E402
 
 from flas_vllm.core.flow import FlowFunction, integrate, rope_cos_sin  # noqa: E402
 from flas_vllm.engine.slot_table import SlotTableKV  # noqa: E402
+from flas_vllm.engine.step_state import StepState  # noqa: E402
 
 MIB = 1 << 20
 TARGET_EXTRA_MIB = 512
@@ -82,8 +83,8 @@ def measure(name: str, tokens: int, concepts: int, dtype: torch.dtype) -> dict:
         positions = torch.zeros(tokens, dtype=torch.long)
         dt = torch.empty(tokens, dtype=dtype)
         q = torch.empty(tokens, g.num_heads, g.head_dim, dtype=dtype)
-    table = SlotTableKV(g, FLOW.num_blocks, concepts, FLOW.concept_max_len, dtype, "meta")
-    table.token_slots = torch.zeros(tokens, dtype=torch.long, device="meta")  # graph path: full-length gathers
+    state = StepState.allocate(tokens, dtype, "meta")  # no groups: the graph path's full-length gathers
+    table = SlotTableKV(g, FLOW.num_blocks, concepts, FLOW.concept_max_len, dtype, "meta", state=state)
     cores = [[_output_only] * FLOW.num_blocks for _ in range(FLOW.n_steps)]
     cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, dtype)
     flow_peak = _peak(lambda: integrate(flow, h, dt, FLOW.n_steps, positions, table, cores))

@@ -44,6 +44,7 @@ from flas_vllm.core.config import FlasConfig, FlowGeometry
 from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, integrate
 from flas_vllm.engine.concept_attention import FlexSlotAttention
 from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.step_state import StepState
 
 
 def _gemma2(hidden, inter, heads, kv_heads, layers) -> tuple[FlowGeometry, int]:
@@ -260,8 +261,8 @@ def measure(case: Case, n: int, seq_len: int, concepts: int, warmup: int, reps: 
     h = torch.randn(b, s, g.hidden_size, device=dev, dtype=dt)
     positions = torch.arange(s, device=dev).expand(b, s)
     slots = (torch.arange(b * s, device=dev) % concepts) + 1  # every token steered, concepts round robin
-    case.table.token_slots[: b * s].copy_(slots)  # one buffer for every size, as the engine's
-    case.table.groups = None  # the graph path: one full-length gather
+    case.table.state.buffers.slot[: b * s].copy_(slots)  # one buffer for every size, as the engine's
+    case.table.state.groups = None  # the graph path: one full-length gather
     dts = torch.full((b, s), 1.0 / FLOW.n_steps, device=dev, dtype=dt)
     from flas_vllm.core.flow import rope_cos_sin
 
@@ -335,7 +336,7 @@ def main(argv=None) -> list[dict]:
         if args.concept == "flex" and case.table.flex is None:
             case.table.flex = FlexSlotAttention(args.concepts + 1, g.num_heads, FLOW.concept_max_len,
                                                 g.attn_logit_softcapping, device, dynamic=False)
-        case.table.token_slots = torch.zeros(max(tokens), dtype=torch.long, device=device)
+        case.table.state = StepState.allocate(max(tokens), dtype, device)  # the engine's per-step state
         case.prepare(mode)
         for n in tokens:
             row = measure(case, n, args.seq_len, args.concepts, warmup, reps, mode)

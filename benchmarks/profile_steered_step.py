@@ -27,10 +27,12 @@ def main():
                   enable_prefix_caching=False)
     acc = {"steer": 0.0, "steer_calls": 0, "fwd": 0.0, "prep": 0.0}
     from vllm.model_executor.models.gemma2 import Gemma2Model
-    orig_steer = fm.FlasSteer._steer_in_place
+    orig_steer = fm.FlasSteer.steered_stream
     def steer(self, *a):
-        t = time.perf_counter(); orig_steer(self, *a); acc["steer"] += time.perf_counter() - t; acc["steer_calls"] += 1
-    fm.FlasSteer._steer_in_place = steer
+        t = time.perf_counter(); out = orig_steer(self, *a)
+        acc["steer"] += time.perf_counter() - t; acc["steer_calls"] += 1
+        return out
+    fm.FlasSteer.steered_stream = steer
     orig_fwd = Gemma2Model.forward
     def fwd(self, *a, **kw):
         t = time.perf_counter(); r = orig_fwd(self, *a, **kw); acc["fwd"] += time.perf_counter() - t; return r

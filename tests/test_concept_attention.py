@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flas_vllm.core.config import FlowGeometry
-from flas_vllm.engine.concept_attention import BLOCK, FlexSlotAttention, flex_available, use_flex
+from flas_vllm.engine.concept_attention import (BLOCK, CONCEPT_ATTENTION_ENV, FlexSlotAttention, flex_available,
+                                                use_flex)
 from flas_vllm.engine.slot_table import SlotTableKV, attend_slots
 from tests.test_slot_table import step_state
 
@@ -52,11 +53,19 @@ def _exact(t, block, q, slots):
 SMALL = {1: 5, 2: 20, 3: 40, 4: 64, 6: 1}  # slot -> concept length; slot 5 never written
 
 
-def test_flex_only_on_cuda():
+def test_flex_only_on_cuda_and_only_when_asked_for(monkeypatch):
     assert flex_available()
+    monkeypatch.delenv(CONCEPT_ATTENTION_ENV, raising=False)
+    assert not use_flex("cuda")  # not yet run on a GPU: the exact gather stays the default
+    monkeypatch.setenv(CONCEPT_ATTENTION_ENV, "flex")
     assert use_flex("cuda") and use_flex(torch.device("cuda", 1))
     assert not use_flex("cpu") and not use_flex("meta")
     assert _table(4, 16, {1: 3}, torch.float32).flex is None  # CPU tables keep the exact gather
+    monkeypatch.setenv(CONCEPT_ATTENTION_ENV, "gather")
+    assert not use_flex("cuda")
+    monkeypatch.setenv(CONCEPT_ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match="FLAS_VLLM_CONCEPT_ATTENTION='fast': expected one of gather, flex"):
+        use_flex("cuda")
 
 
 @pytest.mark.parametrize("max_len", [64, 200, 24])  # groups within one key block, across up to 3, unaligned

@@ -26,13 +26,15 @@ reduction order would follow the batch's block lists, is turned off
 
 CPU note (torch 2.13): FlexAttention compiles on CPU only with static shapes; with
 dynamic shapes Inductor's C++ template fails to compile ("'cur_kvSplitSize1' was not
-declared in this scope"). The engine uses this path only on CUDA (`use_flex`); CPU tests
+declared in this scope"). The engine uses this path only on CUDA, and only where
+`FLAS_VLLM_CONCEPT_ATTENTION=flex` asks for it until it has run on a GPU (`use_flex`); CPU tests
 compile it with static shapes.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 
@@ -49,9 +51,28 @@ def flex_available() -> bool:
     return hasattr(BlockMask, "from_kv_blocks")
 
 
+# The flex path has not yet run on a GPU (no GPU was lent to the sessions that built it), so until
+# it has, GPUs keep the exact gather by default and FLAS_VLLM_CONCEPT_ATTENTION=flex opts in
+# (as VLLM_USE_V2_MODEL_RUNNER=1 opts in to Model Runner V2). Flip this after a GPU run.
+FLEX_BY_DEFAULT = False
+CONCEPT_ATTENTION_ENV = "FLAS_VLLM_CONCEPT_ATTENTION"
+CONCEPT_ATTENTION_CHOICES = ("gather", "flex")
+
+
+def requested_concept_attention() -> str:
+    """What the environment asks for: 'gather', 'flex', or the default ('flex' or 'gather')."""
+    value = os.environ.get(CONCEPT_ATTENTION_ENV, "").strip().lower()
+    if not value:
+        return "flex" if FLEX_BY_DEFAULT else "gather"
+    if value not in CONCEPT_ATTENTION_CHOICES:
+        raise ValueError(f"{CONCEPT_ATTENTION_ENV}={value!r}: expected one of {', '.join(CONCEPT_ATTENTION_CHOICES)}")
+    return value
+
+
 def use_flex(device) -> bool:
-    """The flex path where the table lives on a CUDA device; the exact gather everywhere else."""
-    return torch.device(device).type == "cuda" and flex_available()
+    """The flex path where it was asked for and the table lives on a CUDA device; the exact gather elsewhere."""
+    return (torch.device(device).type == "cuda" and requested_concept_attention() == "flex"
+            and flex_available())
 
 
 _COMPILED: dict[bool, object] = {}
