@@ -305,7 +305,7 @@ def main(argv=None) -> list[dict]:
                    help="graphs: Inductor + CUDA graphs, as vLLM runs (default on CUDA); compiled: Inductor "
                         "alone; eager (default on CPU)")
     p.add_argument("--concept", choices=("auto", "gather", "flex"), default="auto",
-                   help="the flow's concept attention: the engine's choice (FlexAttention on CUDA), the gather, "
+                   help="the flow's concept attention: auto (FlexAttention on CUDA, whatever the engine's opt-in; the gather elsewhere), the gather, "
                         "or FlexAttention on any device (CPU: compiled per shape)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -333,9 +333,11 @@ def main(argv=None) -> list[dict]:
         if args.workspace_mib is not None:
             case.table.workspace_bytes = args.workspace_mib << 20
         case.flex_in_flow = args.concept != "gather"
-        if args.concept == "flex" and case.table.flex is None:
+        on_cuda = torch.device(device).type == "cuda"
+        if case.table.flex is None and (args.concept == "flex" or (args.concept == "auto" and on_cuda)):
+            # both paths are measured whatever FLAS_VLLM_CONCEPT_ATTENTION says (the engine's opt-in)
             case.table.flex = FlexSlotAttention(args.concepts + 1, g.num_heads, FLOW.concept_max_len,
-                                                g.attn_logit_softcapping, device, dynamic=False)
+                                                g.attn_logit_softcapping, device, dynamic=on_cuda)
         case.table.state = StepState.allocate(max(tokens), dtype, device)  # the engine's per-step state
         case.prepare(mode)
         for n in tokens:
