@@ -305,8 +305,9 @@ def main(argv=None) -> list[dict]:
                    help="graphs: Inductor + CUDA graphs, as vLLM runs (default on CUDA); compiled: Inductor "
                         "alone; eager (default on CPU)")
     p.add_argument("--concept", choices=("auto", "gather", "flex"), default="auto",
-                   help="the flow's concept attention: auto (FlexAttention on CUDA, whatever the engine's opt-in; the gather elsewhere), the gather, "
-                        "or FlexAttention on any device (CPU: compiled per shape)")
+                   help="the flow's concept attention: auto (FlexAttention on CUDA, whatever the engine's "
+                        "opt-in; the gather elsewhere), the gather, or FlexAttention on any device (CPU: "
+                        "compiled per shape)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
