@@ -7,9 +7,11 @@ fixed token sequence), so no result depends on where a free-running reply goes.
 
 - unsteered requests equal vanilla vLLM compiled the same way, bit for bit, on both paths
   (the flow's ops must not change how Inductor fuses the base model around layer L);
-- steered requests on the compiled graph path differ from the eager engine no more than
-  unsteered ones do (the base model's own compiled-vs-eager difference): a compiled flow
-  that dropped the original's bf16 roundings added eight times that (issue 19).
+- steered requests on the compiled graph path (the flow traced into Inductor's graph) equal the
+  compiled skip path (the same flow run eagerly inside an opaque op), bit for bit: the traced
+  flow keeps the original's bf16 roundings (issue 19);
+- and they differ from the eager engine no more than unsteered ones do (the base model's own
+  compiled-vs-eager difference).
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ def test_compiled_graph_path_steers_as_eager_within_the_base_models_own_differen
     assert max(steered) <= max(unsteered)
 
 
-def test_compiled_paths_steer_alike(runs):
-    """Both compiled paths run the flow with eager numerics: traced (graph) or inside the op (skip)."""
-    d = _diffs(runs["graph compiled"][1], runs["skip compiled"][1])
-    base = _diffs(runs["graph compiled"][0], runs["eager"][0])
-    assert max(d) <= max(base)
+def test_compiled_graph_path_steers_exactly_as_the_eager_flow(runs):
+    """The flow traced into Inductor's graph (graph path) equals the flow run eagerly inside the opaque
+    op (skip path), bit for bit, in the same compiled base model. Without core/eager_numerics.py the
+    traced flow's steered rows moved by up to 0.043 in logprob here (mean 0.010); unsteered rows did not."""
+    assert runs["graph compiled"][0] == runs["skip compiled"][0]
+    graph, skip = runs["graph compiled"][1], runs["skip compiled"][1]
+    assert graph == skip, f"steered rows differ: max |d logprob| {max(_diffs(graph, skip)):.4g}"
