@@ -183,3 +183,11 @@ def test_the_flows_kv_layers_skip_kv_cache_quantization(tiny_model, ckpt, kv_cac
     assert config.cache_config.cache_dtype == kv_cache_dtype
     assert config.cache_config.kv_cache_dtype_skip_layers == flow
     assert _config(tiny_model, kv_cache_dtype=kv_cache_dtype).cache_config.kv_cache_dtype_skip_layers == []
+
+
+def test_a_bad_concept_attention_setting_is_refused_before_anything_starts(tiny_model, ckpt, monkeypatch):
+    monkeypatch.setenv("FLAS_VLLM_CONCEPT_ATTENTION", "fastest")
+    with pytest.raises(FlasConfigError, match="FLAS_VLLM_CONCEPT_ATTENTION='fastest': expected one of gather, flex"):
+        _config(tiny_model, ckpt)
+    monkeypatch.setenv("FLAS_VLLM_CONCEPT_ATTENTION", "flex")
+    _config(tiny_model, ckpt)  # a valid choice starts (on CPU the gather is used whatever it says)

@@ -18,7 +18,7 @@ from flas_vllm.core import flow as flow_module
 from flas_vllm.core.eager_numerics import mean_square, round_to_bf16, rounded
 from flas_vllm.core.flow import dense_causal_attention, euler_dt, integrate
 from flas_vllm.engine.slot_table import SlotTableKV
-from tests.test_flow_quirks import inputs, random_flow, real_head_geometry
+from tests.test_flow_quirks import inputs, r_integrate, random_flow, real_head_geometry, state
 from tests.test_slot_table import step_state
 
 TOKENS = 512
@@ -60,7 +60,7 @@ def setup():
     def run(h, dt, positions):
         return integrate(flow, h, dt, N_STEPS, positions, table, cores)
 
-    return flow, run, h, dt, torch.arange(TOKENS)
+    return flow, run, h, dt, torch.arange(TOKENS), c
 
 
 def _compiled(run, *args):
@@ -75,7 +75,7 @@ def _displacement_change(got, want, h):
 
 
 def test_inductor_compiled_bf16_flow_equals_eager_bit_for_bit(setup, one_torch_thread):
-    flow, run, h, dt, positions = setup
+    flow, run, h, dt, positions, c = setup
     flow.rope.build(TOKENS, torch.bfloat16)  # as the engine does at start-up
     try:
         with torch.no_grad():
@@ -84,6 +84,9 @@ def test_inductor_compiled_bf16_flow_equals_eager_bit_for_bit(setup, one_torch_t
     finally:
         flow.rope.cos = flow.rope.sin = None
     assert (eager - h).abs().max() > 0.1  # the flow moved the stream
+    # and against the spec's reference (plain torch, no library code), as the eager flow is at head_dim 256
+    want = r_integrate(state(flow), flow.g, h, 2.0, N_STEPS, positions, c)
+    assert _displacement_change(compiled, want, h) < 0.02
     assert torch.equal(compiled, eager), (
         f"{(compiled != eager).sum().item()} of {eager.numel()} values differ; displacement moved by "
         f"{_displacement_change(compiled, eager, h):.2%}")
@@ -91,7 +94,7 @@ def test_inductor_compiled_bf16_flow_equals_eager_bit_for_bit(setup, one_torch_t
 
 def test_without_eager_numerics_inductor_moves_the_steered_stream(setup, one_torch_thread, monkeypatch):
     """The test above can fail: Inductor's own roundings, reductions and cos/sin move the stream by percents."""
-    flow, run, h, dt, positions = setup
+    flow, run, h, dt, positions, c = setup
     with torch.no_grad():
         eager = run(h, dt, positions)
     monkeypatch.setattr(flow_module, "rounded", lambda x: x)
@@ -117,3 +120,17 @@ def test_eager_numerics_are_the_identity_in_eager_code():
     x = torch.randn(8, 16).bfloat16()
     assert rounded(x) is x
     assert torch.equal(mean_square(x), x.float().pow(2).mean(-1, keepdim=True))
+
+
+def test_rope_table_reads_what_rope_cos_sin_computes():
+    """The engine's table, read by position, gives exactly the tables computed per call (bf16, head_dim 256)."""
+    from flas_vllm.core.rope import RopeTable, rope_cos_sin
+
+    table = RopeTable(256, 10000.0)
+    positions = torch.tensor([0, 1, 7, 255, 511, 4095, 3])
+    computed = table(positions, torch.bfloat16)  # no table built: computed
+    table.build(4096 + 1, torch.bfloat16)
+    read = table(positions, torch.bfloat16)
+    want = rope_cos_sin(positions, 256, 10000.0, torch.bfloat16)
+    assert all(torch.equal(a, b) and torch.equal(a, w) for a, b, w in zip(read, computed, want))
+    assert table(positions, torch.float32)[0].dtype == torch.float32  # another dtype: computed, not the table

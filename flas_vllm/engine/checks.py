@@ -131,6 +131,16 @@ def stamp_fingerprint(hf_config: Any) -> str:
     return fingerprint
 
 
+def check_concept_attention() -> None:
+    """FLAS_VLLM_CONCEPT_ATTENTION is read in the worker; a bad value is refused here, before anything starts."""
+    from flas_vllm.engine.concept_attention import requested_concept_attention  # lazy: imports torch
+
+    try:
+        requested_concept_attention()
+    except ValueError as exc:
+        raise FlasConfigError(str(exc)) from None
+
+
 def check_vllm_config(vllm_config: Any) -> None:
     """Front end, once the config exists: parallelism, runner, and the compile-cache fingerprint."""
     if not is_flas_model(vllm_config.model_config):
@@ -140,6 +150,7 @@ def check_vllm_config(vllm_config: Any) -> None:
                       enable_dbo=bool(pc.enable_dbo), ubatch_size=int(pc.ubatch_size or 0))
     check_speculative(vllm_config.speculative_config)
     check_runner(vllm_config)
+    check_concept_attention()
     stamp_fingerprint(vllm_config.model_config.hf_config)
     keep_flow_kv_unquantized(vllm_config.cache_config, vllm_config.model_config.hf_config)
 
