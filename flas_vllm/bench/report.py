@@ -46,6 +46,11 @@ def _fmt(x, nd=1) -> str:
     return f"{x:,}"
 
 
+def _graph_path_label(cfg: dict) -> str:
+    """Every output of a --graph-path run says so: its numbers are not the default (skip) path's."""
+    return ", FLAS on the forced graph path" if cfg.get("graph_path") else ""
+
+
 def _pct(p: dict | None) -> str:
     if not p:
         return "n/a"
@@ -54,7 +59,7 @@ def _pct(p: dict | None) -> str:
 
 def render_markdown(report: dict) -> str:
     cfg, runs = report["config"], report["runs"]
-    lines = [f"# flas-vllm benchmark: `{cfg['model']}`", ""]
+    lines = [f"# flas-vllm benchmark: `{cfg['model']}`{_graph_path_label(cfg)}", ""]
     env = report["environment"]
     lines.append(
         f"{cfg['num_prompts']} prompts ({report['workload']['mean_prompt_tokens']:.1f} prompt tokens on average), "
@@ -166,7 +171,7 @@ def plot(report: dict, path: Path) -> str | None:
     ax.set_xlabel("K distinct concepts in the batch")
     ax.set_ylabel("output tokens / s")
     cfg = report["config"]
-    ax.set_title(f"{cfg['model']}: {cfg['num_prompts']} prompts x {cfg['output_len']} tokens")
+    ax.set_title(f"{cfg['model']}{_graph_path_label(cfg)}: {cfg['num_prompts']} prompts x {cfg['output_len']} tokens")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -195,7 +200,8 @@ def _mixed_section(runs: list[dict]) -> list[str]:
 
 
 def summary_lines(report: dict) -> list[str]:
-    out = [f"ratios to vanilla vLLM ({report['config']['model']}, output tokens/s; total tokens/s):"]
+    out = [f"ratios to vanilla vLLM ({report['config']['model']}{_graph_path_label(report['config'])}, "
+           "output tokens/s; total tokens/s):"]
     for r in report["runs"]:
         if r["kind"] == "vanilla":
             out.append(f"  {r['name']:<28} {r['output_tok_s']:>10.1f} tok/s  (reference)")
