@@ -3,7 +3,8 @@
     python benchmarks/run_bench.py --model fixture --ks 1,8,64 --num-prompts 64 --output-len 32
     python benchmarks/run_bench.py --model bench-2b-shape
 
-Results: benchmarks/results/bench_<model>.{json,md,png} (or --out DIR).
+Results: benchmarks/results/bench_<model>.{json,md,png} (or --out DIR); with --graph-path,
+bench_<model>-graph-path.{json,md,png} next to them.
 """
 
 import sys

@@ -1,14 +1,19 @@
-"""The benchmark's mixed-traffic runs without an engine: which requests are steered, the config, the tables."""
+"""The benchmark's mixed-traffic runs without an engine: which requests are steered, the config, the tables,
+and the --graph-path variant (its flag, its file names, its README table)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from flas_vllm.bench import command
 from flas_vllm.bench.config import BenchConfig
-from flas_vllm.bench.report import readme_table
+from flas_vllm.bench.report import README_END, readme_table, readme_table_from
+from flas_vllm.cli import app
 from flas_vllm.bench.workload import steered_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,16 +39,70 @@ def test_config_rejects_fractions_outside_zero_one():
     assert BenchConfig(ks=[1], num_prompts=1, mixed_fractions=[]).resolved().num_prompts == 1
 
 
-def test_readme_table_shows_mixed_rows_only_when_the_report_has_them():
-    report = json.loads((ROOT / "benchmarks/results/bench_bench-2b-shape.json").read_text())
-    before = readme_table(report)
-    assert "mixed" not in before
+def _report() -> dict:
+    return json.loads((ROOT / "benchmarks/results/bench_bench-2b-shape.json").read_text())
+
+
+def _add_mixed(report: dict, runs=((10, 26, 900.0, 0.9, 0.98), (50, 128, 800.0, 0.8, 0.95))) -> dict:
+    """Synthetic mixed runs (percent steered, steered requests, tok/s, x vanilla, unsteered speed x vanilla)."""
     vanilla = next(r for r in report["runs"] if r["kind"] == "vanilla")
     report["runs"] += [dict(vanilla, kind="flas-mixed", name=f"flas-vllm mixed {p}% steered", steered_requests=s,
                             num_requests=256, output_tok_s=tok, ratio_output_to_vanilla=ratio,
-                            ratio_unsteered_speed_to_vanilla=speed)
-                       for p, s, tok, ratio, speed in ((10, 26, 900.0, 0.9, 0.98), (50, 128, 800.0, 0.8, 0.95))]
-    table = readme_table(report)
+                            ratio_unsteered_speed_to_vanilla=speed) for p, s, tok, ratio, speed in runs]
+    return report
+
+
+def test_readme_table_shows_mixed_rows_only_when_the_report_has_them():
+    report = _report()
+    before = readme_table(report)
+    assert "mixed" not in before
+    table = readme_table(_add_mixed(report))
     assert "| flas-vllm mixed, 10% / 50% steered | 900 / 800 | 0.90 / 0.80 |" in table
     assert "| unsteered requests in them (decode speed, TPOT p50) | | 0.98 / 0.95 |" in table
     assert all(line in table for line in before.splitlines())  # the rest of the table is unchanged
+
+
+def _bench_config(monkeypatch, *flags) -> BenchConfig:
+    """The config `flas-vllm bench` hands to run_benchmark (which is not run: no engine starts)."""
+    seen = []
+    monkeypatch.setattr(command, "run_benchmark", lambda cfg, log: seen.append(cfg))
+    result = CliRunner().invoke(app, ["bench", "--model", "fixture", "--ks", "1", "--num-prompts", "4", "--no-hf",
+                                      *flags])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_graph_path_flag_reaches_the_config_and_the_file_names(monkeypatch, tmp_path):
+    default = _bench_config(monkeypatch, "--out", str(tmp_path))
+    graph = _bench_config(monkeypatch, "--out", str(tmp_path), "--graph-path")
+    assert (default.graph_path, graph.graph_path) == (False, True)
+    assert default == dataclasses.replace(graph, graph_path=False)  # nothing else changes
+    assert (default.stem, graph.stem) == ("bench_fixture", "bench_fixture-graph-path")  # side by side, same dir
+    assert dataclasses.asdict(graph)["graph_path"] is True  # the JSON's config is asdict(cfg)
+
+
+def test_readme_table_adds_the_graph_path_run_found_next_to_the_default_one(tmp_path):
+    report = _report()
+    src = tmp_path / "bench_bench-2b-shape.json"
+    src.write_text(json.dumps(report))
+    alone = readme_table(report)
+    assert readme_table_from(src) == alone  # no graph-path JSON: the table of old
+
+    graph = _add_mixed(_report(), runs=((10, 26, 250.0, 0.89, 0.91), (50, 128, 240.0, 0.86, 0.88)))
+    graph["config"]["graph_path"] = True
+    (tmp_path / "bench_bench-2b-shape-graph-path.json").write_text(json.dumps(graph))
+    table = readme_table_from(src)
+    first, second = table.split("**Forced graph path** (`flas-vllm bench --graph-path`)")
+    assert first == alone[:-len(README_END)]  # the default table is untouched, the graph path's follows it
+    rows = [line for line in second.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| vanilla vLLM | 280.1 | 1.000 |", "| flas-vllm unsteered | 301.9 | 1.078 |",
+                        "| flas-vllm, K = 1 / 8 / 64 / 256 / 1024 | 266 / 284 / 226 / 236 / 225 "
+                        "| 0.95 / 1.01 / 0.81 / 0.84 / 0.80 |",
+                        "| flas-vllm mixed, 10% / 50% steered | 250 / 240 | 0.89 / 0.86 |",
+                        "| unsteered requests in them (decode speed, TPOT p50) | | 0.91 / 0.88 |"]
+    assert table.endswith(README_END)
+
+    with pytest.raises(ValueError, match="pass the default run's JSON"):
+        readme_table(graph)
+    with pytest.raises(ValueError, match="not 'bench-2b-shape'"):
+        readme_table(report, dict(graph, config=dict(graph["config"], model="fixture")))

@@ -39,15 +39,13 @@ def test_every_subpackage_says_what_lives_there():
 
 
 def test_readme_performance_table_is_generated_from_the_benchmark_output():
-    import json
-
-    from flas_vllm.bench.report import README_BEGIN, README_END, readme_table
+    from flas_vllm.bench.report import README_BEGIN, README_END, readme_table_from
 
     root = PACKAGE.parent
-    report = json.loads((root / "benchmarks/results/bench_bench-2b-shape.json").read_text())
     readme = (root / "README.md").read_text()
     block = readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)]
-    assert block == readme_table(report), "README table is stale: run python benchmarks/readme_table.py"
+    assert block == readme_table_from(root / "benchmarks/results/bench_bench-2b-shape.json"), \
+        "README table is stale: run python benchmarks/readme_table.py"
 
 
 def _top_level_imports(tree) -> dict[str, str]:

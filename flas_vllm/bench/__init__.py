@@ -48,7 +48,7 @@ __all__ = ["MODELS", "BenchConfig", "parse_ks", "prepare_model", "build_workload
 
 
 def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> dict:
-    """Run every configuration, write bench_<model>.{json,md,png} into cfg.out_dir, return the report."""
+    """Run every configuration, write bench_<model>[-graph-path].{json,md,png} into cfg.out_dir, return the report."""
     cfg = cfg.resolved()
     t_start = time.perf_counter()
     log(f"preparing model {cfg.model!r} ...")
@@ -65,6 +65,10 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
         "each vLLM engine first runs an untimed warm-up batch (the workload's prompts, 2 output tokens; "
         "half of them steered on the FLAS engine); the transformers path warms up on one batch",
     ]
+    if cfg.graph_path:
+        notes.append("the FLAS engine is forced onto the CUDA-graph-safe flow path (graph_path): the flow runs on "
+                     "every token of every step and torch.where keeps unsteered tokens untouched, as in a captured "
+                     "CUDA graph; without graph replay (CPU, eager) this shows that path's cost, not its savings")
     if max(cfg.ks) > cfg.num_prompts:
         notes.append(f"num_prompts={cfg.num_prompts} < max K={max(cfg.ks)}: larger K have fewer concepts in flight")
 
@@ -136,7 +140,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
 
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{cfg.model}"
+    stem = cfg.stem
     png = out / f"{stem}.png"
     if cfg.plot:
         why = plot(report, png)

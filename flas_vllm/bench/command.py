@@ -16,7 +16,8 @@ def bench(
     ks: str = typer.Option("1,8,64,256,1024", help="numbers of distinct concepts K, comma-separated"),
     num_prompts: Optional[int] = typer.Option(None, min=1, help="requests per run (default: the largest K)"),
     output_len: int = typer.Option(32, min=1, help="output tokens per request (ignore_eos, greedy)"),
-    out: Path = typer.Option(Path("benchmarks/results"), help="directory for bench_<model>.{json,md,png}"),
+    out: Path = typer.Option(Path("benchmarks/results"),
+                             help="directory for bench_<model>[-graph-path].{json,md,png}"),
     compile: bool = typer.Option(False, "--compile/--eager", help="use vLLM's default compilation"),
     dtype: str = typer.Option("float32", help="model dtype for every path"),
     kv_cache_mib: int = typer.Option(512, min=16, help="KV cache size in MiB (same for every engine)"),
@@ -25,6 +26,9 @@ def bench(
     hf_max_prompts: Optional[int] = typer.Option(None, min=1, help="cap the transformers path's prompts"),
     mixed: str = typer.Option("0.1,0.5", help="mixed-traffic runs: fractions of requests steered, comma-separated "
                                               "('' for none)"),
+    graph_path: bool = typer.Option(False, "--graph-path",
+                                    help="force the FLAS engine onto the CUDA-graph-safe flow path (flow on every "
+                                         "token); results go to bench_<model>-graph-path.*"),
 ) -> None:
     """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
     if model not in MODELS:
@@ -39,7 +43,8 @@ def bench(
         raise typer.BadParameter(f"expected comma-separated fractions, got {mixed!r}", param_hint="--mixed") from exc
     cfg = BenchConfig(model=model, ks=k_list, num_prompts=num_prompts, output_len=output_len, out_dir=out,
                       enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
-                      max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts, mixed_fractions=fractions)
+                      max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts, mixed_fractions=fractions,
+                      graph_path=graph_path)
     try:
         cfg = cfg.resolved()
     except ValueError as exc:

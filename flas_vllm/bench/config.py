@@ -39,6 +39,9 @@ class BenchConfig:
     encode_probe_concepts: int = 8
     # mixed traffic: runs where only this fraction of the requests is steered (the rest unsteered)
     mixed_fractions: Sequence[float] = (0.1, 0.5)
+    # FLAS engine forced onto the CUDA-graph-safe flow path (FlasEngineOptions.graph_path): measures what
+    # unsteered requests pay there (the flow runs on every token) while the skip path is all CPU can show
+    graph_path: bool = False
     seed: int = 0
     plot: bool = True
 
@@ -59,9 +62,18 @@ class BenchConfig:
         return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir), mixed_fractions=fractions)
 
     @property
+    def stem(self) -> str:
+        return bench_stem(self.model, self.graph_path)
+
+    @property
     def max_concepts(self) -> int:
         # >= max K so nothing waits for a slot; room for the warm-up and encode probes too
         return max(max(self.ks), self.encode_probe_concepts, 2)
+
+
+def bench_stem(model: str, graph_path: bool = False) -> str:
+    """Result file name without suffix: a --graph-path run sits next to the default one, never over it."""
+    return f"bench_{model}" + ("-graph-path" if graph_path else "")
 
 
 def parse_ks(text: str) -> list[int]:
