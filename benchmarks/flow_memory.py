@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ceiling import FLOW, GEOMETRIES, Gemma2Layer  # noqa: E402
 
 from flas_vllm.core.flow import FlowFunction, integrate, rope_cos_sin  # noqa: E402
+from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears  # noqa: E402
 from flas_vllm.engine.slot_table import SlotTableKV  # noqa: E402
 from flas_vllm.engine.step_state import StepState  # noqa: E402
 
@@ -78,6 +79,8 @@ def measure(name: str, tokens: int, concepts: int, dtype: torch.dtype) -> dict:
     g, _ = GEOMETRIES[name]
     with torch.device("meta"):
         flow = FlowFunction(g, FLOW).to(dtype)
+        use_engine_linears(flow, platform_gemm=False)  # as a GPU engine runs it: q/k/v and gate/up fused
+        prepare_engine_linears(flow)
         layer = Gemma2Layer(g).to(dtype)
         h = torch.empty(tokens, g.hidden_size, dtype=dtype)
         positions = torch.zeros(tokens, dtype=torch.long)

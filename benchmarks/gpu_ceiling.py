@@ -43,6 +43,7 @@ from torch import nn
 from flas_vllm.core.config import FlasConfig, FlowGeometry
 from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, integrate
 from flas_vllm.engine.concept_attention import FlexSlotAttention
+from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import StepState
 
@@ -134,6 +135,8 @@ def build(name: str, g: FlowGeometry, layers: int, device, dtype, concepts: int)
         for module in (flow, layer):
             for p in module.parameters():
                 nn.init.normal_(p, std=0.02)
+        use_engine_linears(flow, platform_gemm=False)  # as a GPU engine runs it: q/k/v and gate/up fused
+        prepare_engine_linears(flow)
     table = SlotTableKV(g, FLOW.num_blocks, concepts, FLOW.concept_max_len, dtype, device)
     with torch.no_grad():
         for slot in range(1, concepts + 1):

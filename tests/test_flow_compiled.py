@@ -17,6 +17,7 @@ import torch
 from flas_vllm.core import flow as flow_module
 from flas_vllm.core.eager_numerics import mean_square, round_to_bf16, rounded
 from flas_vllm.core.flow import dense_causal_attention, euler_dt, integrate
+from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.slot_table import SlotTableKV
 from tests.test_flow_quirks import inputs, r_integrate, random_flow, real_head_geometry, state
 from tests.test_slot_table import step_state
@@ -48,6 +49,8 @@ def _paged_attention_stand_in(g, scale):
 def setup():
     g = real_head_geometry()
     flow = random_flow(g, num_blocks=1, dtype=torch.bfloat16, seed=31)
+    use_engine_linears(flow, platform_gemm=True)  # the CPU engine's linears: vLLM's GEMM, q/k/v and gate/up fused
+    prepare_engine_linears(flow)
     h, c = inputs(g, t=TOKENS, lc=12, seed=32, dtype=torch.bfloat16, scale=3.0)
     table = SlotTableKV(g, 1, 2, 16, torch.bfloat16, "cpu")
     with torch.no_grad():

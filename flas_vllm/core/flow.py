@@ -159,6 +159,10 @@ class SelfAttentionCore(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
+# several linears of one input as one GEMM, returning each one's output (engine/flow_linears.py)
+FusedProjection = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
 class _Projections(nn.Module):
     """q/k/v/o projections with the base model's attention geometry (both attentions use them)."""
 
@@ -203,18 +207,25 @@ class FlowSelfAttention(_Projections):
         if g.self_attn_qk_norm:
             self.q_norm = flow_norm(g, g.head_dim)
             self.k_norm = flow_norm(g, g.head_dim)
+        self.qkv_proj: FusedProjection | None = None  # the engine's one q/k/v GEMM (engine/fused_projections.py)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v of x: three GEMMs, or the engine's one fused GEMM (the same columns)."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, core: SelfAttentionCore
     ) -> torch.Tensor:
         g = self.g
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, g.num_heads, g.head_dim)
-        k = self.k_proj(x).view(*lead, g.num_kv_heads, g.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(*lead, g.num_heads, g.head_dim)
+        k = k.reshape(*lead, g.num_kv_heads, g.head_dim)
         if g.self_attn_qk_norm:  # before RoPE: cached keys are post-norm, post-RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x)
         out = core(q.reshape(*lead, -1), k.reshape(*lead, -1), v)
         return self.o_proj(out)
 
@@ -267,6 +278,19 @@ class FlowBlock(nn.Module):
             self.down_proj = nn.Linear(g.intermediate_size, h, bias=False)
             self.mlp_gate = nn.Parameter(torch.zeros(h))
             self.act = activation(g.hidden_activation)
+            self.gate_up_proj: FusedProjection | None = None  # the engine's one gate/up GEMM
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)), gate and up as two GEMMs or as the engine's one fused GEMM."""
+        if self.gate_up_proj is None:
+            return self.down_proj(rounded(rounded(self.act(self.gate_proj(x))) * self.up_proj(x)))
+        gate, up = self.gate_up_proj(x)
+        # At the separate GEMMs' peak: the product in place (a third [tokens, intermediate] buffer beside
+        # the fused output would raise it; the engine never trains, nothing saves act's output), and the
+        # fused output released before down_proj allocates.
+        x = rounded(rounded(self.act(gate)).mul_(up))
+        del gate, up
+        return self.down_proj(x)
 
 
 class FlowFunction(nn.Module):
@@ -320,7 +344,7 @@ class FlowFunction(nn.Module):
                 h = rounded(h + rounded(block.self_attn_gate * block.post_sa_norm(out)))
             if block.has_mlp:
                 x = block.pre_mlp_norm(h)
-                x = block.down_proj(rounded(rounded(block.act(block.gate_proj(x))) * block.up_proj(x)))
+                x = block.mlp(x)
                 h = rounded(h + rounded(block.mlp_gate * block.post_mlp_norm(x)))
         return rounded(h - h_in)
 

@@ -39,6 +39,7 @@ from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, check_runner, flow_layer_indices
 from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
+from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.flow_rows import integrate_rows
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
@@ -121,7 +122,7 @@ class FlasSteer(nn.Module):
                 "its paged self-attention KV is stored in %s", ckpt.dtype, model_dtype, ckpt.dtype, model_dtype,
             )
         self.flow = ckpt.build_flow(geometry, device, load=False)  # weights: in load_flow_weights
-        _use_platform_gemm(self.flow)  # before vLLM records the module tree for weight reloads
+        use_engine_linears(self.flow, current_platform.is_cpu())  # before vLLM records the module tree for weight reloads
         # read by position; dummy runs (profiling, warm-up) may use positions up to their token count
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.flow.rope.build(max(vllm_config.model_config.max_model_len, max_tokens), ckpt.dtype, device)
@@ -231,7 +232,7 @@ class FlasSteer(nn.Module):
         loaded = _load_params(self.flow, tensors, "flow")
         if self.own_encoder is not None:
             loaded |= _load_params(self.own_encoder, encoder, "own_encoder")
-        _dispatch_platform_gemm(self.flow)
+        prepare_engine_linears(self.flow)
         self.runtime.weights_loaded()
         return loaded
 
@@ -330,51 +331,3 @@ class FlasQwen3ForCausalLM(FlasCausalLMMixin, Qwen3ForCausalLM):
 
 class FlasLlamaForCausalLM(FlasCausalLMMixin, LlamaForCausalLM):
     """Llama-3.1 steered by FLAS."""
-
-
-class PlatformLinear(nn.Module):
-    """Stands in for one of the flow's nn.Linear: the same parameters under the same names, its matmul
-    the one vLLM uses for its own unquantized layers on this platform (see `_use_platform_gemm`)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.register_parameter("bias", linear.bias)
-        self.cpu_linear = None  # set by `dispatch` once the weights are loaded
-
-    def dispatch(self) -> None:
-        """Build the platform's matmul for the current weights (oneDNN prepares them): after every load."""
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm  # lazy: a CPU-only vLLM helper, reached only on CPU
-
-        dispatch_cpu_unquantized_gemm(self, remove_weight=False)  # sets self.cpu_linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cpu_linear(x, self.weight, self.bias)
-
-
-def _use_platform_gemm(flow: nn.Module) -> None:
-    """Run the flow's linear layers through vLLM's CPU GEMM dispatch (oneDNN), once weights are loaded.
-
-    torch's default CPU linear (MKL) picks different kernels for different row
-    counts (M=1 vs M>1 already differs in the last bits), so a steered
-    request's output would depend on what else is in its batch. vLLM's own
-    layers go through oneDNN, whose per-row results do not depend on M; using
-    the same path keeps fp32 mixed batches bit-identical to solo runs, as
-    they are for unsteered requests. Other platforms keep torch's linear.
-    The modules are swapped when the flow is built, so vLLM's record of the
-    module tree (for in-place weight reloads) sees them; `_dispatch_platform_gemm`
-    builds their matmuls after each load.
-    """
-    if not current_platform.is_cpu():
-        return
-    for parent in list(flow.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PlatformLinear(child))
-
-
-def _dispatch_platform_gemm(flow: nn.Module) -> None:
-    for module in flow.modules():
-        if isinstance(module, PlatformLinear):
-            module.dispatch()
