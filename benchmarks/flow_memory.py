@@ -10,7 +10,8 @@ its output allocation alone.
 
 "Extra" is the flow's peak beyond the decoder layer's own: the part of the
 flow's activations that vLLM's profiling run does not already reserve for the
-base model. Target: under 512 MiB at 2B and 9B in bf16.
+base model. Target (issue 21): at most 64 MiB at 2B and 9B in bf16. It measures eager code, where
+each intermediate's lifetime is the code's; a compiled graph plans its own buffers.
 
     python benchmarks/flow_memory.py [--tokens 16384] [--json out.json]
 """
@@ -36,7 +37,7 @@ from flas_vllm.engine.slot_table import SlotTableKV  # noqa: E402
 from flas_vllm.engine.step_state import StepState  # noqa: E402
 
 MIB = 1 << 20
-TARGET_EXTRA_MIB = 512
+TARGET_EXTRA_MIB = 64
 
 
 class PeakLiveBytes(TorchDispatchMode):
@@ -90,7 +91,8 @@ def measure(name: str, tokens: int, concepts: int, dtype: torch.dtype) -> dict:
     table = SlotTableKV(g, FLOW.num_blocks, concepts, FLOW.concept_max_len, dtype, "meta", state=state)
     cores = [[_output_only] * FLOW.num_blocks for _ in range(FLOW.n_steps)]
     cos, sin = rope_cos_sin(positions, g.head_dim, g.rope_theta, dtype)
-    flow_peak = _peak(lambda: integrate(flow, h, dt, FLOW.n_steps, positions, table, cores))
+    token_steps = torch.full((tokens,), FLOW.n_steps, dtype=torch.int32, device="meta")  # as the engine passes
+    flow_peak = _peak(lambda: integrate(flow, h, dt, FLOW.n_steps, positions, table, cores, token_steps))
     layer_peak = _peak(lambda: layer(h, cos, sin, _output_only))
     attend_peak = _peak(lambda: table.attend(0, q))
     return {"geometry": name, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
@@ -110,7 +112,7 @@ def main(argv=None) -> list[dict]:
     rows = [measure(name, args.tokens, args.concepts, getattr(torch, args.dtype)) for name in GEOMETRIES]
     print(f"{'geometry':<12} {'tokens':>6} {'flow MiB':>9} {'layer MiB':>9} {'cross MiB':>9} {'extra MiB':>9}")
     for r in rows:
-        verdict = "ok" if r["extra_mib"] < TARGET_EXTRA_MIB else f"over the {TARGET_EXTRA_MIB} MiB target"
+        verdict = "ok" if r["extra_mib"] <= TARGET_EXTRA_MIB else f"over the {TARGET_EXTRA_MIB} MiB target"
         print(f"{r['geometry']:<12} {r['tokens']:>6} {r['flow_peak_mib']:>9.0f} {r['layer_peak_mib']:>9.0f} "
               f"{r['cross_attention_peak_mib']:>9.0f} {r['extra_mib']:>9.0f}  {verdict}")
     if args.json:

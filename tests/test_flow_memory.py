@@ -24,7 +24,9 @@ def test_flow_extra_memory_is_bounded_at_2b_and_9b(tmp_path):
     assert set(rows) == {"gemma-2-2b", "gemma-2-9b"}
     for name, r in rows.items():
         assert r["dtype"] == "bfloat16" and r["tokens"] == 16384
-        assert r["extra_mib"] < 512, (name, r)
+        # issue 21's target; 177 MiB (2B) before intermediates were freed once used and the MLP's fused
+        # output released before down_proj
+        assert r["extra_mib"] <= 64, (name, r)
         # one full-length gather of every token's concept keys would alone be [tokens, heads, 64, head_dim]
         heads = {"gemma-2-2b": 8, "gemma-2-9b": 16}[name]
         full_gather_mib = 16384 * heads * 64 * 256 * 2 / MIB

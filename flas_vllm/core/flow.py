@@ -1,13 +1,13 @@
 """The FLAS flow function and its Euler integration: the one implementation of the math.
 
 Every path (the vLLM model, the transformers parity path, checkpoint validation,
-random fixtures) builds `FlowFunction` from here. Two things vary between paths
-and are therefore plugged in rather than copied:
-
+random fixtures) builds `FlowFunction` from here. What varies between paths is
+plugged in rather than copied:
 - the causal self-attention over a request's own stream (`SelfAttentionCore`):
   paged vLLM attention in the engine, a dense cached one in the transformers path;
 - where the concept's cross-attention keys/values come from (`ConceptKV`):
-  one concept for a whole batch, or a per-token slot table.
+  one concept for a whole batch, or a per-token slot table;
+- q/k/v and gate/up: separate GEMMs, or the engine's fused ones (`FusedProjection`).
 
 Quirks of the original code that are reproduced on purpose are marked "quirk"
 (the project's FLAS spec, sections 2, 3 and 5).
@@ -159,8 +159,7 @@ class SelfAttentionCore(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
-# several linears of one input as one GEMM, returning each one's output (engine/flow_linears.py)
-FusedProjection = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+FusedProjection = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # linears of one input as one GEMM
 
 
 class _Projections(nn.Module):
@@ -211,9 +210,7 @@ class FlowSelfAttention(_Projections):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v of x: three GEMMs, or the engine's one fused GEMM (the same columns)."""
-        if self.qkv_proj is not None:
-            return self.qkv_proj(x)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, core: SelfAttentionCore
@@ -280,11 +277,12 @@ class FlowBlock(nn.Module):
             self.act = activation(g.hidden_activation)
             self.gate_up_proj: FusedProjection | None = None  # the engine's one gate/up GEMM
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """down(act(gate(x)) * up(x)), gate and up as two GEMMs or as the engine's one fused GEMM."""
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)), x = pre_mlp_norm(h); gate/up as two GEMMs or the engine's fused one."""
         if self.gate_up_proj is None:
+            x = self.pre_mlp_norm(h)
             return self.down_proj(rounded(rounded(self.act(self.gate_proj(x))) * self.up_proj(x)))
-        gate, up = self.gate_up_proj(x)
+        gate, up = self.gate_up_proj(self.pre_mlp_norm(h))  # the norm's output freed once projected
         # At the separate GEMMs' peak: the product in place (a third [tokens, intermediate] buffer beside
         # the fused output would raise it; the engine never trains, nothing saves act's output), and the
         # fused output released before down_proj allocates.
@@ -332,20 +330,21 @@ class FlowFunction(nn.Module):
         lead = h.shape[:-1]
         for i, block in enumerate(self.blocks):
             h = rounded(h + te)  # quirk: the time embedding enters at EVERY block
+            # Intermediates are passed rather than named, or deleted once used: each [tokens, hidden] one
+            # left alive would add to the memory peak the MLP sets (benchmarks/flow_memory.py).
             if block.has_cross:
-                x = block.pre_cross_norm(h)
-                q = block.cross_attn.queries(x.reshape(-1, g.hidden_size), cos.reshape(-1, g.head_dim),
-                                             sin.reshape(-1, g.head_dim))
+                q = block.cross_attn.queries(block.pre_cross_norm(h).reshape(-1, g.hidden_size),
+                                             cos.reshape(-1, g.head_dim), sin.reshape(-1, g.head_dim))
                 out = concept.attend(i, q).reshape(*lead, -1)
+                del q
                 h = rounded(h + rounded(block.cross_gate * block.post_cross_norm(block.cross_attn.o_proj(out))))
+                del out
             if block.has_self:
-                x = block.pre_sa_norm(h)
-                out = block.self_attn(x, cos, sin, self_attn_cores[i])
+                out = block.self_attn(block.pre_sa_norm(h), cos, sin, self_attn_cores[i])
                 h = rounded(h + rounded(block.self_attn_gate * block.post_sa_norm(out)))
+                del out
             if block.has_mlp:
-                x = block.pre_mlp_norm(h)
-                x = block.mlp(x)
-                h = rounded(h + rounded(block.mlp_gate * block.post_mlp_norm(x)))
+                h = rounded(h + rounded(block.mlp_gate * block.post_mlp_norm(block.mlp(h))))
         return rounded(h - h_in)
 
 
@@ -376,9 +375,10 @@ def integrate(
     dt = dt.to(h.dtype)
     for k in range(n_steps):
         te = flow.time_embed(rounded(dt * k))  # t_k = dt * k in the flow dtype
-        v = flow(h, te, positions, concept, cores[k])
-        stepped = rounded(h + rounded(dt[..., None] * v))
+        stepped = rounded(h + rounded(dt[..., None] * flow(h, te, positions, concept, cores[k])))
+        del te  # neither alive through the next step's flow (memory)
         h = stepped if token_steps is None else torch.where((token_steps > k)[..., None], stepped, h)
+        del stepped
     return h
 
 
