@@ -19,6 +19,7 @@ from typing import Any
 from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.core.errors import FlasCheckpointError, FlasConfigError
 from flas_vllm.core.families import ARCHITECTURES
+from flas_vllm.engine.graph_modes import split_piecewise_graphs_at_the_flow
 
 V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 FINGERPRINT_ATTR = "flas_fingerprint"  # on the HF config, which vLLM hashes into its compile-cache key
@@ -153,6 +154,7 @@ def check_vllm_config(vllm_config: Any) -> None:
     check_concept_attention()
     stamp_fingerprint(vllm_config.model_config.hf_config)
     keep_flow_kv_unquantized(vllm_config.cache_config, vllm_config.model_config.hf_config)
+    split_piecewise_graphs_at_the_flow(vllm_config.compilation_config)
 
 
 def flow_layer_indices(num_hidden_layers: int, max_n_steps: int, num_blocks: int) -> list[int]:

@@ -55,20 +55,23 @@ def rows_cores(cores: Sequence[Sequence[SelfAttentionCore | None]], rows: torch.
 
 
 def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepState, positions: torch.Tensor,
-                   stream: torch.Tensor, euler_steps: int, rows: torch.Tensor | None) -> torch.Tensor:
+                   stream: torch.Tensor, euler_steps: int, rows: torch.Tensor | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The stream after the flow, in the stream's dtype: every token (`rows` None) or only `rows`.
 
-    With `rows`, the result is full size and only the step's steered tokens are written.
+    The result is full size (written into `out` when given); with `rows`, only the step's steered
+    tokens are written.
     """
     buffers = state.buffers
     if rows is None:
         n = stream.shape[0]
         h = integrate(flow, stream.to(flow.dtype), buffers.dt[:n], euler_steps, positions, concept, cores,
                       token_steps=buffers.euler_steps[:n])
-        return rounded(h.to(stream.dtype))
+        h = rounded(h.to(stream.dtype))
+        return h if out is None else out.copy_(h)
     steered = state.steered_rows
     h = integrate(flow, stream.index_select(0, rows).to(flow.dtype), buffers.dt.index_select(0, rows), euler_steps,
                   positions.index_select(0, rows), concept, rows_cores(cores, rows, steered, stream.shape[0]),
                   token_steps=buffers.euler_steps.index_select(0, rows))
-    out = torch.empty_like(stream)
+    out = torch.empty_like(stream) if out is None else out
     return out.index_copy_(0, rows[:steered], rounded(h[:steered].to(stream.dtype)))

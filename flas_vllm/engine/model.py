@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vllm.config import VllmConfig, CUDAGraphMode
+from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
@@ -41,32 +41,37 @@ from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.flow_rows import integrate_rows
+from flas_vllm.engine.graph_modes import flow_runs_as_op
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import StepState
 
 logger = logging.getLogger(__name__)
 
-def _flas_steer(stream: torch.Tensor, positions: torch.Tensor, target: str) -> torch.Tensor:
-    """The steered tokens' residual stream after the flow; other rows are left unwritten (never selected).
+def _flas_steer(stream: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, target: str) -> None:
+    """Write the steered tokens' residual stream after the flow into `out`; other rows stay unwritten
+    (never selected).
 
     Opaque to the compiler, so it may look at the data: no steered token, no flow work at all.
-    It takes the stream (not the layer's hidden/residual pair) and returns rather than writes in
-    place, so the layer's outputs are only read by fused ops and the choice of rows stays a
-    `torch.where` in the graph: unsteered tokens compile exactly as in vanilla's graph.
+    It reads the stream (not the layer's hidden/residual pair, which it leaves alone), so the layer's
+    outputs are only read by fused ops and the choice of rows stays a `torch.where` in the graph:
+    unsteered tokens compile exactly as in vanilla's graph. It writes into a buffer the graph
+    allocates, as vLLM's attention ops do: between PIECEWISE graph pieces (graph_modes.py) the next
+    piece reads what the op wrote at the address it was captured with.
     Finds its `FlasSteer` by name in the forward context, as vLLM's own custom ops find their layers.
     """
-    return get_forward_context().no_compile_layers[target].steered_stream(positions, stream)
+    get_forward_context().no_compile_layers[target].steer_into(positions, stream, out)
 
 
-def _flas_steer_fake(stream: torch.Tensor, positions: torch.Tensor, target: str) -> torch.Tensor:
-    return torch.empty_like(stream)
+def _flas_steer_fake(stream: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, target: str) -> None:
+    return None
 
 
-def _register_steer_op() -> None:
+def register_steer_op() -> None:
+    """`vllm::flas_steer` (graph_modes.STEER_OP), once per process."""
     if hasattr(torch.ops.vllm, "flas_steer"):
         return
-    direct_register_custom_op("flas_steer", _flas_steer, mutates_args=[], fake_impl=_flas_steer_fake)
+    direct_register_custom_op("flas_steer", _flas_steer, mutates_args=["out"], fake_impl=_flas_steer_fake)
 
 
 class PagedFlowAttention(nn.Module):
@@ -158,15 +163,14 @@ class FlasSteer(nn.Module):
             tokenizer_kwargs={"revision": mc.tokenizer_revision, "trust_remote_code": mc.trust_remote_code},
             own_encoder=self.own_encoder,
         )
-        # Without CUDA graphs (CPU, enforce_eager) the flow runs as an opaque op that skips all flow
-        # work in steps where no token is steered and runs only the steered tokens otherwise. Captured
-        # graphs cannot branch on data, so there the flow stays in the graph on every token and
-        # torch.where keeps unsteered tokens untouched.
-        mode = vllm_config.compilation_config.cudagraph_mode
-        self.skip_unsteered = (mode is None or mode == CUDAGraphMode.NONE) and not self.flas_options.graph_path
+        # Without CUDA graphs (CPU, enforce_eager) and between PIECEWISE graph pieces the flow runs as an
+        # opaque op that skips all flow work in steps where no token is steered and runs only the steered
+        # tokens otherwise. FULL graphs cannot branch on data, so there the flow stays in the graph on
+        # every token and torch.where keeps unsteered tokens untouched (graph_modes.py).
+        self.skip_unsteered = flow_runs_as_op(vllm_config.compilation_config, self.flas_options.graph_path)
         self.target = f"{prefix}.flas"
         if self.skip_unsteered:
-            _register_steer_op()
+            register_steer_op()
             vllm_config.compilation_config.static_forward_context[self.target] = self  # found by name
             self.runtime.group_by_length = True
         logger.info(
@@ -184,17 +188,18 @@ class FlasSteer(nn.Module):
         """
         stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
         if self.skip_unsteered:
-            flowed = torch.ops.vllm.flas_steer(stream, positions, self.target)
+            flowed = torch.empty_like(stream)
+            torch.ops.vllm.flas_steer(stream, positions, flowed, self.target)
         else:
             flowed = self._integrate(positions, stream, self.max_n_steps)
         steered = self.state.buffers.steered[: hidden.shape[0], None]
         return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
 
-    def steered_stream(self, positions, stream) -> torch.Tensor:
+    def steer_into(self, positions, stream, out) -> None:
         """The skip path (eager, inside the opaque op): flow work only on a step's steered tokens."""
         state = self.state
         if not state.any_steered:  # a host-side fact of the step: no device sync
-            return torch.empty_like(stream)  # no row is selected; unsteered requests never read flow KV
+            return  # no row is selected; unsteered requests never read flow KV
         if state.profiling:  # a dummy batch: every token is steered (counted for the memory-profiling test)
             self.runtime.profile_flow_rows += stream.shape[0]
         else:
@@ -202,8 +207,8 @@ class FlasSteer(nn.Module):
                                          state.rows.shape[0])
         # Only the steered rows (flow_rows.py), and only as many Euler steps as they need: a request
         # never reads the flow KV of Euler steps beyond its own.
-        return integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
-                              state.rows)
+        integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
+                       state.rows, out)
 
     def _integrate(self, positions, stream, euler_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""
