@@ -3,8 +3,8 @@
     python benchmarks/profile_steered_step.py [K=64] [NUM_PROMPTS=256] [--profile]
 
 Prints wall time, model-forward time and the flow's share for unsteered, K=1 and K
-steered runs (32 greedy tokens each); --profile adds a torch profiler table of one
-steered run. A diagnostic, not a benchmark: `flas-vllm bench` gives the ratios.
+steered runs and mixed runs (10% and 50% steered; 32 greedy tokens each); --profile adds a
+torch profiler table of one steered run. A diagnostic, not a benchmark: `flas-vllm bench` gives the ratios.
 """
 import os, sys, time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -13,6 +13,7 @@ def main():
     import torch
     from vllm import SamplingParams
     from flas_vllm import bench
+    from flas_vllm.bench.workload import steered_mask
     from flas_vllm.engine.llm import FlasLLM
     from flas_vllm.core.steering import steering
     from flas_vllm.engine import model as fm
@@ -25,14 +26,15 @@ def main():
     llm = FlasLLM(str(m.model_dir), str(m.checkpoint_dir), max_concepts=max(k, 8), dtype="float32",
                   enforce_eager=True, max_model_len=1024, kv_cache_memory_bytes=512 * 1024 * 1024,
                   enable_prefix_caching=False)
-    acc = {"steer": 0.0, "steer_calls": 0, "fwd": 0.0, "prep": 0.0}
+    acc = {"steer": 0.0, "steer_calls": 0, "fwd": 0.0, "prep": 0.0, "rows": 0, "tokens": 0}
     from vllm.model_executor.models.gemma2 import Gemma2Model
-    orig_steer = fm.FlasSteer.steered_stream
+    orig_steer = fm.FlasSteer.steer_into
     def steer(self, *a):
         t = time.perf_counter(); out = orig_steer(self, *a)
         acc["steer"] += time.perf_counter() - t; acc["steer_calls"] += 1
+        acc["rows"] += self.state.flow_rows if self.state.any_steered else 0; acc["tokens"] += a[1].shape[0]
         return out
-    fm.FlasSteer.steered_stream = steer
+    fm.FlasSteer.steer_into = steer
     orig_fwd = Gemma2Model.forward
     def fwd(self, *a, **kw):
         t = time.perf_counter(); r = orig_fwd(self, *a, **kw); acc["fwd"] += time.perf_counter() - t; return r
@@ -49,7 +51,8 @@ def main():
         wall = time.perf_counter() - t
         toks = sum(len(o.outputs[0].token_ids) for o in outs)
         print(f"{label}: wall {wall:.2f}s, {toks/wall:.1f} out tok/s; model fwd {acc['fwd']:.2f}s "
-              f"(flow {acc['steer']:.2f}s over {acc['steer_calls']} calls), prepare_step {acc['prep']:.3f}s, "
+              f"(flow {acc['steer']:.2f}s over {acc['steer_calls']} calls, {acc['rows']} of {acc['tokens']} "
+              f"token rows), prepare_step {acc['prep']:.3f}s, "
               f"outside fwd {wall-acc['fwd']:.2f}s", flush=True)
 
     flow = bench.make_flowtimes(n, 0)
@@ -61,6 +64,10 @@ def main():
     for kk in (1, k):
         cs = bench.make_concepts(kk, f"p{kk}")
         run([sp(steering(cs[i % kk], flow[i])) for i in range(n)], f"steered K={kk}")
+    for fraction in (0.1, 0.5):  # mixed traffic: the flow on the steered rows only, its per-call cost
+        mask, cs = steered_mask(n, fraction), bench.make_concepts(k, f"m{fraction}")
+        run([sp(steering(cs[i % k], flow[i]) if m else None) for i, m in enumerate(mask)],
+            f"mixed {fraction:.0%} steered")
     if "--profile" in sys.argv:
         cs = bench.make_concepts(k, "prof")
         params = [sp(steering(cs[i % k], flow[i])) for i in range(n)]

@@ -40,7 +40,8 @@ def test_config_rejects_fractions_outside_zero_one():
 
 
 def _report() -> dict:
-    return json.loads((ROOT / "benchmarks/results/bench_bench-2b-shape.json").read_text())
+    """A frozen full report (the 2026-11-21 run, before mixed-traffic runs existed), not the live results file."""
+    return json.loads((ROOT / "tests/data/bench_report_2026-11-21.json").read_text())
 
 
 def _add_mixed(report: dict, runs=((10, 26, 900.0, 0.9, 0.98), (50, 128, 800.0, 0.8, 0.95))) -> dict:
@@ -59,7 +60,12 @@ def test_readme_table_shows_mixed_rows_only_when_the_report_has_them():
     table = readme_table(_add_mixed(report))
     assert "| flas-vllm mixed, 10% / 50% steered | 900 / 800 | 0.90 / 0.80 |" in table
     assert "| unsteered requests in them (decode speed, TPOT p50) | | 0.98 / 0.95 |" in table
+    assert "all-unsteered" not in table  # reports without the second ratio: no row for it
     assert all(line in table for line in before.splitlines())  # the rest of the table is unchanged
+    for r, own in zip([r for r in report["runs"] if r["kind"] == "flas-mixed"], (1.01, 0.97)):
+        r["ratio_unsteered_speed_to_unsteered_run"] = own
+    assert ("| the same, x the all-unsteered flas-vllm run (same KV capacity) | | 1.01 / 0.97 |"
+            in readme_table(report))
 
 
 def _bench_config(monkeypatch, *flags) -> BenchConfig:

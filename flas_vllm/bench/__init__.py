@@ -90,11 +90,14 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
         not_measured.append("transformers path: skipped (--no-hf)")
 
     runs = [vanilla, *flas_runs, *hf_runs]
+    unsteered = next((r for r in flas_runs if r.kind == "flas-unsteered"), None)
     for r in runs:
         r.ratio_output_to_vanilla = round(r.output_tok_s / vanilla.output_tok_s, 4)
         r.ratio_total_to_vanilla = round(r.total_tok_s / vanilla.total_tok_s, 4)
         if r.unsteered_tpot_ms and vanilla.tpot_ms:
             r.ratio_unsteered_speed_to_vanilla = round(vanilla.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
+        if r.unsteered_tpot_ms and unsteered is not None and unsteered.tpot_ms:
+            r.ratio_unsteered_speed_to_unsteered_run = round(unsteered.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
     if any(r.tpot_ms is None for r in runs) and cfg.output_len < 2:
         not_measured.append("TPOT needs output_len >= 2")
     if any(r.kind != "hf" and r.ttft_ms is None for r in runs):

@@ -105,10 +105,10 @@ def flops_section(model: BenchModel, cfg: BenchConfig, wl: Workload) -> dict:
     flas_info = {"layer": flas.layer, "num_blocks": flas.num_blocks, "n_steps": n_steps,
                  "concept_max_len": flas.concept_max_len}
     return {
-        "note": "ceiling = base / (base + flow) FLOPs per token with the flow on every token. In a step with "
-                "any steered token the flow runs on every token of the batch (torch.where keeps unsteered "
-                "ones), so the ceiling holds for mixed and fully steered batches; without CUDA graphs "
-                "(CPU, eager) steps with no steered token skip the flow, with CUDA graphs it always runs",
+        "note": "ceiling = base / (base + flow) FLOPs per token with the flow on every token: fully steered "
+                "batches, and every batch under FULL CUDA graphs (the graph path). Without CUDA graphs (CPU, "
+                "eager) and between PIECEWISE graph pieces the flow runs only on a step's steered tokens "
+                "(padded to a bucket), so mixed traffic sits between this ceiling and 1",
         "flas": flas_info,
         "at_mean_context": flops_ceiling(base, flas, n_steps, ctx),
         "weights_only": flops_ceiling(base, flas, n_steps, 0.0),

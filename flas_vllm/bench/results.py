@@ -50,6 +50,9 @@ class RunResult:
     unsteered_tpot_ms: dict[str, float] | None = None
     # vanilla's TPOT p50 / the unsteered requests' TPOT p50: their decode speed as a fraction of vanilla's
     ratio_unsteered_speed_to_vanilla: float | None = None
+    # the same, against the FLAS engine's own all-unsteered run: same engine, KV capacity and concurrency,
+    # so only the steered neighbours differ (vanilla's larger KV cache runs more requests at once, each slower)
+    ratio_unsteered_speed_to_unsteered_run: float | None = None
     ratio_output_to_vanilla: float | None = None
     ratio_total_to_vanilla: float | None = None
 
