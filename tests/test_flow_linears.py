@@ -109,3 +109,17 @@ def test_separate_projections_are_not_prepared_twice():
     parts = [m for m in engine.modules() if isinstance(m, PlatformLinear) and m.fused]
     assert len(parts) == 5  # q, k, v, gate, up
     assert all(p.cpu_linear is None for p in parts)
+
+
+def test_to_moves_the_fused_weights_and_keeps_the_parts_bound():
+    """`.to()` moves parameters and buffers only; the fused tensors follow, and the parts stay their views."""
+    engine = _engine(random_flow(G_BIAS, disable_cross_attn=True))
+    engine.to(torch.float64)
+    attn = engine.blocks[0].self_attn
+    fused = attn.qkv_proj
+    assert fused.weight.dtype == torch.float64 and fused.bias.dtype == torch.float64
+    for part in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert part.weight.dtype == torch.float64
+        assert part.weight.untyped_storage()._cdata == fused.weight.untyped_storage()._cdata
+        assert part.bias.untyped_storage()._cdata == fused.bias.untyped_storage()._cdata
+    assert torch.equal(fused.weight[: attn.q_proj.weight.shape[0]], attn.q_proj.weight)

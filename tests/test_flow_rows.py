@@ -129,3 +129,24 @@ def test_flow_on_steered_rows_equals_the_flow_on_every_token(flow_and_table):
     got, want = results[True][STEERED_TOKENS], results[False][STEERED_TOKENS]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(want, stream[STEERED_TOKENS], atol=1e-3)  # the flow did move them
+
+
+def test_a_step_lengthened_by_cuda_graph_padding_runs_its_real_tokens_unchanged(flow_and_table):
+    """PIECEWISE CUDA graphs pad the step (here 12 tokens to 16): the op sees a longer stream than the step
+    was planned for. Planned groups no longer fit and the table falls back to one full-length gather
+    (padded rows: slot 0, no Euler steps); the real tokens get what an unpadded step gives them."""
+    flow, table = flow_and_table
+    step = [(_steered(2, 2, 1.5), 5), (_steered(2, 3, 0.7), 7)]  # every token steered, one concept length
+    segments, n, padded = [(0, 5), (5, 12)], 12, 16
+    stream = torch.randn(padded, G.hidden_size, generator=torch.Generator().manual_seed(8))
+    positions = torch.cat([torch.arange(5), torch.arange(7), torch.zeros(padded - n, dtype=torch.long)])
+    state = table.state = _build(step, bucket_len=table.bucket_len)
+    assert state.rows is None and [idx for _, idx, _ in state.groups] == [None]  # planned for 12 rows, unsplit
+    with torch.no_grad():
+        cores = [[_segment_attention(segments + [(n, padded)], [])] * 2 for _ in range(3)]
+        got = integrate_rows(flow, table, cores, state, positions, stream, state.max_euler_steps, None)
+        cores = [[_segment_attention(segments, [])] * 2 for _ in range(3)]
+        want = integrate_rows(flow, table, cores, state, positions[:n], stream[:n], state.max_euler_steps, None)
+    assert got.shape[0] == padded
+    torch.testing.assert_close(got[:n], want, rtol=1e-5, atol=1e-5)  # the grouped gather vs the full-length one
+    assert torch.equal(got[n:], stream[n:])  # padding: no Euler steps

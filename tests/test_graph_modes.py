@@ -36,6 +36,17 @@ def test_piecewise_graphs_are_cut_at_the_flow():
     assert split_piecewise_graphs_at_the_flow(cc) and cc.splitting_ops.count(STEER_OP) == 1  # idempotent
     assert flow_runs_as_op(cc, graph_path=False)
     assert not flow_runs_as_op(cc, graph_path=True)  # forced: the flow in the graph on every token
+    forced = _config(CUDAGraphMode.PIECEWISE)
+    assert not split_piecewise_graphs_at_the_flow(forced, graph_path=True) and STEER_OP not in forced.splitting_ops
+
+
+def test_graphs_without_vllms_compile_never_run_the_op():
+    """Breakable CUDA graphs (no compile, captured around marked ops only) would capture an op named in
+    the splitting list like any other: only vLLM's compiled, split graph runs it between pieces."""
+    cc = _config(CUDAGraphMode.PIECEWISE, CompilationMode.NONE, splitting_ops=[ATTENTION, STEER_OP])
+    assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert not split_piecewise_graphs_at_the_flow(cc)
+    assert not flow_runs_as_op(cc, graph_path=False)
 
 
 @pytest.mark.parametrize("mode", [CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL,

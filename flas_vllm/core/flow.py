@@ -206,7 +206,7 @@ class FlowSelfAttention(_Projections):
         if g.self_attn_qk_norm:
             self.q_norm = flow_norm(g, g.head_dim)
             self.k_norm = flow_norm(g, g.head_dim)
-        self.qkv_proj: FusedProjection | None = None  # the engine's one q/k/v GEMM (engine/fused_projections.py)
+        self.qkv_proj: FusedProjection | None = None  # the engine's one q/k/v GEMM (engine/flow_linears.py)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v of x: three GEMMs, or the engine's one fused GEMM (the same columns)."""

@@ -96,6 +96,15 @@ class FusedLinear(nn.Module):
         self.bind()
         if self.platform_gemm:
             dispatch_gemm(self)
+            self.bind()  # vLLM's small-GEMM kernel keeps its bias in float32, in new storage: the parts follow it
+
+    def _apply(self, fn, recurse=True):
+        """`.to()` and friends move the fused tensors too (they are neither parameters nor buffers), then the
+        parts, which their own modules moved first (they are registered before this module), are bound again."""
+        self.weight = fn(self.weight)
+        self.bias = None if self.bias is None else fn(self.bias)
+        self.bind()
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         gemm = self.cpu_linear if self.cpu_linear is not None else F.linear

@@ -26,14 +26,21 @@ def _is(mode: Any, name: str) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) == name
 
 
-def split_piecewise_graphs_at_the_flow(compilation_config: Any) -> bool:
+def _piecewise_compiled(cc: Any) -> bool:
+    """PIECEWISE-only graphs over vLLM's compiled, split graph (breakable CUDA graphs compile nothing)."""
+    return _is(cc.cudagraph_mode, "PIECEWISE") and _is(cc.mode, "VLLM_COMPILE")
+
+
+def split_piecewise_graphs_at_the_flow(compilation_config: Any, graph_path: bool = False) -> bool:
     """Front end: under PIECEWISE-only graphs with vLLM's compile, add the flow's op to the splitting ops.
 
     Returns whether the flow runs as the op between graph pieces. Other modes are left as they are.
+    The mode is the one configured: should vLLM fall back to PIECEWISE later, in the worker (an
+    attention backend without full-graph support), the flow stays in the graph, as under FULL graphs.
     """
     cc = compilation_config
     ops = cc.splitting_ops
-    if not (_is(cc.cudagraph_mode, "PIECEWISE") and _is(cc.mode, "VLLM_COMPILE") and ops):
+    if graph_path or not (_piecewise_compiled(cc) and ops):
         return False  # ops empty: the user flattened the graph (no pieces to run the op between)
     if STEER_OP not in ops:
         cc.splitting_ops = [*ops, STEER_OP]
@@ -47,4 +54,4 @@ def flow_runs_as_op(compilation_config: Any, graph_path: bool) -> bool:
     mode = compilation_config.cudagraph_mode
     if mode is None or _is(mode, "NONE"):
         return True
-    return _is(mode, "PIECEWISE") and STEER_OP in (compilation_config.splitting_ops or [])
+    return _piecewise_compiled(compilation_config) and STEER_OP in (compilation_config.splitting_ops or [])

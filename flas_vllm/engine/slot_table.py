@@ -109,8 +109,10 @@ class SlotTableKV(nn.Module):
         if self.flex is not None:
             return self.attend_flex(block, q)
         groups = self.state.groups
-        if groups is None or sum(n if idx is None else len(idx) for _, idx, _ in groups) != n:
-            groups = [(self.max_len, None, self.state.slots(n))]  # traced graphs: one full-length gather
+        # Groups planned for other rows than q's: traced graphs (none planned), or a step that CUDA-graph
+        # padding lengthened (PIECEWISE graphs: the padded tail is slot 0). One full-length gather then.
+        if groups is None or sum(slots.shape[0] for _, _, slots in groups) != n:
+            groups = [(self.max_len, None, self.state.slots(n))]
         out = None if len(groups) == 1 else torch.empty_like(q)
         for length, idx, slots in groups:
             qg = q if idx is None else q.index_select(0, idx)
