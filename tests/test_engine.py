@@ -725,6 +725,19 @@ class TestGraphPath:
             if not req.steered:
                 assert_same(own_solo[req.name], solo[req.name], f"{req.name} (graph path) vs plain Gemma-2")
 
+    def test_the_graph_path_runs_the_flow_on_every_token_and_counts_it(self, graph_llm, tiny_model):
+        """The contrast with MAIN's skip path (test_mixed_batch_runs_the_flow_on_its_steered_tokens_only):
+        traced into the graph, the flow computes every scheduled token of every step, unsteered ones too."""
+        before = graph_llm.concept_stats()
+        results = run(graph_llm, tiny_model, MIXED)
+        after = graph_llm.concept_stats()
+        delta = {k: after[k] - before[k] for k in ("flow_rows", "steered_tokens", "flow_steps")}
+        scheduled = {r.name: len(prompt_ids(tiny_model, r.text)) - (res.num_cached_tokens or 0) + MAX_TOKENS - 1
+                     for r, res in zip(MIXED, results)}
+        assert delta["flow_steps"] >= MAX_TOKENS
+        assert delta["flow_rows"] >= sum(scheduled.values())  # every token (more if a preemption recomputed some)
+        assert delta["flow_rows"] > delta["steered_tokens"] >= sum(scheduled[r.name] for r in MIXED if r.steered)
+
     def test_steered_matches_transformers(self, graph_llm, tiny_model, ckpt2):
         reqs = [r for r in MIXED + N_STEPS_MIX if r.steered]
         outs = run(graph_llm, tiny_model, reqs)

@@ -132,7 +132,8 @@ class FlasRuntime:
     # -- per step -----------------------------------------------------------------
 
     def count_flow_rows(self, steered: int, rows: int) -> None:
-        """A skip-path step ran the flow on `rows` rows for `steered` steered tokens (stats)."""
+        """A step ran the flow on `rows` rows for `steered` steered tokens (stats; the graph path counts
+        a step's tokens before CUDA-graph padding)."""
         self.flow_steps += 1
         self.steered_tokens += steered
         self.flow_rows += rows
@@ -173,6 +174,9 @@ class FlasRuntime:
             rows = rows.all_as(self.profile_row())
         grouped = self.group_by_length and not self.state.profiling
         build_step(self.state, rows, self.table.bucket_len if grouped else None)
+        if not self.group_by_length and not self.state.profiling and self.state.n_tokens:
+            # the graph path: the traced flow runs on every token of every step (the op path counts its own)
+            self.count_flow_rows(self.state.steered_rows, self.state.n_tokens)
 
     def row(self, steer: Steering | None, slot: int) -> RequestRow:
         """A request's row: its Euler steps (or the engine's default), step size and concept slot."""
