@@ -118,9 +118,18 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.distributed.parallel_state:get_tensor_model_parallel_world_size", "engine/model.py"),
     Anchor("vllm.utils.torch_utils:direct_register_custom_op", "engine/model.py",
            ("op_name", "op_func", "mutates_args", "fake_impl")),
-    Anchor("vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm", "engine/model.py",
+    Anchor("vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm", "engine/flow_linears.py",
            ("layer", "remove_weight")),
-    Anchor("vllm.config.compilation:CUDAGraphMode.NONE", "engine/model.py"),
+    # engine/graph_modes.py: the flow's op as a splitting op under PIECEWISE-only graphs (matched by name)
+    *(Anchor(f"vllm.config.compilation:CUDAGraphMode.{name}", "engine/graph_modes.py")
+      for name in ("NONE", "PIECEWISE")),
+    Anchor("vllm.config.compilation:CompilationMode.VLLM_COMPILE", "engine/graph_modes.py"),
+    *(Anchor(f"vllm.config.compilation:CompilationConfig.{name}", "engine/graph_modes.py")
+      for name in ("splitting_ops", "cudagraph_mode", "mode")),
+    Anchor("vllm.compilation.partition_rules:should_split", "engine/graph_modes.py", ("node", "splitting_ops"),
+           contains=("_qualified_op_name in splitting_ops",)),
+    Anchor("vllm.compilation.backends:split_graph", "engine/graph_modes.py", ("graph", "splitting_ops"),
+           contains=("should_split(node, splitting_ops)",)),
     Anchor("vllm.sequence:IntermediateTensors", "engine/model.py"),
     # engine/model_state.py (Model Runner V2)
     Anchor("vllm.v1.worker.gpu.model_states:resolve_model_state_cls", "engine/model.py (get_model_state_cls)",
