@@ -126,10 +126,8 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.config.compilation:CompilationMode.VLLM_COMPILE", "engine/graph_modes.py"),
     *(Anchor(f"vllm.config.compilation:CompilationConfig.{name}", "engine/graph_modes.py")
       for name in ("splitting_ops", "cudagraph_mode", "mode")),
-    Anchor("vllm.compilation.partition_rules:should_split", "engine/graph_modes.py", ("node", "splitting_ops"),
-           contains=("_qualified_op_name in splitting_ops",)),
-    Anchor("vllm.compilation.backends:split_graph", "engine/graph_modes.py", ("graph", "splitting_ops"),
-           contains=("should_split(node, splitting_ops)",)),
+    Anchor("vllm.compilation.partition_rules:should_split | vllm.backends.compiler.partition_rules:should_split",
+           "engine/graph_modes.py", ("node", "splitting_ops"), contains=("_qualified_op_name in splitting_ops",)),
     Anchor("vllm.sequence:IntermediateTensors", "engine/model.py"),
     # engine/model_state.py (Model Runner V2)
     Anchor("vllm.v1.worker.gpu.model_states:resolve_model_state_cls", "engine/model.py (get_model_state_cls)",
