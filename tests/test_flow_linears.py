@@ -16,7 +16,7 @@ from torch import nn
 
 from flas_vllm.core.flow import FlowGeometry, integrate
 from flas_vllm.engine.flow_linears import (FusedLinear, PlatformLinear, prepare_engine_linears,
-                                           use_engine_linears)
+                                           use_engine_linears, use_platform_gemm)
 from tests.test_flow_quirks import full_causal_core, random_flow
 from tests.test_slot_table import G
 
@@ -30,13 +30,8 @@ class _NoConcept:
 def _platform_only(flow: nn.Module) -> nn.Module:
     """The engine's previous flow: every linear through vLLM's CPU GEMM, nothing fused."""
     flow = copy.deepcopy(flow)
-    for parent in list(flow.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PlatformLinear(child))
-    for m in flow.modules():
-        if isinstance(m, PlatformLinear):
-            m.dispatch()
+    use_platform_gemm(flow)
+    prepare_engine_linears(flow)
     return flow
 
 

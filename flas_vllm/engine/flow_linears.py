@@ -129,16 +129,21 @@ def use_engine_linears(flow: FlowFunction, platform_gemm: bool) -> None:
     so torch-only benchmarks (benchmarks/gpu_ceiling.py) run the engine's linears too.
     """
     if platform_gemm:
-        for parent in list(flow.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, PlatformLinear(child))
+        use_platform_gemm(flow)
     for block in flow.blocks:
         if block.has_self:
             a = block.self_attn
             a.qkv_proj = FusedLinear([a.q_proj, a.k_proj, a.v_proj], platform_gemm)
         if block.has_mlp:
             block.gate_up_proj = FusedLinear([block.gate_proj, block.up_proj], platform_gemm)
+
+
+def use_platform_gemm(flow: nn.Module) -> None:
+    """Each of the flow's nn.Linear as a `PlatformLinear` (vLLM's CPU GEMM), nothing fused."""
+    for parent in list(flow.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PlatformLinear(child))
 
 
 def prepare_engine_linears(flow: FlowFunction) -> None:
