@@ -16,6 +16,10 @@ Two things must still see every token of the step:
 - the slot table: it reads the compacted rows' slots from the state (`StepState.slots`).
 
 The graph path (`graph_path`, CUDA graphs) passes `rows=None`: every token, as before.
+
+`integrate_graph_rows` is what a FULL CUDA graph keyed by a steered bucket runs (graph_buckets.py):
+the first b rows of the step's graph row order, all distinct, read from persistent buffers, no
+host-side look at the step beyond b itself.
 """
 
 from __future__ import annotations
@@ -56,11 +60,11 @@ def rows_cores(cores: Sequence[Sequence[SelfAttentionCore | None]], rows: torch.
 
 def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepState, positions: torch.Tensor,
                    stream: torch.Tensor, euler_steps: int, rows: torch.Tensor | None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, distinct: int | None = None) -> torch.Tensor:
     """The stream after the flow, in the stream's dtype: every token (`rows` None) or only `rows`.
 
-    The result is full size (written into `out` when given); with `rows`, only the step's steered
-    tokens are written.
+    The result is full size (written into `out` when given); with `rows`, only their first `distinct`
+    (default: the step's steered tokens) are written.
     """
     buffers = state.buffers
     if rows is None:
@@ -69,9 +73,24 @@ def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepSta
                       token_steps=buffers.euler_steps[:n])
         h = rounded(h.to(stream.dtype))
         return h if out is None else out.copy_(h)
-    steered = state.steered_rows
+    steered = state.steered_rows if distinct is None else distinct
     h = integrate(flow, stream.index_select(0, rows).to(flow.dtype), buffers.dt.index_select(0, rows), euler_steps,
                   positions.index_select(0, rows), concept, rows_cores(cores, rows, steered, stream.shape[0]),
                   token_steps=buffers.euler_steps.index_select(0, rows))
     out = torch.empty_like(stream) if out is None else out
     return out.index_copy_(0, rows[:steered], rounded(h[:steered].to(stream.dtype)))
+
+
+def integrate_graph_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepState, positions: torch.Tensor,
+                         stream: torch.Tensor, euler_steps: int, n_rows: int, out: torch.Tensor) -> torch.Tensor:
+    """The flow on the first `n_rows` of the graph row order (the steered tokens, then distinct others),
+    every row at `euler_steps` masked to its own: what a FULL graph captured for that bucket replays.
+
+    All `n_rows` results are written into `out` (rows not steered are never selected by the model).
+    """
+    if n_rows >= stream.shape[0]:  # every token: no gather, no scatter
+        with state.flow_on_rows(None, None):
+            return integrate_rows(flow, concept, cores, state, positions, stream, euler_steps, None, out)
+    rows = state.buffers.graph_rows[:n_rows]
+    with state.flow_on_rows(rows, state.buffers.slot.index_select(0, rows)):
+        return integrate_rows(flow, concept, cores, state, positions, stream, euler_steps, rows, out, distinct=n_rows)

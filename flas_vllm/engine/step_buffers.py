@@ -37,6 +37,8 @@ class HostStaging:
                         for name, dtype in columns.items()}
         self.order = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # tokens by length
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # the flow's rows
+        # the graph row order (steered tokens first): identity where a step does not write it
+        self.graph_rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)
 
 
 class StepBuffers(nn.Module):
@@ -45,7 +47,9 @@ class StepBuffers(nn.Module):
     `columns`: name -> dtype (or FLOW_DTYPE) of each per-token buffer; the engine's are the fields of
     a request's row (step_state.ROW_DTYPES), each repeated per token. Tokens past the step's count
     (CUDA-graph padding) get zeros: unsteered, slot 0. `order` holds the token order by concept length,
-    `rows` the tokens the flow computes when it runs on the steered tokens only (step_state.build_step).
+    `rows` the tokens the flow computes when it runs on the steered tokens only (step_state.build_step),
+    `graph_rows` every token with the steered ones first, a permutation of all `max_tokens` rows at all
+    times (graph_buckets.py: a FULL graph's flow reads its first b entries).
     """
 
     def __init__(self, max_tokens: int, flow_dtype, device, columns: Mapping[str, object] | None = None):
@@ -56,6 +60,8 @@ class StepBuffers(nn.Module):
                                  persistent=False)
         self.register_buffer("order", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("rows", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("graph_rows", torch.arange(max_tokens, dtype=torch.long, device=device), persistent=False)
+        self._graph_rows_high = 0  # graph_rows past this are the identity
         self._pin = device is not None and torch.device(device).type == "cuda"
         self._flow_dtype = flow_dtype
         self.max_tokens = max_tokens
@@ -96,6 +102,17 @@ class StepBuffers(nn.Module):
     def stage_rows(self, rows: np.ndarray) -> torch.Tensor:
         """The token indices the flow computes this step (its steered tokens, padded) on the device."""
         return self._stage("rows", rows)
+
+    def stage_graph_rows(self, order: np.ndarray) -> None:
+        """The step's graph row order (a permutation of its tokens); the positions after it are the identity,
+        so any prefix of the buffer holds distinct rows, CUDA-graph padding included."""
+        n = len(order)
+        high = max(n, self._graph_rows_high)
+        staged = self._current.graph_rows
+        staged[:n] = torch.from_numpy(order)
+        staged[n:high] = torch.arange(n, high)
+        self.graph_rows[:high].copy_(staged[:high], non_blocking=True)
+        self._graph_rows_high = n
 
     def _stage(self, name: str, values: np.ndarray) -> torch.Tensor:
         n = len(values)

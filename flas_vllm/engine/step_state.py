@@ -24,6 +24,7 @@ steps (one forward pass of the batch, a `StepState`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch
 
 from flas_vllm.core.flow import euler_dt
 from flas_vllm.core.steering import Steering
+from flas_vllm.engine.graph_buckets import graph_row_order
 from flas_vllm.engine.step_buffers import FLOW_DTYPE, StepBuffers
 
 
@@ -128,10 +130,22 @@ class StepState:
     flow_rows: int = 0  # host-side: the rows the flow computes (the skip path: steered, rounded up to a bucket)
     rows: torch.Tensor | None = None  # the flow's rows (token indices, `flow_rows` long); None: every token
     row_slots: torch.Tensor | None = None  # each of those rows' slot (the state's slots gathered by `rows`)
+    graph_rows_wanted: bool = False  # stage the graph row order each step (FULL graphs keyed by steered bucket)
 
     def slots(self, n: int) -> torch.Tensor:
         """The concept slot of each of the flow's `n` rows: its compacted rows' slots, or the first n tokens'."""
         return self.buffers.slot[:n] if self.rows is None else self.row_slots
+
+    @contextlib.contextmanager
+    def flow_on_rows(self, rows: torch.Tensor | None, row_slots: torch.Tensor | None):
+        """While a captured-graph flow runs on `rows` (None: every token): the table reads their slots,
+        full length, no groups."""
+        saved = self.rows, self.row_slots, self.groups
+        self.rows, self.row_slots, self.groups = rows, row_slots, None
+        try:
+            yield
+        finally:
+            self.rows, self.row_slots, self.groups = saved
 
     @classmethod
     def allocate(cls, max_tokens: int, flow_dtype: torch.dtype, device) -> "StepState":
@@ -156,6 +170,8 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     state.steered_rows = len(token_rows)
     state.flow_rows = state.n_tokens if state.any_steered else 0
     state.groups = state.rows = state.row_slots = None
+    if state.graph_rows_wanted:  # read by a FULL graph's flow, whichever bucket the step replays
+        state.buffers.stage_graph_rows(graph_row_order(np.repeat(steered, counts)))
     if bucket_len is None or not state.any_steered:
         return state  # no flow work on the skip path: no groups either
     lengths = bucket_len[np.repeat(rows.columns["slot"], counts)]
