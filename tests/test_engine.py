@@ -683,13 +683,17 @@ class TestConceptSlots:
 # full-length concept gather), forced on CPU, under chunked prefill, preemption and the prefix cache
 
 
+# the forced graph paths' engines: small steps (chunked prefill) and a KV cache small enough to preempt
+GRAPH_ENGINE = dict(max_concepts=MAX_CONCEPTS, max_n_steps=MAX_N_STEPS, graph_path=True, enable_chunked_prefill=True,
+                    max_num_batched_tokens=32, max_num_seqs=16, block_size=32, num_gpu_blocks_override=96,
+                    max_model_len=512, disable_log_stats=False)
+
+
 @pytest.fixture(scope="class")
 def graph_llm(tiny_model, ckpt2):
     t0 = time.perf_counter()
     llm = start_flas(
-        tiny_model, ckpt2, "graph path (compiled)", max_concepts=MAX_CONCEPTS, max_n_steps=MAX_N_STEPS,
-        graph_path=True, enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=16,
-        block_size=32, num_gpu_blocks_override=96, max_model_len=512, disable_log_stats=False,
+        tiny_model, ckpt2, "graph path (compiled)", **GRAPH_ENGINE,
         # its workers can also publish steering through the Model Runner V2 model state (TestGraphPath's last test)
         worker_extension_cls="tests.v2_bridge.V2BridgeWorkerExtension",
     )
@@ -699,6 +703,29 @@ def graph_llm(tiny_model, ckpt2):
 
 
 GRAPH_REQS = MIXED + N_STEPS_MIX
+
+
+def check_mixed_equals_solo(llm, tiny_model, own_solo, solo, label: str) -> None:
+    """GRAPH_REQS twice in one batch (chunked prefill, a forced preemption) equal each run alone; unsteered and
+    T=0 rows equal MAIN's, which TestVanilla pins to plain vLLM Gemma-2."""
+    before = _metric(llm, "vllm:num_preemptions")
+    twice = GRAPH_REQS + GRAPH_REQS
+    for req, res in zip(twice, run(llm, tiny_model, twice)):
+        assert_same(res, own_solo[req.name], f"{req.name} ({label}, mixed batch)")
+    assert _metric(llm, "vllm:num_preemptions") > before, "no preemption was forced"
+    for req in MIXED:
+        if not req.steered:
+            assert_same(own_solo[req.name], solo[req.name], f"{req.name} ({label}) vs plain Gemma-2")
+
+
+def check_steered_matches_transformers(llm, tiny_model, ckpt, label: str) -> None:
+    reqs = [r for r in MIXED + N_STEPS_MIX if r.steered]
+    outs = run(llm, tiny_model, reqs)
+    steerer = hf_steerer(tiny_model, ckpt)
+    for req, res in zip(reqs, outs):
+        ref = steerer.generate([prompt_ids(tiny_model, req.text)], req.concept, req.flowtime,
+                               max_new_tokens=MAX_TOKENS, ignore_eos=True, n_steps=req.n_steps)[0]
+        assert_matches_hf(res, ref, f"{req.name} ({label})")
 
 
 @pytest.fixture(scope="class")
@@ -713,17 +740,7 @@ class TestGraphPath:
         assert graph_llm.concept_stats()["flow_path"] == "graph"
         assert main_llm.concept_stats()["flow_path"] == "skip"
         assert main_llm.concept_stats()["model_runner"] == "v1"
-        reqs = GRAPH_REQS
-        own_solo = graph_solo
-        before = _metric(graph_llm, "vllm:num_preemptions")
-        twice = reqs + reqs
-        for req, res in zip(twice, run(graph_llm, tiny_model, twice)):
-            assert_same(res, own_solo[req.name], f"{req.name} (graph path, mixed batch)")
-        assert _metric(graph_llm, "vllm:num_preemptions") > before, "no preemption was forced"
-        # unsteered and T=0 rows: bit-identical to MAIN's, which TestVanilla pins to plain vLLM Gemma-2
-        for req in MIXED:
-            if not req.steered:
-                assert_same(own_solo[req.name], solo[req.name], f"{req.name} (graph path) vs plain Gemma-2")
+        check_mixed_equals_solo(graph_llm, tiny_model, graph_solo, solo, "graph path")
 
     def test_the_graph_path_runs_the_flow_on_every_token_and_counts_it(self, graph_llm, tiny_model):
         """The contrast with MAIN's skip path (test_mixed_batch_runs_the_flow_on_its_steered_tokens_only):
@@ -739,13 +756,7 @@ class TestGraphPath:
         assert delta["flow_rows"] > delta["steered_tokens"] >= sum(scheduled[r.name] for r in MIXED if r.steered)
 
     def test_steered_matches_transformers(self, graph_llm, tiny_model, ckpt2):
-        reqs = [r for r in MIXED + N_STEPS_MIX if r.steered]
-        outs = run(graph_llm, tiny_model, reqs)
-        steerer = hf_steerer(tiny_model, ckpt2)
-        for req, res in zip(reqs, outs):
-            ref = steerer.generate([prompt_ids(tiny_model, req.text)], req.concept, req.flowtime,
-                                   max_new_tokens=MAX_TOKENS, ignore_eos=True, n_steps=req.n_steps)[0]
-            assert_matches_hf(res, ref, f"{req.name} (graph path)")
+        check_steered_matches_transformers(graph_llm, tiny_model, ckpt2, "graph path")
 
     def test_prefix_cache_is_shared_only_by_identical_steering(self, graph_llm, tiny_model):
         a = Req("prefix-love", PREFIX_LONG, LOVE, 1.0)
@@ -790,3 +801,64 @@ class TestGraphPath:
         # and V1 publishes again afterwards
         res = run(graph_llm, tiny_model, [MIXED[2]])[0]
         assert_same(res, graph_solo[MIXED[2].name], "V1 again after the V2 bridge")
+
+
+# ---------------------------------------------------------------------------
+# the bucketed graph path: what FULL CUDA graphs keyed by the steered bucket run (flow_graphs="bucketed")
+
+BUCKET_MIN = 4  # FLAS_VLLM_GRAPH_BUCKET_MIN for this engine: buckets below its 32-token steps
+
+
+def expected_bucket(steered: int, tokens: int) -> int:
+    """The ladder as graph_buckets.py documents it: {0, N} and N/8, N/4, N/2 (rounded up) of at least BUCKET_MIN."""
+    ladder = {0, tokens} | {-(-tokens // f) for f in (8, 4, 2) if -(-tokens // f) >= BUCKET_MIN}
+    return min(b for b in ladder if b >= steered)
+
+
+@pytest.fixture(scope="class")
+def bucketed_llm(tiny_model, ckpt2):
+    from flas_vllm.engine.graph_buckets import MIN_BUCKET_ENV
+
+    t0 = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(MIN_BUCKET_ENV, str(BUCKET_MIN))  # read once, when the engine builds its model
+        llm = start_flas(tiny_model, ckpt2, "bucketed graph path", flow_graphs="bucketed", **GRAPH_ENGINE)
+    yield llm
+    TIMINGS["bucketed total"] = time.perf_counter() - t0
+    shutdown_engine(llm)
+
+
+@pytest.fixture(scope="class")
+def bucketed_solo(bucketed_llm, tiny_model) -> dict[str, Result]:
+    return {r.name: run(bucketed_llm, tiny_model, [r])[0] for r in GRAPH_REQS}
+
+
+class TestBucketedGraphPath:
+    """Every step run as a FULL graph captured for its steered bucket would run it (graph_path forces it on
+    CPU, where no graph is captured): the flow on the bucket's rows, graph-safe, at max Euler steps masked
+    to each request's own."""
+
+    def test_mixed_batch_equals_solo_and_unsteered_equals_plain_gemma2(self, bucketed_llm, tiny_model, solo,
+                                                                       bucketed_solo):
+        assert bucketed_llm.concept_stats()["flow_path"] == "bucketed"
+        check_mixed_equals_solo(bucketed_llm, tiny_model, bucketed_solo, solo, "bucketed graph path")
+
+    def test_each_step_computes_its_steered_bucket(self, bucketed_llm, tiny_model):
+        """The issue's counter: per step, the flow's rows are the steered tokens rounded up to the bucket."""
+        rpc = bucketed_llm.llm.collective_rpc
+        logged = len(rpc("flas_flow_log")[0])
+        before = bucketed_llm.concept_stats()
+        results = run(bucketed_llm, tiny_model, MIXED)
+        after = bucketed_llm.concept_stats()
+        steps = rpc("flas_flow_log")[0][logged:]
+        assert steps and len(steps) == after["flow_steps"] - before["flow_steps"]
+        for tokens, steered, rows in steps:
+            assert 0 < steered <= rows == expected_bucket(steered, tokens), (tokens, steered, rows)
+        assert any(rows < tokens for tokens, _, rows in steps), "no step ran fewer rows than tokens"
+        assert after["flow_rows"] - before["flow_rows"] == sum(rows for _, _, rows in steps)
+        scheduled = {r.name: len(prompt_ids(tiny_model, r.text)) - (res.num_cached_tokens or 0) + MAX_TOKENS - 1
+                     for r, res in zip(MIXED, results)}
+        assert after["steered_tokens"] - before["steered_tokens"] == sum(scheduled[r.name] for r in MIXED if r.steered)
+
+    def test_steered_matches_transformers(self, bucketed_llm, tiny_model, ckpt2):
+        check_steered_matches_transformers(bucketed_llm, tiny_model, ckpt2, "bucketed graph path")

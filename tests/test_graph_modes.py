@@ -15,7 +15,8 @@ import torch.fx
 from vllm.compilation.backends import split_graph
 from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
-from flas_vllm.engine.graph_modes import STEER_OP, flow_runs_as_op, split_piecewise_graphs_at_the_flow
+from flas_vllm.engine.graph_modes import (STEER_OP, flow_runs_as_op, op_runs_between_pieces,
+                                         split_piecewise_graphs_at_the_flow)
 from flas_vllm.engine.model import register_steer_op
 
 ATTENTION = "vllm::unified_attention_with_output"
@@ -58,6 +59,22 @@ def test_full_graphs_keep_the_flow_in_the_graph(mode):
     assert not split_piecewise_graphs_at_the_flow(cc)
     assert list(cc.splitting_ops or []) == before
     assert not flow_runs_as_op(cc, graph_path=False)
+
+
+@pytest.mark.parametrize("mode", [CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.PIECEWISE])
+def test_bucketed_full_graphs_run_the_op_everywhere_and_between_pieces_where_there_are_pieces(mode):
+    """flow_graphs="bucketed": the op in every mode; FULL_AND_PIECEWISE's pieces are cut around it too, so its
+    PIECEWISE steps (prefill) run it eagerly on their steered tokens (FULL steps replay a bucket's graph)."""
+    cc = _config(mode)
+    assert split_piecewise_graphs_at_the_flow(cc, flow_graphs="bucketed") and STEER_OP in cc.splitting_ops
+    assert flow_runs_as_op(cc, graph_path=False, flow_graphs="bucketed")
+    assert op_runs_between_pieces(cc, "bucketed")
+    assert not op_runs_between_pieces(cc, "traced") or mode == CUDAGraphMode.PIECEWISE
+    full = _config(CUDAGraphMode.FULL)  # one graph, no pieces: the op is captured inside it
+    assert not split_piecewise_graphs_at_the_flow(full, flow_graphs="bucketed")
+    assert flow_runs_as_op(full, graph_path=False, flow_graphs="bucketed") and not op_runs_between_pieces(full, "bucketed")
+    forced = _config(mode)  # graph_path with bucketed: the op too (its graph-safe rows on every step)
+    assert flow_runs_as_op(forced, graph_path=True, flow_graphs="bucketed")
 
 
 def test_no_graphs_run_the_op_and_a_flat_graph_is_left_alone():

@@ -120,6 +120,10 @@ def test_engine_options_are_parsed_once_per_process_and_refused_as_config_errors
     first = FlasEngineOptions.from_mapping({"checkpoint": "c", "max_concepts": 4})
     assert FlasEngineOptions.from_mapping({"max_concepts": 4, "checkpoint": "c"}) is first  # cached
     assert FlasEngineOptions.from_mapping({"checkpoint": "c", "graph_path": True}).graph_path is True
+    assert FlasEngineOptions.from_mapping({"checkpoint": "c"}).flow_graphs == "traced"
+    assert FlasEngineOptions.from_mapping({"checkpoint": "c", "flow_graphs": "bucketed"}).flow_graphs == "bucketed"
+    with pytest.raises(FlasConfigError, match="flow_graphs must be one of 'traced', 'bucketed', got 'buckets'"):
+        FlasEngineOptions.from_mapping({"checkpoint": "c", "flow_graphs": "buckets"})
     with pytest.raises(FlasConfigError, match="graph_path must be a boolean, got 1"):  # 1 == True, not alike
         FlasEngineOptions.from_mapping({"checkpoint": "c", "graph_path": 1})
     with pytest.raises(FlasConfigError, match="max_concepts must be an integer >= 1, got 0"):

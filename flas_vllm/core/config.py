@@ -208,7 +208,11 @@ ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     "max_flowtime": 8.0,
     "max_concept_bytes": 2048,
     "graph_path": False,
+    "flow_graphs": "traced",
 }
+# What a FULL CUDA graph holds of the flow (engine/graph_modes.py): "traced", the flow compiled into the
+# graph on every token; "bucketed", the flow's op captured once per steered bucket (engine/graph_buckets.py).
+FLOW_GRAPHS_CHOICES = ("traced", "bucketed")
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,9 @@ class FlasEngineOptions:
     # Force the CUDA-graph-safe flow path (flow on every token, torch.where for unsteered ones, full-length
     # concept gather) where vLLM would take the eager skip path: how CI runs the path GPUs capture.
     graph_path: bool = ENGINE_OPTION_DEFAULTS["graph_path"]
+    # What FULL CUDA graphs (and the forced graph path) run of the flow: FLOW_GRAPHS_CHOICES. "bucketed" is
+    # opt-in until it has run on a GPU (no GPU with vLLM was at hand when it was built).
+    flow_graphs: str = ENGINE_OPTION_DEFAULTS["flow_graphs"]
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "FlasEngineOptions":
@@ -263,6 +270,10 @@ class FlasEngineOptions:
                 f"flas option max_n_steps must be an integer >= max(1, n_steps), got {opts.max_n_steps!r}")
         if not isinstance(opts.graph_path, bool):
             raise FlasConfigError(f"flas option graph_path must be a boolean, got {opts.graph_path!r}")
+        if opts.flow_graphs not in FLOW_GRAPHS_CHOICES:
+            raise FlasConfigError(
+                f"flas option flow_graphs must be one of {', '.join(map(repr, FLOW_GRAPHS_CHOICES))}, "
+                f"got {opts.flow_graphs!r}")
         if not isinstance(opts.max_concepts, int) or opts.max_concepts < 1:
             raise FlasConfigError(f"flas option max_concepts must be an integer >= 1, got {opts.max_concepts!r}")
         if not isinstance(opts.max_pinned, int) or opts.max_pinned < 0:

@@ -154,8 +154,8 @@ def check_vllm_config(vllm_config: Any) -> None:
     check_concept_attention()
     stamp_fingerprint(vllm_config.model_config.hf_config)
     keep_flow_kv_unquantized(vllm_config.cache_config, vllm_config.model_config.hf_config)
-    graph_path = FlasEngineOptions.from_hf_config(vllm_config.model_config.hf_config).graph_path
-    split_piecewise_graphs_at_the_flow(vllm_config.compilation_config, graph_path)
+    options = FlasEngineOptions.from_hf_config(vllm_config.model_config.hf_config)
+    split_piecewise_graphs_at_the_flow(vllm_config.compilation_config, options.graph_path, options.flow_graphs)
 
 
 def flow_layer_indices(num_hidden_layers: int, max_n_steps: int, num_blocks: int) -> list[int]:

@@ -129,6 +129,27 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.compilation.partition_rules:should_split | vllm.backends.compiler.partition_rules:should_split",
            "engine/graph_modes.py", ("node", "splitting_ops"), contains=("_qualified_op_name in splitting_ops",)),
     Anchor("vllm.sequence:IntermediateTensors", "engine/model.py"),
+    # engine/patches/graph_dispatch.py, engine/model.py: FULL graphs keyed by the steered bucket (flow_graphs="bucketed")
+    *(Anchor(f"vllm.config.compilation:CUDAGraphMode.{name}", "engine/graph_modes.py, patches/graph_dispatch.py")
+      for name in ("FULL", "FULL_AND_PIECEWISE")),
+    Anchor("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher.get_capture_descs", "patches/graph_dispatch.py",
+           ("self",)),
+    Anchor("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher.dispatch", "patches/graph_dispatch.py",
+           ("self", "num_tokens")),
+    Anchor(f"{_RUNNER}._warmup_and_capture", "patches/graph_dispatch.py", ("self", "desc", "cudagraph_runtime_mode"),
+           contains=("self._dummy_run(",)),
+    Anchor(f"{_RUNNER}._capture_cudagraphs", "patches/graph_dispatch.py", ("self", "batch_descriptors"),
+           contains=("self._warmup_and_capture(",)),
+    Anchor(f"{_RUNNER}.capture_model", "patches/graph_dispatch.py", ("self",),
+           contains=("self.cudagraph_dispatcher.get_capture_descs()",)),
+    Anchor(f"{_RUNNER}._determine_batch_execution_and_padding", "patches/graph_dispatch.py", ("self", "num_tokens"),
+           contains=("self.cudagraph_dispatcher.dispatch(",)),
+    Anchor(f"{_RUNNER}.execute_model", "patches/graph_dispatch.py (a step publishes before it dispatches)",
+           contains=("self._prepare_inputs(", "self._determine_batch_execution_and_padding(")),
+    *(Anchor(f"vllm.forward_context:BatchDescriptor.{name}", "patches/graph_dispatch.py")
+      for name in ("num_tokens", "num_active_loras")),
+    *(Anchor(f"vllm.forward_context:ForwardContext.{name}", "engine/model.py (FlasSteer._graph_flow_rows)")
+      for name in ("cudagraph_runtime_mode", "batch_descriptor")),
     # engine/model_state.py (Model Runner V2)
     Anchor("vllm.v1.worker.gpu.model_states:resolve_model_state_cls", "engine/model.py (get_model_state_cls)",
            ("vllm_config", "model"), contains=('hasattr(model, "get_model_state_cls")', "model.get_model_state_cls()")),

@@ -10,9 +10,14 @@ The flow can run two ways (engine/model.py):
 Without CUDA graphs the op is used. With PIECEWISE-only CUDA graphs (`cudagraph_mode=PIECEWISE`,
 chosen by the user) the op joins vLLM's splitting ops: the graph is cut around it as around
 attention, the pieces are captured, and the op runs eagerly between them, so the op is used there
-too. With FULL graphs (vLLM's default, FULL_AND_PIECEWISE, captures whole decode steps) the flow
-stays in the graph: see the README's "Under CUDA graphs" for why and what would change that.
-`graph_path` forces the graph path anywhere (the CPU tests of what FULL graphs run).
+too. With FULL graphs (vLLM's default, FULL_AND_PIECEWISE, captures whole decode steps) the engine
+option `flow_graphs` decides:
+- "traced" (the default): the flow stays in the graph, on every token;
+- "bucketed": the op is used in every mode and joins the splitting ops wherever there are pieces;
+  each FULL graph is captured once per steered bucket, the op running the flow graph-safe on that
+  many rows (graph_buckets.py, patches/graph_dispatch.py); PIECEWISE and eager steps run it as above.
+`graph_path` forces what FULL graphs run onto every step (the CPU tests of what FULL graphs run):
+the traced flow, or with "bucketed" the op's graph-safe rows.
 """
 
 from __future__ import annotations
@@ -26,32 +31,51 @@ def _is(mode: Any, name: str) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) == name
 
 
-def _piecewise_compiled(cc: Any) -> bool:
-    """PIECEWISE-only graphs over vLLM's compiled, split graph (breakable CUDA graphs compile nothing)."""
-    return _is(cc.cudagraph_mode, "PIECEWISE") and _is(cc.mode, "VLLM_COMPILE")
+def _piecewise_compiled(cc: Any, bucketed: bool = False) -> bool:
+    """Graph pieces over vLLM's compiled, split graph (breakable CUDA graphs compile nothing): PIECEWISE-only
+    graphs, and with bucketed FULL graphs any mode that also captures pieces (FULL_AND_PIECEWISE)."""
+    mode = cc.cudagraph_mode
+    pieces = _is(mode, "PIECEWISE") or (bucketed and _is(mode, "FULL_AND_PIECEWISE"))
+    return pieces and _is(cc.mode, "VLLM_COMPILE")
 
 
-def split_piecewise_graphs_at_the_flow(compilation_config: Any, graph_path: bool = False) -> bool:
-    """Front end: under PIECEWISE-only graphs with vLLM's compile, add the flow's op to the splitting ops.
+def split_piecewise_graphs_at_the_flow(compilation_config: Any, graph_path: bool = False,
+                                       flow_graphs: str = "traced") -> bool:
+    """Front end: where vLLM captures graph pieces over its compiled graph, add the flow's op to the splitting ops.
 
     Returns whether the flow runs as the op between graph pieces. Other modes are left as they are.
     The mode is the one configured: should vLLM fall back to PIECEWISE later, in the worker (an
-    attention backend without full-graph support), the flow stays in the graph, as under FULL graphs.
+    attention backend without full-graph support), a traced flow stays in the graph, as under FULL
+    graphs, and a bucketed one runs graph-safe on every token inside its piece.
     """
     cc = compilation_config
     ops = cc.splitting_ops
-    if graph_path or not (_piecewise_compiled(cc) and ops):
+    bucketed = flow_graphs == "bucketed"
+    if (graph_path and not bucketed) or not (_piecewise_compiled(cc, bucketed) and ops):
         return False  # ops empty: the user flattened the graph (no pieces to run the op between)
     if STEER_OP not in ops:
         cc.splitting_ops = [*ops, STEER_OP]
     return True
 
 
-def flow_runs_as_op(compilation_config: Any, graph_path: bool) -> bool:
-    """In the worker: does the flow run as the opaque op (no graphs, or between PIECEWISE pieces)?"""
+def flow_runs_as_op(compilation_config: Any, graph_path: bool, flow_graphs: str = "traced") -> bool:
+    """In the worker: does the flow run as the opaque op (no graphs, between PIECEWISE pieces, or bucketed)?"""
+    if flow_graphs == "bucketed":
+        return True
     if graph_path:
         return False
     mode = compilation_config.cudagraph_mode
     if mode is None or _is(mode, "NONE"):
         return True
-    return _piecewise_compiled(compilation_config) and STEER_OP in (compilation_config.splitting_ops or [])
+    return op_runs_between_pieces(compilation_config)
+
+
+def op_runs_between_pieces(compilation_config: Any, flow_graphs: str = "traced") -> bool:
+    """Does vLLM run the flow's op eagerly between the pieces of its compiled, split graph?"""
+    cc = compilation_config
+    return _piecewise_compiled(cc, flow_graphs == "bucketed") and STEER_OP in (cc.splitting_ops or [])
+
+
+def is_mode(mode: Any, name: str) -> bool:
+    """`mode` (a vLLM CUDAGraphMode, or None) is the one named."""
+    return _is(mode, name)

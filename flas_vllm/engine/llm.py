@@ -47,6 +47,7 @@ def flas_engine_kwargs(
     max_flowtime: float | None = None,
     max_pinned: int | None = None,
     graph_path: bool | None = None,
+    flow_graphs: str | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """vLLM engine arguments that load `model` (any supported family) as its FLAS architecture.
@@ -57,7 +58,8 @@ def flas_engine_kwargs(
     base = base_model_config(model, **vllm_kwargs)
     flas: dict[str, Any] = {"checkpoint": str(flas_checkpoint)}
     for key, value in (("n_steps", n_steps), ("max_n_steps", max_n_steps), ("max_concepts", max_concepts),
-                       ("max_flowtime", max_flowtime), ("max_pinned", max_pinned), ("graph_path", graph_path)):
+                       ("max_flowtime", max_flowtime), ("max_pinned", max_pinned), ("graph_path", graph_path),
+                       ("flow_graphs", flow_graphs)):
         if value is not None:
             flas[key] = value
     if "kv_cache_memory_bytes" not in vllm_kwargs and "gpu_memory_utilization" not in vllm_kwargs and _on_cpu():
@@ -93,7 +95,7 @@ class FlasLLM:
     def __init__(self, model: str, flas_checkpoint: str, *, n_steps: int | None = None,
                  max_n_steps: int | None = None, max_concepts: int | None = None,
                  max_flowtime: float | None = None, max_pinned: int | None = None, graph_path: bool | None = None,
-                 **vllm_kwargs: Any):
+                 flow_graphs: str | None = None, **vllm_kwargs: Any):
         from vllm import LLM  # lazy: vllm is heavy
 
         from flas_vllm.core.checkpoint import read_checkpoint_config  # lazy: torch, via core.checkpoint
@@ -102,7 +104,7 @@ class FlasLLM:
         self.prompt_format = read_checkpoint_config(flas_checkpoint).prompt_format
         kwargs = flas_engine_kwargs(model, flas_checkpoint, n_steps=n_steps, max_n_steps=max_n_steps,
                                     max_concepts=max_concepts, max_flowtime=max_flowtime, max_pinned=max_pinned,
-                                    graph_path=graph_path, **vllm_kwargs)
+                                    graph_path=graph_path, flow_graphs=flow_graphs, **vllm_kwargs)
         kwargs.setdefault("worker_extension_cls", "flas_vllm.engine.worker_ext.FlasWorkerExtension")
         self.options = FlasEngineOptions.from_mapping(kwargs["hf_overrides"]["flas"])  # checked before any load
         self.llm = LLM(**kwargs)

@@ -40,8 +40,8 @@ from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, chec
 from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
-from flas_vllm.engine.flow_rows import integrate_rows
-from flas_vllm.engine.graph_modes import flow_runs_as_op
+from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows
+from flas_vllm.engine.graph_modes import flow_runs_as_op, is_mode, op_runs_between_pieces
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import StepState
@@ -165,14 +165,22 @@ class FlasSteer(nn.Module):
         )
         # Without CUDA graphs (CPU, enforce_eager) and between PIECEWISE graph pieces the flow runs as an
         # opaque op that skips all flow work in steps where no token is steered and runs only the steered
-        # tokens otherwise. FULL graphs cannot branch on data, so there the flow stays in the graph on
-        # every token and torch.where keeps unsteered tokens untouched (graph_modes.py).
-        self.skip_unsteered = flow_runs_as_op(vllm_config.compilation_config, self.flas_options.graph_path)
+        # tokens otherwise. FULL graphs cannot branch on data: there the flow stays in the graph on every
+        # token and torch.where keeps unsteered tokens untouched, or (flow_graphs="bucketed") the op is
+        # captured once per steered bucket (graph_modes.py, graph_buckets.py).
+        cc = vllm_config.compilation_config
+        opts = self.flas_options
+        self.skip_unsteered = flow_runs_as_op(cc, opts.graph_path, opts.flow_graphs)
+        self.bucketed = opts.flow_graphs == "bucketed"
+        self.forced_graph_rows = self.bucketed and opts.graph_path  # every step as a bucketed FULL graph runs it
+        self.op_split = op_runs_between_pieces(cc, opts.flow_graphs)
         self.target = f"{prefix}.flas"
         if self.skip_unsteered:
             register_steer_op()
-            vllm_config.compilation_config.static_forward_context[self.target] = self  # found by name
+            cc.static_forward_context[self.target] = self  # found by name
             self.runtime.group_by_length = True
+            self.runtime.flow_path = "bucketed" if self.bucketed else "skip"
+        self.state.graph_rows_wanted = self.bucketed
         logger.info(
             "FLAS: %s base, checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), "
             "%d concept slots, %d extra KV layers", geometry.model_type, ckpt.path, ckpt.fingerprint, self.layer,
@@ -196,8 +204,20 @@ class FlasSteer(nn.Module):
         return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, flowed, residual)
 
     def steer_into(self, positions, stream, out) -> None:
-        """The skip path (eager, inside the opaque op): flow work only on a step's steered tokens."""
+        """Inside the opaque op: the flow on the rows a captured graph holds, or (eager) on the step's steered tokens."""
         state = self.state
+        n_rows = self._graph_flow_rows(stream.shape[0])
+        if n_rows is not None:
+            # What a FULL graph keyed by its steered bucket runs: the first n_rows of the graph row order,
+            # persistent buffers only, no look at the step's data (graph_buckets.py).
+            if state.profiling:  # a dummy batch or a capture
+                self.runtime.profile_flow_rows += n_rows
+            elif self.forced_graph_rows and n_rows:  # a real step run as its graph would (CPU tests); replays count at dispatch
+                self.runtime.count_flow_rows(state.steered_rows, n_rows)
+            if n_rows:
+                integrate_graph_rows(self.flow, self.table, self._cores, state, positions, stream, self.max_n_steps,
+                                     n_rows, out)
+            return
         if not state.any_steered:  # a host-side fact of the step: no device sync
             return  # no row is selected; unsteered requests never read flow KV
         if state.profiling:  # a dummy batch: every token is steered (counted for the memory-profiling test)
@@ -209,6 +229,22 @@ class FlasSteer(nn.Module):
         # never reads the flow KV of Euler steps beyond its own.
         integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
                        state.rows, out)
+
+    def _graph_flow_rows(self, n: int) -> int | None:
+        """The flow rows of the CUDA graph this call is captured into (None: no graph, run eagerly).
+
+        Under a FULL graph: the bucket in the step's batch descriptor (patches/graph_dispatch.py), every
+        token if it has none. Inside a PIECEWISE piece (the op not split out): every token.
+        """
+        context = get_forward_context()
+        mode = getattr(context, "cudagraph_runtime_mode", None)
+        if is_mode(mode, "FULL"):
+            return getattr(context.batch_descriptor, "flow_rows", n)
+        if is_mode(mode, "PIECEWISE") and not self.op_split:
+            return n
+        if self.forced_graph_rows:
+            return self.runtime.graph_flow_rows(n)
+        return None
 
     def _integrate(self, positions, stream, euler_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""

@@ -13,6 +13,7 @@ CUDA graph) reads.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -24,6 +25,7 @@ from torch import nn
 
 from flas_vllm.core.concept import tokenize_concept
 from flas_vllm.engine.concept_cache import ConceptSlots
+from flas_vllm.engine.graph_buckets import graph_flow_rows, min_bucket
 from flas_vllm.core.concept_encoder import encode_with_decoder
 from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.flow import FlowFunction, dense_causal_attention
@@ -32,6 +34,8 @@ from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step, request_row
 
 logger = logging.getLogger(__name__)
+
+FLOW_LOG_STEPS = 4096  # steps whose flow rows the runtime remembers (tests, debugging)
 
 
 class FlasRuntime:
@@ -58,7 +62,11 @@ class FlasRuntime:
         self.profile_flow_rows = 0  # tokens the flow ran on in dummy batches (counted on the skip path)
         # the skip path's real steps: rows the flow computed (bucket-padded), steered tokens, steps with flow work
         self.flow_rows = self.steered_tokens = self.flow_steps = 0
+        self.flow_log: collections.deque = collections.deque(maxlen=FLOW_LOG_STEPS)  # recent (tokens, steered, rows)
         self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
+        self.flow_path = "graph"  # "skip" (the op), "bucketed" (the op, bucketed FULL graphs) or "graph" (traced)
+        self.capture_rows: int | None = None  # the bucket a FULL graph is being captured for (`capturing`)
+        self.graph_bucket_min = min_bucket()  # the smallest bucket below a graph's size (graph_buckets.py)
         self.model_runner = "v1"  # which vLLM runner publishes the steps: "v2" once its model state exists
 
     # -- concepts ---------------------------------------------------------------
@@ -123,7 +131,7 @@ class FlasRuntime:
         out = self.slots.snapshot()
         out["steered_requests"] = self.steered_requests
         out["concepts"] = self.slots.entries()
-        out["flow_path"] = "skip" if self.group_by_length else "graph"  # eager skip path, or CUDA-graph-safe
+        out["flow_path"] = self.flow_path
         out["model_runner"] = self.model_runner
         out["profile_flow_rows"] = self.profile_flow_rows
         out["flow_rows"], out["steered_tokens"], out["flow_steps"] = self.flow_rows, self.steered_tokens, self.flow_steps
@@ -137,6 +145,25 @@ class FlasRuntime:
         self.flow_steps += 1
         self.steered_tokens += steered
         self.flow_rows += rows
+        self.flow_log.append((self.state.n_tokens, steered, rows))
+
+    def graph_flow_rows(self, num_tokens: int) -> int:
+        """The steered bucket of this step at `num_tokens` (padded) tokens: the FULL graph it replays
+        (graph_buckets.py). While a graph is captured, its bucket; in other dummy batches, every token."""
+        if self.capture_rows is not None:
+            return min(self.capture_rows, num_tokens)
+        if self.state.profiling:
+            return num_tokens
+        return graph_flow_rows(self.state.steered_rows, num_tokens, self.graph_bucket_min)
+
+    @contextlib.contextmanager
+    def capturing(self, rows: int | None):
+        """vLLM captures a FULL graph for the steered bucket `rows` (patches/graph_dispatch.py)."""
+        self.capture_rows = rows
+        try:
+            yield
+        finally:
+            self.capture_rows = None
 
     def finish(self, rid: str) -> None:
         """Drop a finished or aborted request and release its concept slot reference."""

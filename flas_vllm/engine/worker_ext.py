@@ -20,6 +20,10 @@ class FlasWorkerExtension:
     def flas_stats(self) -> dict:
         return self._flas_runtime().stats()
 
+    def flas_flow_log(self) -> list[tuple[int, int, int]]:
+        """The latest steps with flow work: (tokens, steered tokens, rows the flow computed), oldest first."""
+        return list(self._flas_runtime().flow_log)
+
     def flas_kv_cache_dtypes(self) -> dict[str, tuple[str, str]]:
         """Per paged attention layer: (its kv_cache_dtype setting, dtype of its bound cache tensor)."""
         from vllm.model_executor.layers.attention import Attention  # lazy: vllm; this runs only inside its worker

@@ -63,7 +63,8 @@ def wrap_once(owner, name: str, make_wrapper) -> bool:
 
 def install_all() -> None:
     check_vllm_version()
-    from . import admission, cpu_seeded_rewind, dummy_runs, engine_config, runner_hook, scheduler_admission  # cycle: each patch imports wrap_once from this package
+    from . import (  # cycle: each patch imports wrap_once from this package
+        admission, cpu_seeded_rewind, dummy_runs, engine_config, graph_dispatch, runner_hook, scheduler_admission)
 
     runner_hook.install()
     dummy_runs.install()
@@ -71,3 +72,4 @@ def install_all() -> None:
     admission.install()
     scheduler_admission.install()
     cpu_seeded_rewind.install()
+    graph_dispatch.install()

@@ -20,6 +20,7 @@ import contextlib
 import functools
 
 from . import wrap_once
+from .graph_dispatch import attach
 
 
 def _make(original):
@@ -27,6 +28,8 @@ def _make(original):
     def _dummy_run(self, *args, **kwargs):
         model = getattr(self, "model", None)  # absent before load_model
         profiling = getattr(model, "flas_profiling", None) if model is not None else None
+        if profiling is not None:
+            attach(self)  # before vLLM lists the graphs to capture (graph_dispatch.py)
         with profiling() if profiling is not None else contextlib.nullcontext():
             return original(self, *args, **kwargs)
 

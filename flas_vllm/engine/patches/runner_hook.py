@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 from . import wrap_once
+from .graph_dispatch import attach
 
 
 def _make(original):
@@ -27,6 +28,7 @@ def _make(original):
         model = self.get_model()
         prepare = getattr(model, "flas_prepare_step", None)
         if prepare is not None:
+            attach(self)  # before this step's dispatch (graph_dispatch.py)
             num_reqs = self.input_batch.num_reqs
             prepare(self.input_batch.req_ids[:num_reqs], num_scheduled_tokens, self.requests)
         return result
