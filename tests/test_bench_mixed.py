@@ -87,6 +87,16 @@ def test_graph_path_flag_reaches_the_config_and_the_file_names(monkeypatch, tmp_
     assert dataclasses.asdict(graph)["graph_path"] is True  # the JSON's config is asdict(cfg)
 
 
+def test_flow_graphs_flag_reaches_the_config_and_the_file_names(monkeypatch, tmp_path):
+    bucketed = _bench_config(monkeypatch, "--out", str(tmp_path), "--graph-path", "--flow-graphs", "bucketed")
+    assert bucketed.flow_graphs == "bucketed" and bucketed.stem == "bench_fixture-graph-path-bucketed"
+    assert _bench_config(monkeypatch, "--out", str(tmp_path), "--flow-graphs", "bucketed").stem == \
+        "bench_fixture-bucketed"  # a GPU run with bucketed FULL graphs: beside the default, never over it
+    result = CliRunner().invoke(app, ["bench", "--model", "fixture", "--ks", "1", "--num-prompts", "4", "--no-hf",
+                                      "--flow-graphs", "buckets"])
+    assert result.exit_code != 0 and "flow_graphs must be one of traced, bucketed, got 'buckets'" in result.output
+
+
 def test_readme_table_adds_the_graph_path_run_found_next_to_the_default_one(tmp_path):
     report = _report()
     src = tmp_path / "bench_bench-2b-shape.json"
@@ -108,7 +118,17 @@ def test_readme_table_adds_the_graph_path_run_found_next_to_the_default_one(tmp_
                         "| unsteered requests in them (decode speed, TPOT p50) | | 0.91 / 0.88 |"]
     assert table.endswith(README_END)
 
+    bucketed = _add_mixed(_report(), runs=((10, 26, 270.0, 0.96, 0.97), (50, 128, 250.0, 0.89, 0.9)))
+    bucketed["config"].update(graph_path=True, flow_graphs="bucketed")
+    (tmp_path / "bench_bench-2b-shape-graph-path-bucketed.json").write_text(json.dumps(bucketed))
+    three = readme_table_from(src)
+    assert three.startswith(table[:-len(README_END)])  # the two tables of before, then the bucketed run's
+    third = three.split("**Forced bucketed graph path** (`flas-vllm bench --graph-path --flow-graphs bucketed`)")[1]
+    assert "| flas-vllm mixed, 10% / 50% steered | 270 / 250 | 0.96 / 0.89 |" in third
+
     with pytest.raises(ValueError, match="pass the default run's JSON"):
         readme_table(graph)
+    with pytest.raises(ValueError, match="pass the default run's JSON"):
+        readme_table(bucketed)
     with pytest.raises(ValueError, match="not 'bench-2b-shape'"):
         readme_table(report, dict(graph, config=dict(graph["config"], model="fixture")))

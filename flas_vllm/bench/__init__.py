@@ -65,10 +65,18 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
         "each vLLM engine first runs an untimed warm-up batch (the workload's prompts, 2 output tokens; "
         "half of them steered on the FLAS engine); the transformers path warms up on one batch",
     ]
-    if cfg.graph_path:
+    if cfg.graph_path and cfg.flow_graphs == "bucketed":
+        notes.append("the FLAS engine is forced onto the bucketed graph path (graph_path, flow_graphs=bucketed): "
+                     "every step runs the flow as a FULL CUDA graph keyed by its steered bucket would, on its steered "
+                     "tokens rounded up to the bucket, graph-safe (full-length concept gather, max Euler steps masked "
+                     "per request); without graph replay (CPU) this shows that path's rows, not its launch savings")
+    elif cfg.graph_path:
         notes.append("the FLAS engine is forced onto the CUDA-graph-safe flow path (graph_path): the flow runs on "
                      "every token of every step and torch.where keeps unsteered tokens untouched, as in a captured "
                      "CUDA graph; without graph replay (CPU, eager) this shows that path's cost, not its savings")
+    elif cfg.flow_graphs == "bucketed":
+        notes.append("flow_graphs=bucketed: FULL CUDA graphs keyed by the step's steered bucket; without CUDA graphs "
+                     "(CPU) the engine runs the skip path exactly as by default")
     if max(cfg.ks) > cfg.num_prompts:
         notes.append(f"num_prompts={cfg.num_prompts} < max K={max(cfg.ks)}: larger K have fewer concepts in flight")
 

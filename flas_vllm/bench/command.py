@@ -29,6 +29,10 @@ def bench(
     graph_path: bool = typer.Option(False, "--graph-path",
                                     help="force the FLAS engine onto the CUDA-graph-safe flow path (flow on every "
                                          "token); results go to bench_<model>-graph-path.*"),
+    flow_graphs: str = typer.Option("traced", "--flow-graphs",
+                                     help="what FULL CUDA graphs (and --graph-path steps) run of the flow: traced "
+                                          "(every token) or bucketed (each step's steered bucket); bucketed results "
+                                          "go to bench_<model>[-graph-path]-bucketed.*"),
 ) -> None:
     """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
     if model not in MODELS:
@@ -44,7 +48,7 @@ def bench(
     cfg = BenchConfig(model=model, ks=k_list, num_prompts=num_prompts, output_len=output_len, out_dir=out,
                       enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
                       max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts, mixed_fractions=fractions,
-                      graph_path=graph_path)
+                      graph_path=graph_path, flow_graphs=flow_graphs)
     try:
         cfg = cfg.resolved()
     except ValueError as exc:

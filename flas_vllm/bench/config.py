@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from flas_vllm.bench.models import DEFAULT_KS, DEFAULT_OUT, MIB, MODELS
+from flas_vllm.core.config import FLOW_GRAPHS_CHOICES
 
 
 # ---------------------------------------------------------------------------
@@ -42,6 +43,8 @@ class BenchConfig:
     # FLAS engine forced onto the CUDA-graph-safe flow path (FlasEngineOptions.graph_path): measures what
     # unsteered requests pay there (the flow runs on every token) while the skip path is all CPU can show
     graph_path: bool = False
+    # what FULL CUDA graphs (and, with graph_path, every step) run of the flow (FlasEngineOptions.flow_graphs)
+    flow_graphs: str = "traced"
     seed: int = 0
     plot: bool = True
 
@@ -57,13 +60,15 @@ class BenchConfig:
         fractions = sorted({float(f) for f in self.mixed_fractions})
         if any(not 0 < f < 1 for f in fractions):
             raise ValueError(f"mixed fractions must lie strictly between 0 and 1, got {list(self.mixed_fractions)}")
+        if self.flow_graphs not in FLOW_GRAPHS_CHOICES:
+            raise ValueError(f"flow_graphs must be one of {', '.join(FLOW_GRAPHS_CHOICES)}, got {self.flow_graphs!r}")
         if fractions and n < 2:
             raise ValueError("a mixed-traffic run needs num_prompts >= 2 (one steered, one unsteered)")
         return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir), mixed_fractions=fractions)
 
     @property
     def stem(self) -> str:
-        return bench_stem(self.model, self.graph_path)
+        return bench_stem(self.model, self.graph_path, self.flow_graphs)
 
     @property
     def max_concepts(self) -> int:
@@ -71,9 +76,9 @@ class BenchConfig:
         return max(max(self.ks), self.encode_probe_concepts, 2)
 
 
-def bench_stem(model: str, graph_path: bool = False) -> str:
-    """Result file name without suffix: a --graph-path run sits next to the default one, never over it."""
-    return f"bench_{model}" + ("-graph-path" if graph_path else "")
+def bench_stem(model: str, graph_path: bool = False, flow_graphs: str = "traced") -> str:
+    """Result file name without suffix: a --graph-path or bucketed run sits next to the default one, never over it."""
+    return f"bench_{model}" + ("-graph-path" if graph_path else "") + ("-bucketed" if flow_graphs == "bucketed" else "")
 
 
 def parse_ks(text: str) -> list[int]:

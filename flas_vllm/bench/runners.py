@@ -121,12 +121,13 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> 
 def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[list[RunResult], dict]:
     t0 = time.perf_counter()
     llm = FlasLLM(str(model.model_dir), str(model.checkpoint_dir), max_concepts=cfg.max_concepts,
-                  graph_path=cfg.graph_path, **_engine_kwargs(cfg))
+                  graph_path=cfg.graph_path, flow_graphs=cfg.flow_graphs, **_engine_kwargs(cfg))
     startup = time.perf_counter() - t0
     results: list[RunResult] = []
     try:
         info = {"startup_s": round(startup, 2), "kv": _kv_capacity(llm), "scheduler": _sched_info(llm),
-                "max_concepts": cfg.max_concepts, "graph_path": llm.options.graph_path}
+                "max_concepts": cfg.max_concepts, "graph_path": llm.options.graph_path,
+                "flow_graphs": llm.options.flow_graphs}
 
         def encode_s() -> float:
             return float(llm.concept_stats()["encode_seconds"])
