@@ -15,7 +15,7 @@ import torch.fx
 from vllm.compilation.backends import split_graph
 from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
-from flas_vllm.engine.graph_modes import (STEER_OP, flow_runs_as_op, op_runs_between_pieces,
+from flas_vllm.engine.graph_modes import (STEER_OP, captured_flow_rows, flow_runs_as_op, op_runs_between_pieces,
                                          split_piecewise_graphs_at_the_flow)
 from flas_vllm.engine.model import register_steer_op
 
@@ -75,6 +75,24 @@ def test_bucketed_full_graphs_run_the_op_everywhere_and_between_pieces_where_the
     assert flow_runs_as_op(full, graph_path=False, flow_graphs="bucketed") and not op_runs_between_pieces(full, "bucketed")
     forced = _config(mode)  # graph_path with bucketed: the op too (its graph-safe rows on every step)
     assert flow_runs_as_op(forced, graph_path=True, flow_graphs="bucketed")
+
+
+def test_the_op_runs_graph_safe_on_the_captured_rows_whenever_a_graph_records_it():
+    """Which rows the op computes when a graph records it (None: eager, it may look at the step)."""
+    from types import SimpleNamespace
+
+    keyed = SimpleNamespace(num_tokens=16, flow_rows=4)  # V1's FULL descriptor with its bucket
+    rows = dict(op_split=True, capturing=False, capture_rows=None)
+    assert captured_flow_rows(CUDAGraphMode.FULL, keyed, 16, **rows) == 4
+    assert captured_flow_rows(CUDAGraphMode.FULL, SimpleNamespace(num_tokens=16), 16, **rows) == 16  # no bucket
+    assert captured_flow_rows(CUDAGraphMode.PIECEWISE, None, 16, **rows) is None  # split out: run eagerly
+    assert captured_flow_rows(CUDAGraphMode.PIECEWISE, None, 16, **dict(rows, op_split=False)) == 16  # inside a piece
+    assert captured_flow_rows(CUDAGraphMode.NONE, None, 16, **rows) is None  # eager
+    assert captured_flow_rows(None, None, 16, **rows) is None
+    # Model Runner V2 captures FULL graphs itself, under runtime mode NONE: never the eager path there
+    assert captured_flow_rows(CUDAGraphMode.NONE, None, 16, **dict(rows, capturing=True)) == 16
+    assert captured_flow_rows(CUDAGraphMode.NONE, None, 16, **dict(rows, capturing=True, capture_rows=8)) == 8
+    assert captured_flow_rows(CUDAGraphMode.NONE, None, 4, **dict(rows, capturing=True, capture_rows=8)) == 4
 
 
 def test_no_graphs_run_the_op_and_a_flat_graph_is_left_alone():

@@ -76,6 +76,22 @@ def op_runs_between_pieces(compilation_config: Any, flow_graphs: str = "traced")
     return _piecewise_compiled(cc, flow_graphs == "bucketed") and STEER_OP in (cc.splitting_ops or [])
 
 
-def is_mode(mode: Any, name: str) -> bool:
-    """`mode` (a vLLM CUDAGraphMode, or None) is the one named."""
-    return _is(mode, name)
+
+def captured_flow_rows(mode: Any, batch_descriptor: Any, n: int, *, op_split: bool, capturing: bool,
+                       capture_rows: int | None) -> int | None:
+    """The flow rows of the CUDA graph the op is being captured into, or None when it runs eagerly.
+
+    - a FULL graph (V1 dispatches it): the bucket its batch descriptor carries (patches/graph_dispatch.py),
+      every token if it carries none;
+    - a PIECEWISE piece that holds the op (it is not split out): every token;
+    - any other capture (Model Runner V2 captures FULL graphs itself, with the runtime mode NONE): the bucket
+      being captured if the runtime was told one, else every token. Never the eager path, which would
+      bake one step's look at the data into the graph.
+    """
+    if _is(mode, "FULL"):
+        return getattr(batch_descriptor, "flow_rows", n)
+    if _is(mode, "PIECEWISE") and not op_split:
+        return n
+    if capturing:
+        return n if capture_rows is None else min(capture_rows, n)
+    return None

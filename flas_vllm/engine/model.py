@@ -41,7 +41,7 @@ from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows
-from flas_vllm.engine.graph_modes import flow_runs_as_op, is_mode, op_runs_between_pieces
+from flas_vllm.engine.graph_modes import captured_flow_rows, flow_runs_as_op, op_runs_between_pieces
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import StepState
@@ -231,20 +231,15 @@ class FlasSteer(nn.Module):
                        state.rows, out)
 
     def _graph_flow_rows(self, n: int) -> int | None:
-        """The flow rows of the CUDA graph this call is captured into (None: no graph, run eagerly).
-
-        Under a FULL graph: the bucket in the step's batch descriptor (patches/graph_dispatch.py), every
-        token if it has none. Inside a PIECEWISE piece (the op not split out): every token.
-        """
+        """The flow rows of the CUDA graph this call is captured into (graph_modes.captured_flow_rows), or
+        with the forced graph path the step's bucket; None: no graph, run eagerly."""
         context = get_forward_context()
-        mode = getattr(context, "cudagraph_runtime_mode", None)
-        if is_mode(mode, "FULL"):
-            return getattr(context.batch_descriptor, "flow_rows", n)
-        if is_mode(mode, "PIECEWISE") and not self.op_split:
-            return n
-        if self.forced_graph_rows:
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        rows = captured_flow_rows(getattr(context, "cudagraph_runtime_mode", None), context.batch_descriptor, n,
+                                  op_split=self.op_split, capturing=capturing, capture_rows=self.runtime.capture_rows)
+        if rows is None and self.forced_graph_rows:
             return self.runtime.graph_flow_rows(n)
-        return None
+        return rows
 
     def _integrate(self, positions, stream, euler_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""
