@@ -48,6 +48,23 @@ def test_build_step_compacts_steered_tokens_and_pads_to_the_bucket():
     assert groups == {32: ([0, 1, 2], [2, 2, 2]), 48: ([3, 4, 5, 6, 7], [3] * 5)}
 
 
+def test_a_bucketed_engine_plans_the_steered_rows_only_when_the_eager_path_asks():
+    """Bucketed FULL graphs replay without the skip path's rows and groups: build_step leaves them to the op."""
+    eager = _build()
+    state = StepState.allocate(32, torch.float32, "cpu")
+    state.plan_lazily = True
+    build_step(state, StepRows.of([r for r, _ in STEP], [n for _, n in STEP]), BUCKET_LEN)
+    assert state.rows is None and state.groups is None and state.pending_plan is not None
+    state.plan_steered_rows()
+    assert state.pending_plan is None and state.flow_rows == eager.flow_rows == 8
+    assert state.rows.tolist() == eager.rows.tolist() and state.row_slots.tolist() == eager.row_slots.tolist()
+    assert [(n, i.tolist(), s.tolist()) for n, i, s in state.groups] == \
+        [(n, i.tolist(), s.tolist()) for n, i, s in eager.groups]
+    state.plan_steered_rows()  # once per step
+    build_step(state, StepRows.of([RequestRow()], [4]), BUCKET_LEN)  # a step with nothing steered: nothing pending
+    assert state.pending_plan is None
+
+
 def test_compaction_needs_the_skip_path_and_fewer_rows_than_tokens():
     graph = _build(bucket_len=None)  # the graph path: every token, no groups
     assert graph.rows is None and graph.groups is None and graph.flow_rows == N_TOKENS and graph.steered_rows == 5

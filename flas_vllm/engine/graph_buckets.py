@@ -10,7 +10,9 @@ others), and a step replays the graph of the smallest bucket that holds its stee
 The ladder is {0, N} and N/8, N/4, N/2 (rounded up) where those are at least `min_bucket()` rows:
 on an H200 the compiled, graphed flow costs nearly the same below 64 tokens (0.52-0.59 ms at
 1-64 tokens, `../shared/docs/gpu-measurements.md`), so smaller buckets would add captures and save
-nothing. At most 5 graphs per captured size, so capture takes up to 5x as many FULL graphs.
+nothing. That figure is the compiled flow's; a bucketed graph records the op's eager flow (more,
+unfused kernels), whose floor may differ: to measure on a GPU. At most 5 graphs per captured
+size, so capture takes up to 5x as many FULL graphs.
 """
 
 from __future__ import annotations

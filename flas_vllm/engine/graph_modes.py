@@ -13,9 +13,10 @@ attention, the pieces are captured, and the op runs eagerly between them, so the
 too. With FULL graphs (vLLM's default, FULL_AND_PIECEWISE, captures whole decode steps) the engine
 option `flow_graphs` decides:
 - "traced" (the default): the flow stays in the graph, on every token;
-- "bucketed": the op is used in every mode and joins the splitting ops wherever there are pieces;
-  each FULL graph is captured once per steered bucket, the op running the flow graph-safe on that
-  many rows (graph_buckets.py, patches/graph_dispatch.py); PIECEWISE and eager steps run it as above.
+- "bucketed": the op is used in every mode and joins the splitting ops wherever vLLM's compiled graph
+  has pieces; each FULL graph is captured once per steered bucket, the op running the flow
+  graph-safe on that many rows (graph_buckets.py, patches/graph_dispatch.py); PIECEWISE steps
+  (the op split out) and eager steps run it as above.
 `graph_path` forces what FULL graphs run onto every step (the CPU tests of what FULL graphs run):
 the traced flow, or with "bucketed" the op's graph-safe rows.
 """
@@ -46,7 +47,10 @@ def split_piecewise_graphs_at_the_flow(compilation_config: Any, graph_path: bool
     Returns whether the flow runs as the op between graph pieces. Other modes are left as they are.
     The mode is the one configured: should vLLM fall back to PIECEWISE later, in the worker (an
     attention backend without full-graph support), a traced flow stays in the graph, as under FULL
-    graphs, and a bucketed one runs graph-safe on every token inside its piece.
+    graphs; a bucketed one, already split out under FULL_AND_PIECEWISE, runs eagerly between the
+    pieces. Where a graph mode has pieces but the op is not split out (breakable CUDA graphs, a
+    compile mode other than VLLM_COMPILE, FULL turned into FULL_AND_PIECEWISE in the worker), the
+    piece holds it: graph-safe on every token (`captured_flow_rows`), correct, no saving, not counted.
     """
     cc = compilation_config
     ops = cc.splitting_ops
@@ -84,14 +88,18 @@ def captured_flow_rows(mode: Any, batch_descriptor: Any, n: int, *, op_split: bo
     - a FULL graph (V1 dispatches it): the bucket its batch descriptor carries (patches/graph_dispatch.py),
       every token if it carries none;
     - a PIECEWISE piece that holds the op (it is not split out): every token;
-    - any other capture (Model Runner V2 captures FULL graphs itself, with the runtime mode NONE): the bucket
-      being captured if the runtime was told one, else every token. Never the eager path, which would
-      bake one step's look at the data into the graph.
+    - the warm-up runs and the capture of a bucket's graph (`capture_rows`, set around V1's
+      `_warmup_and_capture`): that bucket, so warm-up runs what the capture records (a first call of any
+      kernel, a compile or an autotune, happens before the capture, never inside it);
+    - any other capture (Model Runner V2 captures FULL graphs itself, with the runtime mode NONE): every
+      token. Never the eager path, which would bake one step's look at the data into the graph.
     """
     if _is(mode, "FULL"):
         return getattr(batch_descriptor, "flow_rows", n)
     if _is(mode, "PIECEWISE") and not op_split:
         return n
+    if capture_rows is not None:
+        return min(capture_rows, n)
     if capturing:
-        return n if capture_rows is None else min(capture_rows, n)
+        return n
     return None

@@ -181,6 +181,7 @@ class FlasSteer(nn.Module):
             self.runtime.group_by_length = True
             self.runtime.flow_path = "bucketed" if self.bucketed else "skip"
         self.state.graph_rows_wanted = self.bucketed
+        self.state.plan_lazily = self.bucketed  # a replayed FULL graph needs no skip-path plan
         logger.info(
             "FLAS: %s base, checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), "
             "%d concept slots, %d extra KV layers", geometry.model_type, ckpt.path, ckpt.fingerprint, self.layer,
@@ -206,13 +207,13 @@ class FlasSteer(nn.Module):
     def steer_into(self, positions, stream, out) -> None:
         """Inside the opaque op: the flow on the rows a captured graph holds, or (eager) on the step's steered tokens."""
         state = self.state
-        n_rows = self._graph_flow_rows(stream.shape[0])
+        n_rows, forced = self._graph_flow_rows(stream.shape[0])
         if n_rows is not None:
             # What a FULL graph keyed by its steered bucket runs: the first n_rows of the graph row order,
             # persistent buffers only, no look at the step's data (graph_buckets.py).
             if state.profiling:  # a dummy batch or a capture
                 self.runtime.profile_flow_rows += n_rows
-            elif self.forced_graph_rows and n_rows:  # a real step run as its graph would (CPU tests); replays count at dispatch
+            elif forced and n_rows:  # a real step run as its graph would (CPU tests); replays count at dispatch
                 self.runtime.count_flow_rows(state.steered_rows, n_rows)
             if n_rows:
                 integrate_graph_rows(self.flow, self.table, self._cores, state, positions, stream, self.max_n_steps,
@@ -220,6 +221,7 @@ class FlasSteer(nn.Module):
             return
         if not state.any_steered:  # a host-side fact of the step: no device sync
             return  # no row is selected; unsteered requests never read flow KV
+        state.plan_steered_rows()  # bucketed engines plan them only for steps that run this path
         if state.profiling:  # a dummy batch: every token is steered (counted for the memory-profiling test)
             self.runtime.profile_flow_rows += stream.shape[0]
         else:
@@ -230,16 +232,17 @@ class FlasSteer(nn.Module):
         integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
                        state.rows, out)
 
-    def _graph_flow_rows(self, n: int) -> int | None:
+    def _graph_flow_rows(self, n: int) -> tuple[int | None, bool]:
         """The flow rows of the CUDA graph this call is captured into (graph_modes.captured_flow_rows), or
-        with the forced graph path the step's bucket; None: no graph, run eagerly."""
+        with the forced graph path the step's bucket (then True: a real step, not a capture); None: no
+        graph, run eagerly."""
         context = get_forward_context()
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         rows = captured_flow_rows(getattr(context, "cudagraph_runtime_mode", None), context.batch_descriptor, n,
                                   op_split=self.op_split, capturing=capturing, capture_rows=self.runtime.capture_rows)
         if rows is None and self.forced_graph_rows:
-            return self.runtime.graph_flow_rows(n)
-        return rows
+            return self.runtime.graph_flow_rows(n), True
+        return rows, False
 
     def _integrate(self, positions, stream, euler_steps: int) -> torch.Tensor:
         """Every token's stream after the flow, in the model dtype (only steered rows are used)."""

@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -131,10 +131,19 @@ class StepState:
     rows: torch.Tensor | None = None  # the flow's rows (token indices, `flow_rows` long); None: every token
     row_slots: torch.Tensor | None = None  # each of those rows' slot (the state's slots gathered by `rows`)
     graph_rows_wanted: bool = False  # stage the graph row order each step (FULL graphs keyed by steered bucket)
+    # plan the skip path's rows and groups only when the eager op runs (bucketed FULL graphs replay without it)
+    plan_lazily: bool = False
+    pending_plan: Callable[[], None] | None = None
 
     def slots(self, n: int) -> torch.Tensor:
         """The concept slot of each of the flow's `n` rows: its compacted rows' slots, or the first n tokens'."""
         return self.buffers.slot[:n] if self.rows is None else self.row_slots
+
+    def plan_steered_rows(self) -> None:
+        """Plan the skip path's rows and groups now, if `build_step` left them for later (`plan_lazily`)."""
+        plan, self.pending_plan = self.pending_plan, None
+        if plan is not None:
+            plan()
 
     @contextlib.contextmanager
     def flow_on_rows(self, rows: torch.Tensor | None, row_slots: torch.Tensor | None):
@@ -169,12 +178,21 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     token_rows = np.flatnonzero(np.repeat(steered, counts))
     state.steered_rows = len(token_rows)
     state.flow_rows = state.n_tokens if state.any_steered else 0
-    state.groups = state.rows = state.row_slots = None
+    state.groups = state.rows = state.row_slots = state.pending_plan = None
     if state.graph_rows_wanted:  # read by a FULL graph's flow, whichever bucket the step replays
         state.buffers.stage_graph_rows(graph_row_order(np.repeat(steered, counts)))
     if bucket_len is None or not state.any_steered:
         return state  # no flow work on the skip path: no groups either
-    lengths = bucket_len[np.repeat(rows.columns["slot"], counts)]
+    plan = functools.partial(_plan_steered_rows, state, bucket_len[np.repeat(rows.columns["slot"], counts)], token_rows)
+    if state.plan_lazily:
+        state.pending_plan = plan  # run by the eager op, if the step runs it (StepState.plan_steered_rows)
+    else:
+        plan()
+    return state
+
+
+def _plan_steered_rows(state: StepState, lengths: np.ndarray, token_rows: np.ndarray) -> None:
+    """The skip path's rows (the steered tokens, padded to `flow_row_bucket`) and their concept-length groups."""
     slots = state.buffers.slot
     state.flow_rows = min(flow_row_bucket(state.steered_rows), state.n_tokens)
     if state.flow_rows < state.n_tokens:  # padding rows repeat the last steered token (results discarded)
@@ -183,7 +201,6 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
         slots = state.row_slots = state.buffers.slot.index_select(0, state.rows)
         lengths = lengths[padded]
     state.groups = plan_groups(lengths, slots, state.buffers.stage_order)
-    return state
 
 
 def flow_row_bucket(steered: int) -> int:

@@ -2,16 +2,18 @@
 
 vLLM keys its captured graphs by a `BatchDescriptor`, and already specialises them by active LoRA
 adapters (`num_active_loras`). `SteeredBatchDescriptor` adds the flow's rows (graph_buckets.py) to
-the key of FULL graphs only: PIECEWISE pieces never hold the flow (its op is split out and runs
-eagerly between them), so their keys are unchanged. Three wraps:
+the key of FULL graphs only: PIECEWISE pieces do not hold the flow where its op is split out (vLLM's
+compiled graph, graph_modes.py), so their keys are unchanged; where a piece does hold it, it runs
+graph-safe on every token there. Four wraps:
 - `CudagraphDispatcher.get_capture_descs`: each FULL descriptor once per bucket of its size, so
   vLLM's capture loop (and its capture-memory estimate) covers every graph a step may replay;
 - `CudagraphDispatcher.dispatch`: a FULL dispatch carries the step's bucket (the runtime's
   `graph_flow_rows`), so the FULL wrapper replays (or, while capturing, records) that bucket's graph;
-- `GPUModelRunner._warmup_and_capture`: while one descriptor is captured the runtime answers with its
-  bucket (`FlasRuntime.capturing`), and the flow's op runs on that many rows (model.py).
-Real steps replayed as FULL graphs never run the op, so `_determine_batch_execution_and_padding`
-counts their flow rows. The dispatcher learns the model's runtime from the runner (`attach`), in
+- `GPUModelRunner._warmup_and_capture`: while one descriptor is warmed up and captured the runtime
+  answers with its bucket (`FlasRuntime.capturing`), and the flow's op runs on that many rows
+  (model.py), in the warm-up runs too, so the capture records nothing that runs for the first time.
+- `GPUModelRunner._determine_batch_execution_and_padding`: real steps replayed as FULL graphs never
+  run the op, so their flow rows are counted here. The dispatcher learns the model's runtime from the runner (`attach`), in
 the runner's dummy runs (before any capture) and before each real step. Engines not bucketed are
 untouched: without an attached bucketed runtime every wrap returns what vLLM returns.
 
@@ -37,6 +39,8 @@ def steered_descriptor_class():
         """Rows the FLAS flow computes in this FULL graph: the first flow_rows of the graph row order."""
 
     SteeredBatchDescriptor.__module__ = __name__
+    SteeredBatchDescriptor.__qualname__ = "SteeredBatchDescriptor"
+    globals()["SteeredBatchDescriptor"] = SteeredBatchDescriptor  # found by name (pickle) like a module-level class
     return SteeredBatchDescriptor
 
 
