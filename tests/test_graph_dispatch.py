@@ -11,6 +11,7 @@ vLLM's unchanged; a capture sees its own bucket; replayed steps are counted.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -80,6 +81,7 @@ def test_full_graphs_are_captured_once_per_bucket_and_pieces_once():
         base = {f.name: getattr(d, f.name) for f in dataclasses.fields(BatchDescriptor)}
         assert BatchDescriptor(**base) in plain[CUDAGraphMode.FULL]
     assert len(set(full)) == len(full)  # distinct keys: one graph each
+    assert pickle.loads(pickle.dumps(full[0])) == full[0]  # a module-level class by name, like vLLM's own
 
 
 def test_every_decode_step_replays_a_captured_graph_of_its_bucket():
