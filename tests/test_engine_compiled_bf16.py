@@ -5,8 +5,9 @@ path (`graph_path`, the GPU default) the flow is traced into that graph, on the 
 runs eagerly inside an opaque op. Every comparison is teacher-forced (prompt logprobs of a
 fixed token sequence), so no result depends on where a free-running reply goes.
 
-- unsteered requests equal vanilla vLLM compiled the same way, bit for bit, on both paths
-  (the flow's ops must not change how Inductor fuses the base model around layer L);
+- unsteered requests equal vanilla vLLM compiled the same way, on both paths: bit for bit on one CPU,
+  to one bf16 rounding in 385 logprobs on an AMX-BF16 one (the flow's ops must not change how Inductor
+  fuses the base model around layer L, and on that CPU they barely do);
 - steered requests on the compiled graph path (the flow traced into Inductor's graph) equal the
   compiled skip path (the same flow run eagerly inside an opaque op), bit for bit: the traced
   flow keeps the original's bf16 roundings (issue 19);
@@ -85,8 +86,19 @@ def _diffs(a, b):
 
 
 @pytest.mark.parametrize("path", ["skip compiled", "graph compiled"])
-def test_unsteered_equal_vanilla_compiled_bit_for_bit(runs, path):
-    assert runs[path][0] == runs["vanilla compiled"][0]
+def test_unsteered_equal_vanilla_compiled_to_a_rounding(runs, path):
+    """Bit for bit on the CPU this was first run on (2026-12-04). On a Sapphire Rapids CPU (AMX-BF16,
+    AVX512-FP16, 2026-12-05) one of 385 logprobs differed by 0.0018 on both paths (a single bf16 rounding): Inductor's
+    CPU code for the base model around layer L is not guaranteed identical once the steering site is in the
+    graph. The bound: almost every position exact, the rest far below the base model's own compiled-vs-eager
+    difference."""
+    diffs = _diffs(runs[path][0], runs["vanilla compiled"][0])
+    base = _diffs(runs["eager"][0], runs["vanilla compiled"][0])
+    assert max(base) > 0  # the yardstick is not zero
+    print(f"\n{path} vs vanilla compiled, unsteered: {sum(d > 0 for d in diffs)} of {len(diffs)} differ, "
+          f"max {max(diffs):.5f} (eager vs compiled: max {max(base):.4f})")
+    assert sum(d > 0 for d in diffs) <= len(diffs) // 100
+    assert max(diffs) <= 0.05 * max(base)
 
 
 def test_compiled_graph_path_steers_as_eager_within_the_base_models_own_difference(runs):

@@ -150,3 +150,73 @@ def test_replayed_steps_are_counted_at_dispatch():
         wrapped(runner, 16)  # a dummy batch: not a step
     assert (runtime.flow_steps, runtime.steered_tokens, runtime.flow_rows) == (1, 3, 4)  # the step with flow work
     assert list(runtime.flow_log) == [(16, 3, 4)]
+
+
+# -- Model Runner V2: its CudaGraphManager captures and replays FULL graphs itself -----------------------
+# Its capture loop needs CUDA; a stand-in runs the loop's shape (vLLM's `CudaGraphManager.capture`: per mode,
+# per descriptor, create_forward_fn(desc, warmup=...) then forward_fn(NONE), graphs keyed by the descriptor)
+# around the real wraps, and the real `BatchExecutionDescriptor`.
+
+
+def _v2_manager(runtime):
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor as Desc
+
+    full = [Desc(cg_mode=CUDAGraphMode.FULL, num_tokens=n, num_reqs=n, uniform_token_count=1) for n in (16, 8, 4, 2, 1)]
+    pieces = [Desc(cg_mode=CUDAGraphMode.PIECEWISE, num_tokens=n, num_reqs=None) for n in (32, 16)]
+    return SimpleNamespace(flas_runtime=runtime, graphs={},
+                           _capture_descs={CUDAGraphMode.PIECEWISE: pieces, CUDAGraphMode.FULL: full})
+
+
+def _v2_capture_loop(manager, create_forward_fn, progress_bar_desc="Capturing CUDA graphs"):
+    """The shape of vLLM's loop: per mode and descriptor, a warm-up run, then the captured run, keyed by desc."""
+    for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL):
+        for desc in manager._capture_descs[mode]:
+            create_forward_fn(desc, warmup=True)(CUDAGraphMode.NONE)
+            create_forward_fn(desc, warmup=False)(CUDAGraphMode.NONE)
+            manager.graphs[desc] = "graph"
+
+
+def test_v2_captures_each_full_graph_once_per_bucket_and_replays_the_steps_bucket():
+    runtime = _runtime()
+    manager = _v2_manager(runtime)
+    seen_rows = {}  # descriptor -> the capture bucket the runtime answered while its runs ran
+
+    def create_forward_fn(desc, warmup):
+        def forward_fn(cg_mode):
+            seen_rows.setdefault(desc, set()).add(runtime.capture_rows)
+        return forward_fn
+
+    capture = graph_dispatch._make_v2_capture(_v2_capture_loop)
+    capture(manager, create_forward_fn)
+    full = manager._capture_descs[CUDAGraphMode.FULL]
+    assert [(d.num_tokens, d.flow_rows) for d in full] == [(n, b) for n in (16, 8, 4, 2, 1)
+                                                           for b in reversed(flow_row_buckets(n))]
+    assert all(seen_rows[d] == {d.flow_rows} for d in full)  # warm-up and capture run the bucket's rows
+    assert all(seen_rows[d] == {None} for d in manager._capture_descs[CUDAGraphMode.PIECEWISE])  # the op runs eagerly
+    assert runtime.capture_rows is None
+    capture(manager, create_forward_fn)  # the real capture after memory profiling's: not expanded twice
+    assert manager._capture_descs[CUDAGraphMode.FULL] == full
+
+    replayed = []
+    run_fullgraph = graph_dispatch._make_v2_run_fullgraph(
+        lambda self, desc: replayed.append(desc) or self.graphs[desc])  # vLLM's asserts the graph exists
+    base = {d.num_tokens: d for d in _v2_manager(None)._capture_descs[CUDAGraphMode.FULL]}
+    for tokens in (1, 2, 4, 8, 16):
+        for steered in range(tokens + 1):
+            _decode_step(runtime, steered, tokens)
+            assert run_fullgraph(manager, base[tokens]) == "graph"
+            assert replayed[-1].flow_rows == graph_flow_rows(steered, tokens, smallest=4)
+    assert runtime.flow_steps == sum(1 for t in (1, 2, 4, 8, 16) for s in range(1, t + 1))  # steps with flow work
+
+
+def test_v2_managers_of_other_engines_are_untouched():
+    manager = _v2_manager(_runtime("skip"))
+    before = dict(manager._capture_descs)
+    graph_dispatch._make_v2_capture(lambda self, fn: None)(manager, lambda d, warmup: None)
+    assert manager._capture_descs == before
+    desc = before[CUDAGraphMode.FULL][0]
+    assert graph_dispatch._make_v2_run_fullgraph(lambda self, d: d)(manager, desc) is desc
+    model = SimpleNamespace(flas_runtime=_runtime())
+    holder = SimpleNamespace()
+    graph_dispatch._make_v2_model_capture(lambda self, model: None)(holder, model)
+    assert holder.flas_runtime is model.flas_runtime  # learnt from the model it captures

@@ -148,6 +148,19 @@ ANCHORS: tuple[Anchor, ...] = (
            contains=("self._prepare_inputs(", "self._determine_batch_execution_and_padding(")),
     *(Anchor(f"vllm.forward_context:BatchDescriptor.{name}", "patches/graph_dispatch.py")
       for name in ("num_tokens", "num_active_loras")),
+    Anchor("vllm.v1.worker.gpu.cudagraph_utils:ModelCudaGraphManager.capture", "patches/graph_dispatch.py (V2)",
+           ("self", "model"), contains=("super().capture(",)),
+    Anchor("vllm.v1.worker.gpu.cudagraph_utils:CudaGraphManager.capture", "patches/graph_dispatch.py (V2)",
+           ("self", "create_forward_fn"),
+           contains=("self._capture_descs[mode]", "create_forward_fn(desc, warmup=", "forward_fn(CUDAGraphMode.NONE)",
+                     "self.graphs[desc] = graph")),
+    Anchor("vllm.v1.worker.gpu.cudagraph_utils:ModelCudaGraphManager.run_fullgraph", "patches/graph_dispatch.py (V2)",
+           ("self", "desc"), contains=("super().run_fullgraph(desc)",)),
+    Anchor("vllm.v1.worker.gpu.cudagraph_utils:CudaGraphManager.run_fullgraph", "patches/graph_dispatch.py (V2)",
+           ("self", "desc"), contains=("assert desc in self.graphs",)),
+    Anchor("vllm.v1.worker.gpu.cudagraph_utils:BatchExecutionDescriptor.num_tokens", "patches/graph_dispatch.py (V2)"),
+    Anchor(f"{_V2_RUNNER}.execute_model", "patches/graph_dispatch.py (V2 publishes a step before it replays)",
+           contains=("self.model_state.prepare_inputs(", "self.cudagraph_manager.run_fullgraph(")),
     *(Anchor(f"vllm.forward_context:ForwardContext.{name}", "engine/model.py (FlasSteer._graph_flow_rows)")
       for name in ("cudagraph_runtime_mode", "batch_descriptor")),
     # engine/model_state.py (Model Runner V2)

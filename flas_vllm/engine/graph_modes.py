@@ -89,10 +89,11 @@ def captured_flow_rows(mode: Any, batch_descriptor: Any, n: int, *, op_split: bo
       every token if it carries none;
     - a PIECEWISE piece that holds the op (it is not split out): every token;
     - the warm-up runs and the capture of a bucket's graph (`capture_rows`, set around V1's
-      `_warmup_and_capture`): that bucket, so warm-up runs what the capture records (a first call of any
-      kernel, a compile or an autotune, happens before the capture, never inside it);
-    - any other capture (Model Runner V2 captures FULL graphs itself, with the runtime mode NONE): every
-      token. Never the eager path, which would bake one step's look at the data into the graph.
+      `_warmup_and_capture` and V2's capture runs, which V2 makes under runtime mode NONE): that bucket,
+      so warm-up runs what the capture records (a first call of any kernel, a compile or an autotune,
+      happens before the capture, never inside it);
+    - any other capture in progress (a capture path the patches do not know): every token. Never the
+      eager path, which would bake one step's look at the data into the graph.
     """
     if _is(mode, "FULL"):
         return getattr(batch_descriptor, "flow_rows", n)

@@ -131,9 +131,7 @@ class FlasRuntime:
         out = self.slots.snapshot()
         out["steered_requests"] = self.steered_requests
         out["concepts"] = self.slots.entries()
-        # Model Runner V2 captures its FULL graphs without FLAS's keys (patches/graph_dispatch.py is V1's)
-        v2_unkeyed = self.flow_path == "bucketed" and self.model_runner == "v2"
-        out["flow_path"] = "bucketed (V2: FULL graphs not keyed)" if v2_unkeyed else self.flow_path
+        out["flow_path"] = self.flow_path
         out["model_runner"] = self.model_runner
         out["profile_flow_rows"] = self.profile_flow_rows
         out["flow_rows"], out["steered_tokens"], out["flow_steps"] = self.flow_rows, self.steered_tokens, self.flow_steps
