@@ -200,14 +200,13 @@ def _full_mode():
 def install() -> bool:
     # lazy: vllm; patches install only inside vLLM
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager, ModelCudaGraphManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     done = wrap_once(CudagraphDispatcher, "get_capture_descs", _make_capture_descs)
     done |= wrap_once(CudagraphDispatcher, "dispatch", _make_dispatch)
     done |= wrap_once(GPUModelRunner, "_warmup_and_capture", _make_warmup_and_capture)
     done |= wrap_once(GPUModelRunner, "_determine_batch_execution_and_padding", _make_determine)
-    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager, ModelCudaGraphManager
-
     done |= wrap_once(ModelCudaGraphManager, "capture", _make_v2_model_capture)
     done |= wrap_once(CudaGraphManager, "capture", _make_v2_capture)
     done |= wrap_once(ModelCudaGraphManager, "run_fullgraph", _make_v2_run_fullgraph)
