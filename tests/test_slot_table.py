@@ -123,3 +123,78 @@ def test_one_compiled_graph_serves_every_token_count_with_chunking(table, small_
         compiled.append(counter.frame_count)
     assert compiled[0] == compiled[-1], "recompiled for another token count"
     assert sum("flas.attend_slots" in gm.code for gm in counter.graphs) == 1
+
+
+# ---------------------------------------------------------------------------
+# one gather per flow call (gathers_reused) and the gather workspace
+
+
+def _counting_gathers(monkeypatch) -> list[int]:
+    """Counts the slot table's gathers (each call copies one group's keys and values)."""
+    from flas_vllm.engine import slot_table
+
+    calls, real = [], slot_table.gather_slots
+
+    def counted(slots, *args, **kwargs):
+        calls.append(slots.shape[0])
+        return real(slots, *args, **kwargs)
+
+    monkeypatch.setattr(slot_table, "gather_slots", counted)
+    return calls
+
+
+def _flow_call(t, queries):
+    """What one flow call asks of the table: (block, q) per Euler step and block, in order."""
+    return [t.attend(block, q) for block, q in queries]
+
+
+def test_a_flow_call_gathers_each_group_once_and_gets_the_same_bits(table, monkeypatch):
+    t, _ = table
+    slots = [4, 2, 1, 3, 2, 0, 1, 4, 3, 3, 2]
+    t.state = step_state(slots, bucket_len=t.bucket_len)
+    gen = torch.Generator().manual_seed(3)
+    queries = [(block, torch.randn(len(slots), G.num_heads, G.head_dim, generator=gen))
+               for _ in range(3) for block in (0, 1)]  # 3 Euler steps x 2 blocks
+    calls = _counting_gathers(monkeypatch)
+    each_step = _flow_call(t, queries)
+    assert len(calls) == 3 * 2 * len(t.state.groups)
+    calls.clear()
+    with t.gathers_reused():
+        reused = _flow_call(t, queries)
+    assert len(calls) == 2 * len(t.state.groups) == 8, "one gather per (block, group), not per Euler step"
+    for a, b in zip(reused, each_step):
+        assert torch.equal(a, b)
+    # the next call (another step: other tokens, other slots) gathers afresh
+    t.state = step_state([3, 1, 1], bucket_len=t.bucket_len)
+    q = torch.randn(3, G.num_heads, G.head_dim, generator=gen)
+    with t.gathers_reused():
+        got = t.attend(1, q)
+    assert torch.equal(got, t.attend(1, q))
+
+
+def test_a_flow_call_whose_gathers_do_not_fit_gathers_per_step_in_chunks(table, small_workspace, monkeypatch):
+    t, _ = table
+    slots = [4, 2, 1, 3, 2, 0, 1, 4, 3, 3, 2, 4, 4, 1]
+    t.state = step_state(slots, bucket_len=t.bucket_len)
+    gen = torch.Generator().manual_seed(4)
+    queries = [(1, torch.randn(len(slots), G.num_heads, G.head_dim, generator=gen)) for _ in range(3)]
+    each_step = _flow_call(t, queries)
+    calls = _counting_gathers(monkeypatch)
+    with t.gathers_reused():
+        reused = _flow_call(t, queries)
+    assert sum(calls) == 3 * len(slots), "every Euler step gathers again"
+    assert len(calls) > 3 * len(t.state.groups), "in chunks"
+    for a, b in zip(reused, each_step):
+        assert torch.equal(a, b)
+
+
+def test_cpu_gathers_land_in_one_persistent_workspace(table, small_workspace):
+    t, _ = table
+    assert t.space.persistent
+    slots = [4, 2, 1, 3, 2, 0, 1, 4, 3, 3, 2, 4, 4, 1]
+    _attend(t, slots, torch.randn(len(slots), G.num_heads, G.head_dim))
+    buffer = t.space.buffer
+    assert buffer is not None and buffer.numel() * buffer.element_size() == t.space.nbytes
+    with t.gathers_reused():
+        _attend(t, slots[:5], torch.randn(5, G.num_heads, G.head_dim))
+    assert t.space.buffer is buffer, "reallocated"

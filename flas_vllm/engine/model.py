@@ -228,9 +228,10 @@ class FlasSteer(nn.Module):
             self.runtime.count_flow_rows(state.steered_rows, stream.shape[0] if state.rows is None else
                                          state.rows.shape[0])
         # Only the steered rows (flow_rows.py), and only as many Euler steps as they need: a request
-        # never reads the flow KV of Euler steps beyond its own.
-        integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
-                       state.rows, out)
+        # never reads the flow KV of Euler steps beyond its own. Each concept gather serves every Euler step.
+        with self.table.gathers_reused():
+            integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
+                           state.rows, out)
 
     def _graph_flow_rows(self, n: int) -> tuple[int | None, bool]:
         """The flow rows of the CUDA graph this call is captured into (graph_modes.captured_flow_rows), or

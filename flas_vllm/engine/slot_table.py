@@ -8,6 +8,8 @@ memory every step.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -26,29 +28,82 @@ LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when 
 ATTEND_WORKSPACE_BYTES = 256 << 20  # gathered concept keys + values of one chunk of tokens, per attend
 
 
+class GatherSpace:
+    """Where eager gathers put each token's copy of its concept's keys and values.
+
+    On CPU a fresh tensor of a few hundred MiB is page-faulted in on every gather (large blocks go
+    back to the OS when freed), which costs twice the copy itself; one persistent buffer of at most
+    `nbytes`, carved out per gather, avoids that. On a GPU the caching allocator already reuses
+    memory: fresh tensors there, nothing held beyond what vLLM's memory profiling saw.
+    """
+
+    def __init__(self, nbytes: int, dtype: torch.dtype, device):
+        self.nbytes, self.dtype, self.device = nbytes, dtype, torch.device(device)
+        self.persistent = self.device.type == "cpu"
+        self.buffer: torch.Tensor | None = None  # allocated at the first gather
+        self.used = 0  # elements handed out since the last `reset`
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def take(self, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `shape`, valid until the next `reset`."""
+        if not self.persistent:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        numel = math.prod(shape)
+        if self.buffer is None:
+            self.buffer = torch.empty(self.nbytes // self.buffer_itemsize(), dtype=self.dtype, device=self.device)
+        if self.used + numel > self.buffer.numel():  # a caller that did not size its chunk by `nbytes`
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        out = self.buffer[self.used: self.used + numel].view(shape)
+        self.used += numel
+        return out
+
+    def buffer_itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 def attend_slots(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 valid: torch.Tensor, cap: float | None, chunk: int) -> torch.Tensor:
+                 valid: torch.Tensor, cap: float | None, chunk: int, space: GatherSpace | None = None) -> torch.Tensor:
     """Each token's cross-attention to its own slot's keys, `chunk` tokens at a time.
 
     q [n, nH, D]; slots [n]; keys/values [slots, nH, L, D]; valid [slots, L]. A
     token's gathered keys and values take nH*L*D elements each (at Gemma-2-2B
     geometry and 16384 tokens, 4 GiB per tensor all at once), so they are gathered
-    one chunk at a time. Per-token arithmetic does not depend on the chunking.
+    one chunk at a time (into `space` when given, reused by every chunk). Per-token
+    arithmetic does not depend on the chunking.
     """
     n = q.shape[0]
     if n <= chunk:
-        return _attend_rows(q, slots, keys, values, valid, cap)
+        return _attend_rows(q, slots, keys, values, valid, cap, space)
     out = torch.empty_like(q)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        out[start:end] = _attend_rows(q[start:end], slots[start:end], keys, values, valid, cap)
+        out[start:end] = _attend_rows(q[start:end], slots[start:end], keys, values, valid, cap, space)
     return out
 
 
-def _attend_rows(q, slots, keys, values, valid, cap):
-    kk = keys.index_select(0, slots)  # [n, nH, L, D], contiguous
-    vv = values.index_select(0, slots)
-    return cross_attend_heads(q[:, None], kk, vv, valid.index_select(0, slots), cap)[:, 0]
+def gather_slots(slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+                 space: GatherSpace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's own copy of its slot's keys, values ([n, nH, L, D], contiguous) and key mask [n, L]."""
+    if space is None:
+        return keys.index_select(0, slots), values.index_select(0, slots), valid.index_select(0, slots)
+    shape = (slots.shape[0], *keys.shape[1:])
+    return (torch.index_select(keys, 0, slots, out=space.take(shape)),
+            torch.index_select(values, 0, slots, out=space.take(shape)), valid.index_select(0, slots))
+
+
+def attend_gathered(q: torch.Tensor, gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    cap: float | None) -> torch.Tensor:
+    """q [n, nH, D] attending to what `gather_slots` copied for the same n tokens."""
+    kk, vv, valid = gathered
+    return cross_attend_heads(q[:, None], kk, vv, valid, cap)[:, 0]
+
+
+def _attend_rows(q, slots, keys, values, valid, cap, space=None):
+    if space is not None:
+        space.reset()  # the previous chunk's copies are no longer read
+    return attend_gathered(q, gather_slots(slots, keys, values, valid, space), cap)
 
 
 @torch.library.custom_op("flas::attend_slots", mutates_args=())
@@ -79,6 +134,12 @@ class SlotTableKV(nn.Module):
     largest memory cost. A token's arithmetic depends only on its own concept, never on
     the rest of the batch, so mixed batches stay bit-identical to solo runs.
 
+    A token's keys and values are the same at every Euler step, so within `gathers_reused` (one eager
+    flow call of the skip path) each (block, group) is gathered once and read by every Euler step, if
+    the call's gathers all fit in the gather workspace (`workspace_bytes`, the bound a chunked gather
+    keeps); otherwise each Euler step gathers again, in chunks. The same copies either way, so the same
+    bits. Eager gathers land in a `GatherSpace`.
+
     On a CUDA device (`use_flex`) every step instead runs `FlexSlotAttention`: the table is
     read in place by a block-sparse FlexAttention kernel, no gather, no length groups.
     """
@@ -100,6 +161,9 @@ class SlotTableKV(nn.Module):
         self.state = state  # the engine step's per-token steering: each token's slot, the length groups
         # host copy: each slot's key length rounded up to LENGTH_BUCKET (the null slot: one bucket)
         self.bucket_len = np.full(capacity + 1, min(LENGTH_BUCKET, max_len), dtype=np.int64)
+        self.space = GatherSpace(self.workspace_bytes, dtype, device)
+        # inside `gathers_reused`: the call's gathers by (block, group), or False where they do not fit
+        self._reused: dict[tuple[int, int], tuple[torch.Tensor, ...]] | bool | None = None
         self.flex: FlexSlotAttention | None = None
         if use_flex(device):
             self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device)
@@ -113,18 +177,48 @@ class SlotTableKV(nn.Module):
         # padding lengthened (PIECEWISE graphs: the padded tail is slot 0). One full-length gather then.
         if groups is None or sum(slots.shape[0] for _, _, slots in groups) != n:
             groups = [(self.max_len, None, self.state.slots(n))]
+        eager = not torch.compiler.is_compiling()
+        reused = self._reused_gathers(groups, q.element_size()) if eager else None
         out = None if len(groups) == 1 else torch.empty_like(q)
-        for length, idx, slots in groups:
+        for group, (length, idx, slots) in enumerate(groups):
             qg = q if idx is None else q.index_select(0, idx)
             keys, values = self.keys[block, :, :, :length], self.values[block, :, :, :length]
             valid = self.valid[:, :length]
-            chunk = self.chunk_tokens(length, q.element_size())
-            attend = _attend_slots_op if torch.compiler.is_compiling() else attend_slots
-            res = attend(qg, slots, keys, values, valid, self.cap, chunk)
+            if reused is not None:
+                if (block, group) not in reused:
+                    reused[block, group] = gather_slots(slots, keys, values, valid, self.space)
+                res = attend_gathered(qg, reused[block, group], self.cap)
+            else:
+                chunk = self.chunk_tokens(length, q.element_size())
+                res = (attend_slots(qg, slots, keys, values, valid, self.cap, chunk, self.space) if eager else
+                       _attend_slots_op(qg, slots, keys, values, valid, self.cap, chunk))
             if out is None:
                 return res
             out.index_copy_(0, idx, res)
         return out
+
+    @contextlib.contextmanager
+    def gathers_reused(self):
+        """One eager flow call whose steps read the same groups: each (block, group) gathered once, if
+        all of them fit in `workspace_bytes` (decided at the call's first attend)."""
+        self._reused = {}
+        try:
+            yield
+        finally:
+            self._reused = None
+            self.space.reset()
+
+    def _reused_gathers(self, groups, itemsize: int) -> dict | None:
+        """This call's kept gathers, or None: outside `gathers_reused`, or the call's gathers do not fit."""
+        if self._reused is None or self._reused is False:
+            return None
+        if not self._reused:  # the call's first attend: do every block's gathers fit at once?
+            per_position = 2 * self.num_heads * self.head_dim * itemsize * self.keys.shape[0]
+            if sum(slots.shape[0] * length for length, _, slots in groups) * per_position > self.workspace_bytes:
+                self._reused = False
+                return None
+            self.space.reset()
+        return self._reused
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
         self.flex.reserve(self.state.buffers.slot.shape[0])  # the engine's buffer: max batched tokens
