@@ -341,7 +341,8 @@ def main(argv=None) -> list[dict]:
         if case.table.flex is None and (args.concept == "flex" or (args.concept == "auto" and on_cuda)):
             # both paths are measured whatever FLAS_VLLM_CONCEPT_ATTENTION says (the engine's opt-in)
             case.table.flex = FlexSlotAttention(args.concepts + 1, g.num_heads, FLOW.concept_max_len,
-                                                g.attn_logit_softcapping, device, dynamic=on_cuda)
+                                                g.attn_logit_softcapping, device, dynamic=on_cuda,
+                                                num_kv_heads=g.num_kv_heads)
         case.table.state = StepState.allocate(max(tokens), dtype, device)  # the engine's per-step state
         case.prepare(mode)
         for n in tokens:

@@ -39,7 +39,8 @@ def _table(num_heads, head_dim, lengths, dtype, max_len=64, capacity=6, num_bloc
 
 
 def _flex(t: SlotTableKV) -> FlexSlotAttention:
-    return FlexSlotAttention(t.valid.shape[0], t.num_heads, t.max_len, t.cap, "cpu", dynamic=False)
+    return FlexSlotAttention(t.valid.shape[0], t.num_heads, t.max_len, t.cap, "cpu", dynamic=False,
+                             num_kv_heads=t.num_kv_heads)
 
 
 def _queries(n, t, dtype, seed=1):
@@ -77,14 +78,15 @@ def test_block_mask_lists_exactly_the_blocks_of_each_query_blocks_groups(max_len
     rng = np.random.default_rng(3)
     slots = torch.from_numpy(rng.choice([0, 1, 2, 3, 4, 6], size=77))
     order, mask = flex.plan(slots, t.valid)
-    nh, lc = t.num_heads, t.max_len
-    keys = (slots[:, None] * nh + torch.arange(nh)).reshape(-1)[order]
-    assert torch.equal(keys, torch.sort(keys).values)  # rows grouped by (slot, head)
+    nh, nk, lc = t.num_heads, t.num_kv_heads, t.max_len
+    assert nk < nh  # query heads share key heads (GQA)
+    keys = (slots[:, None] * nk + torch.arange(nh) // (nh // nk)).reshape(-1)[order]
+    assert torch.equal(keys, torch.sort(keys).values)  # rows grouped by (slot, KV head)
     lengths = t.valid.sum(-1)
     q_blocks = -(-len(keys) // BLOCK)
     want = torch.zeros(q_blocks, flex.kv_blocks, dtype=torch.bool)
     for r, k in enumerate(keys.tolist()):
-        for pos in range(int(lengths[k // nh])):
+        for pos in range(int(lengths[k // nk])):
             want[r // BLOCK, (k * lc + pos) // BLOCK] = True
     num = mask.kv_num_blocks[0, 0]
     got = torch.zeros_like(want)

@@ -82,7 +82,7 @@ def small_workspace(table):
     """A workspace of 3 tokens' full-length keys + values: every multi-token step is chunked."""
     t, _ = table
     saved = t.workspace_bytes
-    t.workspace_bytes = 3 * 2 * G.num_heads * t.max_len * G.head_dim * 4
+    t.workspace_bytes = 3 * 2 * G.num_kv_heads * t.max_len * G.head_dim * 4
     yield t
     t.workspace_bytes = saved
 

@@ -131,13 +131,21 @@ def cross_attend_heads(
     valid: torch.Tensor | None,
     cap: float | None,
 ) -> torch.Tensor:
-    """`cross_attend` on keys/values already laid out by `expand_concept_kv` ([..., nH, Lc, D])."""
-    logits = rounded(torch.matmul(q.transpose(-3, -2), kk.transpose(-1, -2)) * q.shape[-1] ** -0.5)  # [..., nH, N, Lc]
+    """`cross_attend` on keys/values laid out head-major ([..., nK, Lc, D], contiguous).
+
+    nK = nH (as `expand_concept_kv` lays them out) or any divisor of nH, the KV heads: query head h
+    reads key head h // (nH / nK), as `repeat_interleave` expands them, and each key head's query
+    heads are one matrix product (the slot table stores KV heads: half the copying at Gemma-2's GQA).
+    """
+    *lead, n, nh, d = q.shape
+    nk = kk.shape[-3]
+    qh = q.transpose(-3, -2).reshape(*lead, nk, nh // nk * n, d)  # a key head's query heads stacked
+    logits = rounded(torch.matmul(qh, kk.transpose(-1, -2)) * d ** -0.5)  # [..., nK, (nH/nK) * N, Lc]
     logits = softcap(logits, cap)
     if valid is not None:
         logits = logits.masked_fill(~valid[..., None, None, :], CONCEPT_MASK_VALUE)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, vv).transpose(-3, -2)  # [..., N, nH, D]
+    return torch.matmul(probs, vv).reshape(*lead, nh, n, d).transpose(-3, -2)  # [..., N, nH, D]
 
 
 class ConceptKV(Protocol):

@@ -5,11 +5,11 @@ table and attends over the copy: exact and batch invariant, and the reference on
 and in every parity test, but at 8192 tokens on a GPU the copy alone moves GiBs.
 Here the table is read in place instead.
 
-Layout. The table holds per block [slot, head, position, D] (heads already expanded to
-the query heads). Viewed flat it is one key sequence of (slot, head, position) rows, a
-zero-copy view: FlexAttention gets B=1, H=1, KV = slots * heads * Lc. Each (token, head)
-query row attends to the Lc keys of its own (slot, head) group, so the query rows are
-sorted by group key `slot * heads + head` (a device-side stable sort: no host sync, fine
+Layout. The table holds per block [slot, KV head, position, D]. Viewed flat it is one key
+sequence of (slot, KV head, position) rows, a zero-copy view: FlexAttention gets B=1, H=1,
+KV = slots * KV heads * Lc. Each (token, query head) row attends to the Lc keys of its own
+(slot, KV head) group (query head h reads KV head h // (nH / nKV)), so the query rows are
+sorted by group key `slot * KV heads + KV head` (a device-side stable sort: no host sync, fine
 under CUDA graphs) and the block mask lists, per 128-row query block, exactly the
 128-key blocks that hold the groups of its rows, trimmed to each concept's valid length.
 `mask_mod` keeps a row to its own group inside those blocks; `score_mod` is Gemma-2's
@@ -98,20 +98,22 @@ _BY_HANDLE: dict[int, "FlexSlotAttention"] = {}
 class FlexSlotAttention:
     """Block-sparse concept attention for one slot table: its persistent block-mask buffers and mods.
 
-    keys/values per call: [slots, nH, Lc, D] (one block of the table, contiguous); valid [slots, Lc],
+    keys/values per call: [slots, nKV, Lc, D] (one block of the table, contiguous); valid [slots, Lc],
     a prefix of each row (as `SlotTableKV.write` makes it). `dynamic`: compile for symbolic token
     counts (GPUs); False compiles per shape (CPU, where dynamic shapes do not compile).
     """
 
     def __init__(self, num_slots: int, num_heads: int, max_len: int, cap: float | None, device,
-                 max_tokens: int = BLOCK, dynamic: bool | None = None):
+                 max_tokens: int = BLOCK, dynamic: bool | None = None, num_kv_heads: int | None = None):
         self.num_slots, self.num_heads, self.max_len = num_slots, num_heads, max_len
+        self.num_kv_heads = num_kv_heads or num_heads
         self.device = torch.device(device)
         self.dynamic = self.device.type == "cuda" if dynamic is None else dynamic
-        self.kv_len = num_slots * num_heads * max_len
+        self.kv_len = num_slots * self.num_kv_heads * max_len
         self.kv_blocks = _ceil_div(self.kv_len, BLOCK)
         self.span = torch.arange(_ceil_div(max_len, BLOCK) + 1, device=self.device)  # key blocks a group may touch
-        self.heads = torch.arange(num_heads, device=self.device)
+        # each query head's key head (as repeat_interleave expands them)
+        self.heads = torch.arange(num_heads, device=self.device) // (num_heads // self.num_kv_heads)
         # each key position's validity, padded to whole blocks (padding: invalid)
         self.kv_valid = torch.zeros(self.kv_blocks * BLOCK, dtype=torch.bool, device=self.device)
         self.cap = None if cap is None else torch.tensor(float(cap), dtype=torch.float32, device=self.device)
@@ -149,18 +151,18 @@ class FlexSlotAttention:
         """This call's row order (rows sorted by group) and block mask, in the persistent buffers."""
         from torch.nn.attention.flex_attention import BlockMask  # optional: flex attention (see flex_available)
 
-        nh, lc = self.num_heads, self.max_len
+        nh, nk, lc = self.num_heads, self.num_kv_heads, self.max_len
         n_rows = slots.shape[0] * nh
         self.reserve(slots.shape[0])
-        key = (slots[:, None] * nh + self.heads).reshape(-1)
+        key = (slots[:, None] * nk + self.heads).reshape(-1)
         sorted_key, order = torch.sort(key, stable=True)
         self.row_key[:n_rows].copy_(sorted_key)
         self.row_key[n_rows:].fill_(-1)
-        self.kv_valid[: self.kv_len].view(self.num_slots, nh, lc).copy_(valid[:, None, :].expand(-1, nh, -1))
+        self.kv_valid[: self.kv_len].view(self.num_slots, nk, lc).copy_(valid[:, None, :].expand(-1, nk, -1))
         lengths = valid.sum(-1)  # valid is a prefix of each slot's row
         start = sorted_key * lc
         first = start // BLOCK
-        last = (start + lengths.index_select(0, sorted_key // nh) - 1) // BLOCK
+        last = (start + lengths.index_select(0, sorted_key // nk) - 1) // BLOCK
         kv_block = torch.minimum(first[:, None] + self.span, last[:, None])
         q_blocks = _ceil_div(n_rows, BLOCK)
         hits = self.hits[:q_blocks]

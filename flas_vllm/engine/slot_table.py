@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from flas_vllm.core.config import FlowGeometry
-from flas_vllm.core.flow import cross_attend_heads, expand_concept_kv
+from flas_vllm.core.flow import cross_attend_heads
 from flas_vllm.engine.concept_attention import FlexSlotAttention, attend_slots_flex_op, use_flex
 
 if TYPE_CHECKING:
@@ -67,9 +67,9 @@ def attend_slots(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, value
                  valid: torch.Tensor, cap: float | None, chunk: int, space: GatherSpace | None = None) -> torch.Tensor:
     """Each token's cross-attention to its own slot's keys, `chunk` tokens at a time.
 
-    q [n, nH, D]; slots [n]; keys/values [slots, nH, L, D]; valid [slots, L]. A
-    token's gathered keys and values take nH*L*D elements each (at Gemma-2-2B
-    geometry and 16384 tokens, 4 GiB per tensor all at once), so they are gathered
+    q [n, nH, D]; slots [n]; keys/values [slots, nKV, L, D]; valid [slots, L]. A
+    token's gathered keys and values take nKV*L*D elements each (at Gemma-2-2B
+    geometry and 16384 tokens, 2 GiB per tensor all at once), so they are gathered
     one chunk at a time (into `space` when given, reused by every chunk). Per-token
     arithmetic does not depend on the chunking.
     """
@@ -85,7 +85,7 @@ def attend_slots(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, value
 
 def gather_slots(slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
                  space: GatherSpace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each token's own copy of its slot's keys, values ([n, nH, L, D], contiguous) and key mask [n, L]."""
+    """Each token's own copy of its slot's keys, values ([n, nKV, L, D], contiguous) and key mask [n, L]."""
     if space is None:
         return keys.index_select(0, slots), values.index_select(0, slots), valid.index_select(0, slots)
     shape = (slots.shape[0], *keys.shape[1:])
@@ -122,8 +122,8 @@ def _(q, slots, keys, values, valid, cap, chunk):
 class SlotTableKV(nn.Module):
     """Per-block concept keys/values in a fixed table; each token reads its own slot.
 
-    Stored already expanded to query heads ([slot, nH, Lc, D], see `expand_concept_kv`)
-    so a step gathers each token's keys in one copy instead of three.
+    Stored head-major at the KV heads ([slot, nKV, Lc, D]): a step gathers each token's keys in one
+    contiguous copy, and each KV head's query heads attend to it in one product (`cross_attend_heads`).
 
     Each row's slot and the step's row groups are read from the step's state (step_state.py); on the
     skip path the flow's rows are the step's steered tokens only, compacted, with their slots gathered.
@@ -147,7 +147,7 @@ class SlotTableKV(nn.Module):
     def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device,
                  state: "StepState | None" = None):
         super().__init__()
-        shape = (num_blocks, capacity + 1, g.num_heads, max_len, g.head_dim)
+        shape = (num_blocks, capacity + 1, g.num_kv_heads, max_len, g.head_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         valid = torch.zeros(capacity + 1, max_len, dtype=torch.bool, device=device)
@@ -155,6 +155,7 @@ class SlotTableKV(nn.Module):
         self.register_buffer("valid", valid, persistent=False)
         self.cap = g.attn_logit_softcapping
         self.num_heads = g.num_heads
+        self.num_kv_heads = g.num_kv_heads
         self.head_dim = g.head_dim
         self.max_len = max_len
         self.workspace_bytes = ATTEND_WORKSPACE_BYTES
@@ -166,7 +167,8 @@ class SlotTableKV(nn.Module):
         self._reused: dict[tuple[int, int], tuple[torch.Tensor, ...]] | bool | None = None
         self.flex: FlexSlotAttention | None = None
         if use_flex(device):
-            self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device)
+            self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device,
+                                          num_kv_heads=g.num_kv_heads)
 
     def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
@@ -213,7 +215,7 @@ class SlotTableKV(nn.Module):
         if self._reused is None or self._reused is False:
             return None
         if not self._reused:  # the call's first attend: do every block's gathers fit at once?
-            per_position = 2 * self.num_heads * self.head_dim * itemsize * self.keys.shape[0]
+            per_position = 2 * self.num_kv_heads * self.head_dim * itemsize * self.keys.shape[0]
             if sum(slots.shape[0] * length for length, _, slots in groups) * per_position > self.workspace_bytes:
                 self._reused = False
                 return None
@@ -229,7 +231,7 @@ class SlotTableKV(nn.Module):
 
     def chunk_tokens(self, length: int, itemsize: int) -> int:
         """Tokens per gather so that one chunk's keys + values fit in `workspace_bytes`."""
-        per_token = 2 * self.num_heads * length * self.head_dim * itemsize
+        per_token = 2 * self.num_kv_heads * length * self.head_dim * itemsize
         return max(1, self.workspace_bytes // per_token)
 
     @torch.inference_mode()
@@ -242,8 +244,8 @@ class SlotTableKV(nn.Module):
             n = k.shape[0]
             self.keys[b, slot].zero_()
             self.values[b, slot].zero_()
-            self.keys[b, slot, :, :n] = expand_concept_kv(k, self.num_heads)
-            self.values[b, slot, :, :n] = expand_concept_kv(v, self.num_heads)
+            self.keys[b, slot, :, :n] = k.transpose(0, 1)  # [Lc, nKV, D] -> [nKV, Lc, D]
+            self.values[b, slot, :, :n] = v.transpose(0, 1)
         self.valid[slot].zero_()
         self.valid[slot, : (n or 1)] = True
         self.bucket_len[slot] = min(self.max_len, -(-(n or 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
