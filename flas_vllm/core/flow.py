@@ -124,19 +124,10 @@ def cross_attend(
     return cross_attend_heads(q, expand_concept_kv(k, nh), expand_concept_kv(v, nh), valid, cap)
 
 
-def cross_attend_heads(
-    q: torch.Tensor,
-    kk: torch.Tensor,
-    vv: torch.Tensor,
-    valid: torch.Tensor | None,
-    cap: float | None,
-) -> torch.Tensor:
-    """`cross_attend` on keys/values laid out head-major ([..., nK, Lc, D], contiguous).
-
-    nK = nH (as `expand_concept_kv` lays them out) or any divisor of nH, the KV heads: query head h
-    reads key head h // (nH / nK), as `repeat_interleave` expands them, and each key head's query
-    heads are one matrix product (the slot table stores KV heads: half the copying at Gemma-2's GQA).
-    """
+def cross_attend_heads(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, valid: torch.Tensor | None,
+                       cap: float | None) -> torch.Tensor:
+    """`cross_attend` on head-major keys/values [..., nK, Lc, D]: nK = nH (`expand_concept_kv`) or the KV
+    heads (the slot table), query head h reading key head h // (nH / nK), one product per key head."""
     *lead, n, nh, d = q.shape
     nk = kk.shape[-3]
     qh = q.transpose(-3, -2).reshape(*lead, nk, nh // nk * n, d)  # a key head's query heads stacked
