@@ -192,9 +192,30 @@ def test_cpu_gathers_land_in_one_persistent_workspace(table, small_workspace):
     t, _ = table
     assert t.space.persistent
     slots = [4, 2, 1, 3, 2, 0, 1, 4, 3, 3, 2, 4, 4, 1]
-    _attend(t, slots, torch.randn(len(slots), G.num_heads, G.head_dim))
+    _attend(t, slots, torch.randn(len(slots), G.num_heads, G.head_dim))  # chunks of <= 3 tokens' keys
     buffer = t.space.buffer
-    assert buffer is not None and buffer.numel() * buffer.element_size() == t.space.nbytes
+    assert buffer is not None and buffer.numel() * buffer.element_size() <= t.space.nbytes
     with t.gathers_reused():
-        _attend(t, slots[:5], torch.randn(5, G.num_heads, G.head_dim))
-    assert t.space.buffer is buffer, "reallocated"
+        _attend(t, slots[:2], torch.randn(2, G.num_heads, G.head_dim))
+    _attend(t, slots, torch.randn(len(slots), G.num_heads, G.head_dim))
+    assert t.space.buffer is buffer, "reallocated for a call that fits"
+    assert t.space.buffer.numel() <= t.space.capacity
+
+
+def test_the_gather_space_grows_to_the_largest_call_and_no_further():
+    from flas_vllm.engine.slot_table import GatherSpace
+
+    space = GatherSpace(1 << 20, torch.float32, "cpu")
+    assert space.capacity == 1 << 18 and space.buffer is None
+    space.reset(1000)
+    first = space.take((10, 10))
+    assert space.buffer.numel() == 1000 and first.data_ptr() == space.buffer.data_ptr()
+    assert space.take((30, 30)).data_ptr() == space.buffer.data_ptr() + 100 * 4  # carved after the first
+    buffer = space.buffer
+    space.reset(500)
+    assert space.buffer is buffer  # never shrinks
+    space.reset(10 ** 7)
+    assert space.buffer.numel() == space.capacity  # at most nbytes
+    outside = space.take((space.capacity + 1,))  # more than the space: a tensor of its own
+    assert outside.numel() == space.capacity + 1 and outside.data_ptr() != space.buffer.data_ptr()
+    assert not GatherSpace(1 << 20, torch.float32, "meta").persistent  # GPUs (and meta): fresh tensors

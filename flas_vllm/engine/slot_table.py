@@ -32,35 +32,34 @@ class GatherSpace:
     """Where eager gathers put each token's copy of its concept's keys and values.
 
     On CPU a fresh tensor of a few hundred MiB is page-faulted in on every gather (large blocks go
-    back to the OS when freed), which costs twice the copy itself; one persistent buffer of at most
-    `nbytes`, carved out per gather, avoids that. On a GPU the caching allocator already reuses
-    memory: fresh tensors there, nothing held beyond what vLLM's memory profiling saw.
+    back to the OS when freed), which costs twice the copy itself; one persistent buffer, grown to the
+    largest call so far (at most `nbytes`) and carved out per gather, avoids that. On a GPU the caching
+    allocator already reuses memory: fresh tensors there, nothing held beyond what vLLM's profiling saw.
     """
 
     def __init__(self, nbytes: int, dtype: torch.dtype, device):
-        self.nbytes, self.dtype, self.device = nbytes, dtype, torch.device(device)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.nbytes = nbytes
+        self.capacity = nbytes // torch.empty((), dtype=dtype).element_size()  # elements
         self.persistent = self.device.type == "cpu"
-        self.buffer: torch.Tensor | None = None  # allocated at the first gather
+        self.buffer: torch.Tensor | None = None
         self.used = 0  # elements handed out since the last `reset`
 
-    def reset(self) -> None:
+    def reset(self, numel: int = 0) -> None:
+        """Forget what was handed out (its views must no longer be read); make room for `numel` elements."""
         self.used = 0
+        if self.persistent and numel and (self.buffer is None or self.buffer.numel() < numel):
+            self.buffer = None  # released before its successor is allocated
+            self.buffer = torch.empty(min(numel, self.capacity), dtype=self.dtype, device=self.device)
 
     def take(self, shape: Sequence[int]) -> torch.Tensor:
         """An uninitialised contiguous tensor of `shape`, valid until the next `reset`."""
-        if not self.persistent:
-            return torch.empty(shape, dtype=self.dtype, device=self.device)
         numel = math.prod(shape)
-        if self.buffer is None:
-            self.buffer = torch.empty(self.nbytes // self.buffer_itemsize(), dtype=self.dtype, device=self.device)
-        if self.used + numel > self.buffer.numel():  # a caller that did not size its chunk by `nbytes`
+        if self.buffer is None or self.used + numel > self.buffer.numel():  # GPU, or more than was reserved
             return torch.empty(shape, dtype=self.dtype, device=self.device)
         out = self.buffer[self.used: self.used + numel].view(shape)
         self.used += numel
         return out
-
-    def buffer_itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
 
 
 def attend_slots(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -101,8 +100,8 @@ def attend_gathered(q: torch.Tensor, gathered: tuple[torch.Tensor, torch.Tensor,
 
 
 def _attend_rows(q, slots, keys, values, valid, cap, space=None):
-    if space is not None:
-        space.reset()  # the previous chunk's copies are no longer read
+    if space is not None:  # the previous chunk's copies are no longer read
+        space.reset(2 * slots.shape[0] * keys[0].numel())
     return attend_gathered(q, gather_slots(slots, keys, values, valid, space), cap)
 
 
@@ -215,11 +214,12 @@ class SlotTableKV(nn.Module):
         if self._reused is None or self._reused is False:
             return None
         if not self._reused:  # the call's first attend: do every block's gathers fit at once?
-            per_position = 2 * self.num_kv_heads * self.head_dim * itemsize * self.keys.shape[0]
-            if sum(slots.shape[0] * length for length, _, slots in groups) * per_position > self.workspace_bytes:
+            per_position = 2 * self.num_kv_heads * self.head_dim * self.keys.shape[0]  # elements, every block
+            numel = sum(slots.shape[0] * length for length, _, slots in groups) * per_position
+            if numel * itemsize > self.workspace_bytes:
                 self._reused = False
                 return None
-            self.space.reset()
+            self.space.reset(numel)
         return self._reused
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
