@@ -216,6 +216,22 @@ def test_the_gather_space_grows_to_the_largest_call_and_no_further():
     assert space.buffer is buffer  # never shrinks
     space.reset(10 ** 7)
     assert space.buffer.numel() == space.capacity  # at most nbytes
+    full = space.buffer
+    space.reset(10 ** 7)
+    assert space.buffer is full, "reallocated at capacity"
     outside = space.take((space.capacity + 1,))  # more than the space: a tensor of its own
     assert outside.numel() == space.capacity + 1 and outside.data_ptr() != space.buffer.data_ptr()
     assert not GatherSpace(1 << 20, torch.float32, "meta").persistent  # GPUs (and meta): fresh tensors
+
+
+def test_the_gather_space_made_in_inference_mode_serves_outside_it(table):
+    """vLLM runs steps in inference mode; tests, benchmarks and the reference path may not."""
+    t, _ = table
+    from flas_vllm.engine.slot_table import GatherSpace
+
+    t.space = GatherSpace(t.workspace_bytes, torch.float32, "cpu")
+    q = torch.randn(3, G.num_heads, G.head_dim)
+    with torch.inference_mode():
+        inside = _attend(t, [1, 2, 3], q)
+    with torch.no_grad():
+        assert torch.equal(_attend(t, [1, 2, 3], q), inside)

@@ -107,6 +107,9 @@ class FlexSlotAttention:
                  max_tokens: int = BLOCK, dynamic: bool | None = None, num_kv_heads: int | None = None):
         self.num_slots, self.num_heads, self.max_len = num_slots, num_heads, max_len
         self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"FlexSlotAttention: {num_heads} query heads do not share {self.num_kv_heads} KV heads "
+                             "evenly")
         self.device = torch.device(device)
         self.dynamic = self.device.type == "cuda" if dynamic is None else dynamic
         self.kv_len = num_slots * self.num_kv_heads * max_len
@@ -182,6 +185,8 @@ class FlexSlotAttention:
                  valid: torch.Tensor) -> torch.Tensor:
         """q [n, nH, D]; slots [n] -> [n, nH, D], each token attending to its own slot's keys."""
         n, nh, d = q.shape
+        if keys.shape[1] != self.num_kv_heads:
+            raise ValueError(f"FlexSlotAttention: keys have {keys.shape[1]} heads, planned for {self.num_kv_heads}")
         if n == 0:
             return torch.empty_like(q)
         order, mask = self.plan(slots, valid)

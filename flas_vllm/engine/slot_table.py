@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 LENGTH_BUCKET = 16  # concept key lengths are padded to a multiple of this when steps are grouped
-ATTEND_WORKSPACE_BYTES = 256 << 20  # gathered concept keys + values of one chunk of tokens, per attend
+# gathered concept keys + values of one chunk of tokens per attend, or of a whole flow call's kept gathers
+ATTEND_WORKSPACE_BYTES = 256 << 20
 
 
 class GatherSpace:
@@ -48,9 +49,11 @@ class GatherSpace:
     def reset(self, numel: int = 0) -> None:
         """Forget what was handed out (its views must no longer be read); make room for `numel` elements."""
         self.used = 0
-        if self.persistent and numel and (self.buffer is None or self.buffer.numel() < numel):
+        want = min(numel, self.capacity)
+        if self.persistent and want and (self.buffer is None or self.buffer.numel() < want):
             self.buffer = None  # released before its successor is allocated
-            self.buffer = torch.empty(min(numel, self.capacity), dtype=self.dtype, device=self.device)
+            with torch.inference_mode(False):  # a plain tensor: gathers write into it in and outside inference mode
+                self.buffer = torch.empty(want, dtype=self.dtype, device=self.device)
 
     def take(self, shape: Sequence[int]) -> torch.Tensor:
         """An uninitialised contiguous tensor of `shape`, valid until the next `reset`."""
@@ -188,7 +191,11 @@ class SlotTableKV(nn.Module):
             if reused is not None:
                 if (block, group) not in reused:
                     reused[block, group] = gather_slots(slots, keys, values, valid, self.space)
-                res = attend_gathered(qg, reused[block, group], self.cap)
+                gathered = reused[block, group]
+                if gathered[0].shape[:3] != (qg.shape[0], self.num_kv_heads, length):  # not this call's rows
+                    raise RuntimeError(f"concept gathers kept for other rows: {tuple(gathered[0].shape)} "
+                                       f"for {qg.shape[0]} rows of length {length}")
+                res = attend_gathered(qg, gathered, self.cap)
             else:
                 chunk = self.chunk_tokens(length, q.element_size())
                 res = (attend_slots(qg, slots, keys, values, valid, self.cap, chunk, self.space) if eager else
