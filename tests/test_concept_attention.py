@@ -199,3 +199,13 @@ def test_buffers_are_reserved_once_for_the_engines_token_buffer():
     buffers = (t.flex.row_key, t.flex.hits, t.flex.indices)
     t.attend(1, _queries(3, t, torch.float32))
     assert all(a is b for a, b in zip(buffers, (t.flex.row_key, t.flex.hits, t.flex.indices)))
+
+
+def test_flex_refuses_uneven_head_sharing_and_keys_of_another_head_count():
+    with pytest.raises(ValueError, match="4 query heads do not share 3 KV heads evenly"):
+        FlexSlotAttention(7, 4, 64, None, "cpu", dynamic=False, num_kv_heads=3)
+    t = _table(4, 16, {1: 3}, torch.float32)
+    flex = _flex(t)
+    expanded = t.keys[0].repeat_interleave(2, dim=1)  # query-head layout: not what the table holds
+    with pytest.raises(ValueError, match="keys have 4 heads, planned for 2"):
+        flex(_queries(2, t, torch.float32), torch.tensor([1, 1]), expanded, expanded, t.valid)

@@ -235,3 +235,14 @@ def test_the_gather_space_made_in_inference_mode_serves_outside_it(table):
         inside = _attend(t, [1, 2, 3], q)
     with torch.no_grad():
         assert torch.equal(_attend(t, [1, 2, 3], q), inside)
+
+
+def test_kept_gathers_are_never_read_for_other_rows(table):
+    """Inside one flow call the step's rows may not change; rows of another count fail loudly."""
+    t, _ = table
+    t.state = step_state([1, 1, 2], bucket_len=t.bucket_len)
+    with t.gathers_reused():
+        t.attend(1, torch.randn(3, G.num_heads, G.head_dim))
+        t.state = step_state([1, 2, 2, 2], bucket_len=t.bucket_len)
+        with pytest.raises(RuntimeError, match="concept gathers kept for other rows"):
+            t.attend(1, torch.randn(4, G.num_heads, G.head_dim))

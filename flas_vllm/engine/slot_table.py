@@ -192,7 +192,7 @@ class SlotTableKV(nn.Module):
                 if (block, group) not in reused:
                     reused[block, group] = gather_slots(slots, keys, values, valid, self.space)
                 gathered = reused[block, group]
-                if gathered[0].shape[:3] != (qg.shape[0], self.num_kv_heads, length):  # not this call's rows
+                if gathered[0].shape[:3] != (qg.shape[0], self.num_kv_heads, length):  # another row count: a misuse
                     raise RuntimeError(f"concept gathers kept for other rows: {tuple(gathered[0].shape)} "
                                        f"for {qg.shape[0]} rows of length {length}")
                 res = attend_gathered(qg, gathered, self.cap)
