@@ -222,13 +222,16 @@ def test_mixed_batch_runs_the_flow_on_its_steered_tokens_only(main_llm, tiny_mod
     (step_state.flow_row_bucket: padding under FLOW_ROW_BUCKET rows a step), not every scheduled token."""
     from flas_vllm.engine.step_state import FLOW_ROW_BUCKET
 
-    delta = {k: MIXED_STATS["after"][k] - MIXED_STATS["before"][k] for k in ("flow_rows", "steered_tokens", "flow_steps")}
+    delta = {k: MIXED_STATS["after"][k] - MIXED_STATS["before"][k]
+             for k in ("flow_rows", "steered_tokens", "flow_steps", "flow_attention_tokens")}
     scheduled = {r.name: len(prompt_ids(tiny_model, r.text)) - (res.num_cached_tokens or 0) + MAX_TOKENS - 1
                  for r, res in zip(MIXED, mixed)}  # prompt tokens not cached, then one token per decode step
     assert delta["steered_tokens"] == sum(n for r in MIXED if r.steered for n in [scheduled[r.name]])
     assert delta["flow_steps"] >= MAX_TOKENS
     assert delta["steered_tokens"] <= delta["flow_rows"] < delta["steered_tokens"] + FLOW_ROW_BUCKET * delta["flow_steps"]
     assert delta["flow_rows"] < sum(scheduled.values())  # unsteered tokens cost no flow rows
+    # nor flow attention: vLLM's CPU attention metadata narrowed to the steered requests (steered_attention.py)
+    assert delta["steered_tokens"] <= delta["flow_attention_tokens"] <= delta["flow_rows"]
 
 
 def test_steering_changes_output(solo):

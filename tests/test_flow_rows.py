@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flas_vllm.core.flow import dense_causal_attention, euler_dt
-from flas_vllm.engine.flow_rows import RowsCore, integrate_rows, rows_cores
+from flas_vllm.engine.flow_rows import RowsCore, integrate_rows, rows_cores, steer_in_place
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step, flow_row_bucket
 from tests.test_flow_quirks import random_flow
@@ -113,6 +113,65 @@ def test_rows_core_equals_full_attention_on_its_rows():
     assert torch.equal(got[:5], full[STEERED_TOKENS])
     assert torch.equal(got[5:], full[[13] * 3])  # padding rows: the repeated token's result
     assert rows_cores([[core, None]], rows, 5, N_TOKENS)[0][1] is None  # a block without self-attention
+
+
+def test_a_narrowed_rows_core_passes_the_steered_rows_alone():
+    """With the attention metadata narrowed to the steered requests (steered_attention.py) the core gets the
+    steered rows as they are, and the padding rows repeat the last one's result."""
+    torch.manual_seed(0)
+    calls = []
+    core = _segment_attention([(0, 3), (3, 5)], calls)  # the steered requests' segments, alone
+    q = torch.randn(8, G.num_heads * G.head_dim)
+    k, v = torch.randn(2, 8, G.num_kv_heads * G.head_dim)
+    rows = torch.tensor(STEERED_TOKENS + [13] * 3)
+    got = RowsCore(core, rows, 5, N_TOKENS, narrowed=True)(q, k, v)
+    assert calls == [5] and got.shape == (8, q.shape[1])
+    want = core(q[:5], k[:5], v[:5])
+    assert torch.equal(got[:5], want) and torch.equal(got[5:], want[[4] * 3])
+
+
+def _model_selects(stream_out: torch.Tensor, hidden, residual, steered):
+    """What `FlasSteer.forward` returns without the in-place path: selects over full-size tensors."""
+    return torch.where(steered, torch.zeros_like(hidden), hidden), torch.where(steered, stream_out, residual)
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_steer_in_place_touches_only_the_steered_rows(every):
+    """Eager steps: the flow's rows written straight into the layer's outputs equal the model's selects, and
+    the flow saw the model's stream on every steered row."""
+    step = [(_steered(2), 5), (_steered(3), 2)] if every else STEP
+    state = _build(step)
+    n = state.n_tokens
+    gen = torch.Generator().manual_seed(9)
+    hidden, residual = torch.randn(2, n, G.hidden_size, generator=gen)
+    flowed = torch.randn(n, G.hidden_size, generator=gen)  # what the flow returns per row
+    steered = state.buffers.steered[:n, None]
+    seen = {}
+
+    def steer_into(positions, stream, out):
+        rows = torch.arange(n) if state.rows is None else state.rows[: state.steered_rows]
+        seen["stream"] = stream[rows].clone()
+        out.index_copy_(0, rows, flowed[rows])
+
+    want = _model_selects(flowed, hidden, residual, steered)
+    stream = hidden + residual
+    h, r = hidden.clone(), residual.clone()
+    assert steer_in_place(state, steer_into, torch.arange(n), h, r)
+    assert torch.equal(h, want[0]) and torch.equal(r, want[1])
+    rows = torch.arange(n) if every else torch.tensor(STEERED_TOKENS)
+    assert torch.equal(seen["stream"], stream[rows])
+
+
+def test_steer_in_place_leaves_a_step_without_steering_alone_and_declines_an_unsplit_mixed_step():
+    state = _build([(RequestRow(), 4)])
+    h, r = torch.randn(2, 4, G.hidden_size)
+    h0, r0 = h.clone(), r.clone()
+    assert steer_in_place(state, None, torch.arange(4), h, r)  # nothing steered: nothing to do, nothing called
+    assert torch.equal(h, h0) and torch.equal(r, r0)
+    # 3 of 4 tokens steered: the bucket (4) covers every token, so the flow would run on the unsteered one too
+    state = _build([(_steered(2), 3), (RequestRow(), 1)])
+    assert state.rows is None and not steer_in_place(state, None, torch.arange(4), h, r)
+    assert torch.equal(h, h0) and torch.equal(r, r0)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import torch.fx
 from vllm.compilation.backends import split_graph
 from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
-from flas_vllm.engine.graph_modes import (STEER_OP, captured_flow_rows, flow_runs_as_op, op_runs_between_pieces,
-                                         split_piecewise_graphs_at_the_flow)
+from flas_vllm.engine.graph_modes import (STEER_OP, captured_flow_rows, captures_no_graphs, flow_runs_as_op,
+                                         op_runs_between_pieces, split_piecewise_graphs_at_the_flow)
 from flas_vllm.engine.model import register_steer_op
 
 ATTENTION = "vllm::unified_attention_with_output"
@@ -103,6 +103,13 @@ def test_no_graphs_run_the_op_and_a_flat_graph_is_left_alone():
     assert flat.cudagraph_mode == CUDAGraphMode.NONE  # so vLLM captures no graphs at all
     assert not split_piecewise_graphs_at_the_flow(flat) and flat.splitting_ops == []
     assert flow_runs_as_op(flat, graph_path=False)
+
+
+@pytest.mark.parametrize("mode", list(CUDAGraphMode))
+def test_only_a_mode_without_graphs_lets_the_op_write_into_the_layers_outputs(mode):
+    """FlasSteer's in-place eager path (flow_rows.steer_in_place) branches on the step on the host: never where
+    a CUDA graph might record it."""
+    assert captures_no_graphs(_config(mode, CompilationMode.NONE)) == (mode == CUDAGraphMode.NONE)
 
 
 def _steering_site(hidden, residual, positions, steered):

@@ -126,10 +126,14 @@ def test_shipped_code_imports_no_test_only_module():
     assert not bad, f"flas_vllm/ imports test-only code: {bad}"
 
 
+# Private by name only, and the one way in: vLLM's Python bindings of its compiled kernels (its backends import it so).
+PRIVATE_BY_NAME_ONLY = {("vllm", "_custom_ops")}
+
+
 def test_no_module_imports_another_modules_private_names():
     bad = [f"{p.relative_to(PACKAGE)}:{line}: from {module} import {name}" for p in PACKAGE.rglob("*.py")
            for line, module, names in _imports(p) for name in names
-           if name.startswith("_") and not name.startswith("__")]
+           if name.startswith("_") and not name.startswith("__") and (module, name) not in PRIVATE_BY_NAME_ONLY]
     assert not bad, f"private names imported across modules (make them public or move them): {bad}"
 
 

@@ -7,12 +7,14 @@ sizes and Euler steps of those rows, integrates them with the one flow of `core/
 scatters the steered rows back into a full-size output (the rows not steered are never selected by
 the model's `torch.where`, so they stay unwritten).
 
-Two things must still see every token of the step:
+Two things must still see the step's layout:
 - the flow's paged self-attention (vLLM's `Attention`: its metadata, slot mapping and
-  `query_start_loc` cover all scheduled tokens). `RowsCore` wraps each core: the compacted q/k/v are
-  scattered into zero tensors of the step's size, attention runs on all of them, and the flow's rows
-  are gathered back. A token not steered writes zeros into the flow's KV at its own cache slots,
-  which no request ever reads (unsteered requests read no flow KV; the prefix cache is salted by steering).
+  `query_start_loc` cover all scheduled tokens). Where the backend's metadata can be narrowed to the
+  steered requests (steered_attention.py: vLLM's CPU backend), each core takes the steered rows as they
+  are. Otherwise `RowsCore` wraps each core: the compacted q/k/v are scattered into zero tensors of the
+  step's size, attention runs on all of them, and the flow's rows are gathered back. A token not steered
+  then writes zeros into the flow's KV at its own cache slots, which no request ever reads (unsteered
+  requests read no flow KV; the prefix cache is salted by steering).
 - the slot table: it reads the compacted rows' slots from the state (`StepState.slots`).
 
 The graph path (`graph_path`, CUDA graphs) passes `rows=None`: every token, as before.
@@ -36,35 +38,43 @@ from flas_vllm.engine.step_state import StepState
 class RowsCore:
     """A self-attention core that needs every token, run on the flow's compacted rows.
 
-    `rows` [R]: token index of each compacted row, the first `steered` distinct (the rest repeat one of
-    them); `n_tokens`: the tokens the core's attention metadata covers.
+    `rows` [R]: token index of each compacted row, the first `steered` distinct (the rest repeat the last of
+    them); `n_tokens`: the tokens the core's attention metadata covers. `narrowed`: the metadata covers the
+    steered rows alone (steered_attention.py), so they go in as they are.
     """
 
-    def __init__(self, core: SelfAttentionCore, rows: torch.Tensor, steered: int, n_tokens: int):
-        self.core, self.rows, self.steered, self.n_tokens = core, rows, steered, n_tokens
+    def __init__(self, core: SelfAttentionCore, rows: torch.Tensor, steered: int, n_tokens: int,
+                 narrowed: bool = False):
+        self.core, self.rows, self.steered, self.n_tokens, self.narrowed = core, rows, steered, n_tokens, narrowed
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         full = x.new_zeros(self.n_tokens, *x.shape[1:])
         return full.index_copy_(0, self.rows[: self.steered], x[: self.steered])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = self.core(self._full(q), self._full(k), self._full(v))
-        return out.index_select(0, self.rows)
+        if not self.narrowed:
+            return self.core(self._full(q), self._full(k), self._full(v)).index_select(0, self.rows)
+        s = self.steered
+        out = self.core(q[:s], k[:s], v[:s])
+        padding = self.rows.shape[0] - s  # rows repeating the last steered token
+        return out if not padding else torch.cat((out, out[s - 1:].expand(padding, *out.shape[1:])))
 
 
 def rows_cores(cores: Sequence[Sequence[SelfAttentionCore | None]], rows: torch.Tensor, steered: int,
-               n_tokens: int) -> list[list[RowsCore | None]]:
+               n_tokens: int, narrowed: bool = False) -> list[list[RowsCore | None]]:
     """Each (Euler step, block) core wrapped for this step's rows."""
-    return [[None if c is None else RowsCore(c, rows, steered, n_tokens) for c in step] for step in cores]
+    return [[None if c is None else RowsCore(c, rows, steered, n_tokens, narrowed) for c in step] for step in cores]
 
 
 def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepState, positions: torch.Tensor,
                    stream: torch.Tensor, euler_steps: int, rows: torch.Tensor | None,
-                   out: torch.Tensor | None = None, distinct: int | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, distinct: int | None = None,
+                   narrowed: bool = False) -> torch.Tensor:
     """The stream after the flow, in the stream's dtype: every token (`rows` None) or only `rows`.
 
     The result is full size (written into `out` when given); with `rows`, only their first `distinct`
-    (default: the step's steered tokens) are written.
+    (default: the step's steered tokens) are written. `narrowed`: the cores' attention metadata covers
+    only the steered rows (steered_attention.py).
     """
     buffers = state.buffers
     if rows is None:
@@ -75,10 +85,37 @@ def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepSta
         return h if out is None else out.copy_(h)
     steered = state.steered_rows if distinct is None else distinct
     h = integrate(flow, stream.index_select(0, rows).to(flow.dtype), buffers.dt.index_select(0, rows), euler_steps,
-                  positions.index_select(0, rows), concept, rows_cores(cores, rows, steered, stream.shape[0]),
+                  positions.index_select(0, rows), concept, rows_cores(cores, rows, steered, stream.shape[0], narrowed),
                   token_steps=buffers.euler_steps.index_select(0, rows))
     out = torch.empty_like(stream) if out is None else out
     return out.index_copy_(0, rows[:steered], rounded(h[:steered].to(stream.dtype)))
+
+
+def steer_in_place(state: StepState, steer_into, positions: torch.Tensor, hidden: torch.Tensor,
+                   residual: torch.Tensor) -> bool:
+    """The model's selects (`FlasSteer.forward`) done in the layer's own outputs, touching only the steered rows:
+    run eagerly there is no graph to keep, and a 4096-token prefill step's full-size stream and selects cost
+    more than the flow on a few steered rows. `steer_into(positions, stream, out)` writes the steered rows of
+    `out` (here the residual). False: not this step (the flow would also run on unsteered tokens, whose
+    results must not land, or the outputs alias): the model's way instead. Bits equal either way.
+    """
+    n = hidden.shape[0]
+    if not state.any_steered:
+        return True  # nothing to replace
+    state.plan_steered_rows()
+    every = state.steered_rows == n == state.n_tokens
+    if (state.rows is None and not every) or hidden.data_ptr() == residual.data_ptr():
+        return False
+    rows = None if every else state.rows[: state.steered_rows]
+    pick = (lambda x: x) if every else (lambda x: x.index_select(0, rows))
+    steered = rounded((pick(hidden).float() + pick(residual).float()).to(hidden.dtype))  # the model's stream
+    stream = steered if every else torch.empty_like(hidden).index_copy_(0, rows, steered)  # other rows unread
+    steer_into(positions, stream, residual)
+    if every:
+        hidden.zero_()
+    else:
+        hidden.index_fill_(0, rows, 0)
+    return True
 
 
 def integrate_graph_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepState, positions: torch.Tensor,

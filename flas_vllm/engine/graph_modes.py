@@ -68,10 +68,13 @@ def flow_runs_as_op(compilation_config: Any, graph_path: bool, flow_graphs: str 
         return True
     if graph_path:
         return False
+    return captures_no_graphs(compilation_config) or op_runs_between_pieces(compilation_config)
+
+
+def captures_no_graphs(compilation_config: Any) -> bool:
+    """No CUDA graph of any kind (CPU, enforce_eager): whatever runs outside a compiled graph runs eagerly."""
     mode = compilation_config.cudagraph_mode
-    if mode is None or _is(mode, "NONE"):
-        return True
-    return op_runs_between_pieces(compilation_config)
+    return mode is None or _is(mode, "NONE")
 
 
 def op_runs_between_pieces(compilation_config: Any, flow_graphs: str = "traced") -> bool:

@@ -40,10 +40,12 @@ from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, chec
 from flas_vllm.core.families import text_config
 from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
-from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows
-from flas_vllm.engine.graph_modes import captured_flow_rows, flow_runs_as_op, op_runs_between_pieces
+from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows, steer_in_place
+from flas_vllm.engine.graph_modes import (captured_flow_rows, captures_no_graphs, flow_runs_as_op,
+                                          op_runs_between_pieces)
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.steered_attention import steered_attention
 from flas_vllm.engine.step_state import StepState
 
 logger = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class FlasSteer(nn.Module):
         cores = list(self.steps.values())
         self._cores = [[cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
                        for k in range(self.max_n_steps)]
+        self._attn_layers = [core.attn for core in cores]  # vLLM's Attention layers (steered_attention.py)
         # the engine step's per-token steering (step_state.py): built by the runtime, read here and by the table
         self.state = StepState.allocate(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
         self.step_buffers = self.state.buffers  # registered here, so its buffers follow the module
@@ -174,6 +177,8 @@ class FlasSteer(nn.Module):
         self.bucketed = opts.flow_graphs == "bucketed"
         self.forced_graph_rows = self.bucketed and opts.graph_path  # every step as a bucketed FULL graph runs it
         self.op_split = op_runs_between_pieces(cc, opts.flow_graphs)
+        # outside a compiled graph and any capture, steered rows go straight into the layer's outputs (flow_rows.py)
+        self.eager_in_place = self.skip_unsteered and not self.forced_graph_rows and captures_no_graphs(cc)
         self.target = f"{prefix}.flas"
         if self.skip_unsteered:
             register_steer_op()
@@ -195,6 +200,8 @@ class FlasSteer(nn.Module):
         (or the final) norm adds them first, so that sum is the residual stream after layer L:
         a steered token continues as (0, flow output), any other as (hidden, residual), untouched.
         """
+        if self.eager_in_place and not torch.compiler.is_compiling() and steer_in_place(self.state, self.steer_into, positions, hidden, residual):
+            return hidden, residual
         stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
         if self.skip_unsteered:
             flowed = torch.empty_like(stream)
@@ -228,10 +235,13 @@ class FlasSteer(nn.Module):
             self.runtime.count_flow_rows(state.steered_rows, stream.shape[0] if state.rows is None else
                                          state.rows.shape[0])
         # Only the steered rows (flow_rows.py), and only as many Euler steps as they need: a request
-        # never reads the flow KV of Euler steps beyond its own. Each concept gather serves every Euler step.
-        with self.table.gathers_reused():
+        # never reads the flow KV of Euler steps beyond its own. Each concept gather serves every Euler step;
+        # the flow's paged attention covers the steered requests alone where the backend allows it.
+        with self.table.gathers_reused(), steered_attention(self._attn_layers, state) as narrowed:
             integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
-                           state.rows, out)
+                           state.rows, out, narrowed=narrowed)
+        if self._attn_layers and not state.profiling:
+            self.runtime.flow_attention_tokens += state.steered_rows if narrowed else stream.shape[0]
 
     def _graph_flow_rows(self, n: int) -> tuple[int | None, bool]:
         """The flow rows of the CUDA graph this call is captured into (graph_modes.captured_flow_rows), or

@@ -62,6 +62,7 @@ class FlasRuntime:
         self.profile_flow_rows = 0  # tokens the flow ran on in dummy batches (counted on the skip path)
         # the skip path's real steps: rows the flow computed (bucket-padded), steered tokens, steps with flow work
         self.flow_rows = self.steered_tokens = self.flow_steps = 0
+        self.flow_attention_tokens = 0  # tokens the flow's paged self-attention covered (steered_attention.py)
         self.flow_log: collections.deque = collections.deque(maxlen=FLOW_LOG_STEPS)  # recent (tokens, steered, rows)
         self.group_by_length = False  # set by the model where the flow may branch on data (no CUDA graphs)
         self.flow_path = "graph"  # "skip" (the op), "bucketed" (the op, bucketed FULL graphs) or "graph" (traced)
@@ -135,6 +136,7 @@ class FlasRuntime:
         out["model_runner"] = self.model_runner
         out["profile_flow_rows"] = self.profile_flow_rows
         out["flow_rows"], out["steered_tokens"], out["flow_steps"] = self.flow_rows, self.steered_tokens, self.flow_steps
+        out["flow_attention_tokens"] = self.flow_attention_tokens
         return out
 
     # -- per step -----------------------------------------------------------------

@@ -130,6 +130,8 @@ class StepState:
     flow_rows: int = 0  # host-side: the rows the flow computes (the skip path: steered, rounded up to a bucket)
     rows: torch.Tensor | None = None  # the flow's rows (token indices, `flow_rows` long); None: every token
     row_slots: torch.Tensor | None = None  # each of those rows' slot (the state's slots gathered by `rows`)
+    request_tokens: np.ndarray | None = None  # host-side: each request's scheduled tokens, batch order
+    steered_requests: np.ndarray | None = None  # host-side: the steered requests' batch indices (their tokens: `rows`)
     graph_rows_wanted: bool = False  # stage the graph row order each step (FULL graphs keyed by steered bucket)
     # plan the skip path's rows and groups only when the eager op runs (bucketed FULL graphs replay without it)
     plan_lazily: bool = False
@@ -177,6 +179,7 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     state.max_euler_steps = int(rows.columns["euler_steps"][steered].max()) if state.any_steered else 0
     token_rows = np.flatnonzero(np.repeat(steered, counts))
     state.steered_rows = len(token_rows)
+    state.request_tokens, state.steered_requests = counts, np.flatnonzero(steered)
     state.flow_rows = state.n_tokens if state.any_steered else 0
     state.groups = state.rows = state.row_slots = state.pending_plan = None
     if state.graph_rows_wanted:  # read by a FULL graph's flow, whichever bucket the step replays

@@ -1,0 +1,123 @@
+"""The flow's paged self-attention over the steered requests only, where the attention backend allows it.
+
+vLLM builds one attention metadata per step, for every scheduled token, and the flow's own attention layers
+read it from the forward context like the base model's layers do. On the skip path the flow computes only
+the steered tokens, but attention under the step's metadata runs over every request: an unsteered request's
+decode token reads its whole context from the flow's KV layers, results nobody uses (in a 10%-steered step
+on CPU this was the largest part of the flow). For the length of one flow call, `steered_attention` hands
+the flow's layers metadata and slot mappings narrowed to the steered requests (a steered request's tokens
+are all steered, and the flow's rows list them in batch order), built once per step and metadata object.
+
+Narrowing is backend-specific: a `Narrower` per metadata class, registered by qualified name (nothing is
+imported for backends that are not in use). vLLM's CPU backend has one. Any other backend, or a step the
+narrower does not recognise (its request layout is not the one the step's rows were built from), keeps the
+whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct.
+A request's attention does not depend on the rest of its batch either way (mixed = solo, tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from flas_vllm.engine.step_state import StepState
+
+# metadata, one of the layers it serves, the step's requests (their scheduled tokens, batch order), the
+# steered ones' indices and the steered token rows -> metadata for those requests only, or None (not narrowable)
+Narrower = Callable[[object, torch.nn.Module, np.ndarray, np.ndarray, torch.Tensor], "object | None"]
+NARROWERS: dict[str, Narrower] = {}
+
+
+def narrower(qualname: str):
+    """Register a narrower for the metadata class `module:Class`."""
+    def register(fn: Narrower) -> Narrower:
+        NARROWERS[qualname] = fn
+        return fn
+    return register
+
+
+@narrower("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata")
+def narrow_cpu_metadata(meta, layer, request_tokens: np.ndarray, requests: np.ndarray, rows: torch.Tensor):
+    """vLLM's CPU backend: the steered requests' rows of its per-request tensors, its work schedule rebuilt
+    for them as its metadata builder builds it (the flow's layers have no sliding window)."""
+    from vllm import _custom_ops as ops  # lazy: vLLM's compiled ops, only where this backend runs
+    from vllm import envs  # lazy, with the ops above
+
+    if (meta.use_sdpa_prefill or meta.dynamic_causal is not None or meta.encoder_cache is not None
+            or meta.query_start_loc.device.type != "cpu"):
+        return None
+    query_start = meta.query_start_loc.numpy()
+    if len(query_start) != len(request_tokens) + 1 or not np.array_equal(np.diff(query_start), request_tokens):
+        return None  # not the request layout the step's rows were built from
+    index = torch.from_numpy(requests)
+    query_lens = request_tokens[requests]
+    query_start_loc = torch.zeros(len(requests) + 1, dtype=meta.query_start_loc.dtype)
+    torch.cumsum(torch.from_numpy(query_lens).to(query_start_loc.dtype), 0, out=query_start_loc[1:])
+    seq_lens = meta.seq_lens.index_select(0, index)
+    impl = layer.impl
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(requests), num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
+        head_dim=layer.head_size, seq_lens=seq_lens, dtype=layer.dtype, query_start_loc=query_start_loc,
+        causal=meta.causal, sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=None, kv_cache_dtype=impl.kv_cache_dtype)
+    return dataclasses.replace(
+        meta, num_actual_tokens=int(rows.shape[0]), max_query_len=int(query_lens.max()),
+        query_start_loc=query_start_loc, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
+        block_table=meta.block_table.index_select(0, index), slot_mapping=meta.slot_mapping.index_select(0, rows),
+        scheduler_metadata=schedule)  # (the KV cache update reads the forward context's slot mapping, narrowed too)
+
+
+def narrower_for(meta) -> Narrower | None:
+    cls = type(meta)
+    return NARROWERS.get(f"{cls.__module__}:{cls.__qualname__}")
+
+
+@contextlib.contextmanager
+def steered_attention(layers: Sequence[torch.nn.Module], state: StepState) -> Iterator[bool]:
+    """While one flow call runs: the flow's attention `layers` (vLLM `Attention`) see the step's steered
+    requests only. Yields True if they do (then the flow's cores take the steered rows alone), False if the
+    step keeps the whole-step attention."""
+    from vllm.forward_context import get_forward_context  # lazy: the engine's runtime only
+
+    context = get_forward_context()
+    metadata, slot_mapping = context.attn_metadata, context.slot_mapping
+    rows = state.rows
+    if (not layers or rows is None or state.steered_requests is None or not isinstance(metadata, dict)
+            or not isinstance(slot_mapping, dict)):
+        yield False
+        return
+    rows = rows[: state.steered_rows]
+    narrowed: dict[int, object] = {}  # by metadata object and by slot mapping: the flow's layers usually share one
+    swaps = []  # (layer name, its narrowed metadata, its narrowed slot mapping or None)
+    for layer in layers:
+        name = layer.layer_name
+        meta, mapping = metadata.get(name), slot_mapping.get(name)
+        narrow = narrower_for(meta)
+        if narrow is None:
+            break
+        if id(meta) not in narrowed:
+            narrowed[id(meta)] = narrow(meta, layer, state.request_tokens, state.steered_requests, rows)
+        if narrowed[id(meta)] is None:
+            break
+        if mapping is not None and id(mapping) not in narrowed:
+            narrowed[id(mapping)] = mapping.index_select(0, rows)
+        swaps.append((name, narrowed[id(meta)], None if mapping is None else narrowed[id(mapping)]))
+    if len(swaps) < len(layers):
+        yield False
+        return
+    saved = [(name, metadata[name], slot_mapping.get(name)) for name, _, _ in swaps]
+    try:
+        for name, meta, mapping in swaps:
+            metadata[name] = meta
+            if mapping is not None:
+                slot_mapping[name] = mapping
+        yield True
+    finally:
+        for name, meta, mapping in saved:
+            metadata[name] = meta
+            if mapping is not None:
+                slot_mapping[name] = mapping
