@@ -100,6 +100,8 @@ def steer_in_place(state: StepState, steer_into, positions: torch.Tensor, hidden
     results must not land, or the outputs alias): the model's way instead. Bits equal either way.
     """
     n = hidden.shape[0]
+    if state.profiling:
+        return False  # a dummy batch measures the peak of the model's way, which mixed steps may still take
     if not state.any_steered:
         return True  # nothing to replace
     state.plan_steered_rows()

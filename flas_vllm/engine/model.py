@@ -45,7 +45,7 @@ from flas_vllm.engine.graph_modes import (captured_flow_rows, captures_no_graphs
                                           op_runs_between_pieces)
 from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
-from flas_vllm.engine.steered_attention import steered_attention
+from flas_vllm.engine.steered_attention import SteeredAttention
 from flas_vllm.engine.step_state import StepState
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class FlasSteer(nn.Module):
         cores = list(self.steps.values())
         self._cores = [[cores[k * num_blocks + b] if cores else None for b in range(num_blocks)]
                        for k in range(self.max_n_steps)]
-        self._attn_layers = [core.attn for core in cores]  # vLLM's Attention layers (steered_attention.py)
+        self.attention = SteeredAttention([core.attn for core in cores])  # narrowed per flow call where it can be
         # the engine step's per-token steering (step_state.py): built by the runtime, read here and by the table
         self.state = StepState.allocate(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
         self.step_buffers = self.state.buffers  # registered here, so its buffers follow the module
@@ -237,10 +237,10 @@ class FlasSteer(nn.Module):
         # Only the steered rows (flow_rows.py), and only as many Euler steps as they need: a request
         # never reads the flow KV of Euler steps beyond its own. Each concept gather serves every Euler step;
         # the flow's paged attention covers the steered requests alone where the backend allows it.
-        with self.table.gathers_reused(), steered_attention(self._attn_layers, state) as narrowed:
+        with self.table.gathers_reused(), self.attention.narrowed(state) as narrowed:
             integrate_rows(self.flow, self.table, self._cores, state, positions, stream, state.max_euler_steps,
                            state.rows, out, narrowed=narrowed)
-        if self._attn_layers and not state.profiling:
+        if self.attention.layers and not state.profiling:
             self.runtime.flow_attention_tokens += state.steered_rows if narrowed else stream.shape[0]
 
     def _graph_flow_rows(self, n: int) -> tuple[int | None, bool]:

@@ -4,27 +4,35 @@ vLLM builds one attention metadata per step, for every scheduled token, and the 
 read it from the forward context like the base model's layers do. On the skip path the flow computes only
 the steered tokens, but attention under the step's metadata runs over every request: an unsteered request's
 decode token reads its whole context from the flow's KV layers, results nobody uses (in a 10%-steered step
-on CPU this was the largest part of the flow). For the length of one flow call, `steered_attention` hands
+on CPU this was the largest part of the flow). For the length of one flow call, `SteeredAttention.narrowed` hands
 the flow's layers metadata and slot mappings narrowed to the steered requests (a steered request's tokens
 are all steered, and the flow's rows list them in batch order), built once per step and metadata object.
+Not with a KV connector (it saves each layer's KV with that layer's metadata).
 
 Narrowing is backend-specific: a `Narrower` per metadata class, registered by qualified name (nothing is
 imported for backends that are not in use). vLLM's CPU backend has one. Any other backend, or a step the
 narrower does not recognise (its request layout is not the one the step's rows were built from), keeps the
-whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct.
-A request's attention does not depend on the rest of its batch either way (mixed = solo, tested).
+whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct; a
+narrower that raises turns narrowing off for the process.
+Either way a request's attention is the backend's kernel over its own context. On CPU the kernel's work
+schedule splits long contexts by what else the batch holds (VLLM_CPU_ATTN_SPLIT_KV), for the base model's
+layers as for these, which moves last bits at long contexts; narrowed, a steered request's schedule
+depends on the other steered requests only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from flas_vllm.engine.step_state import StepState
+
+logger = logging.getLogger(__name__)
 
 # metadata, one of the layers it serves, the step's requests (their scheduled tokens, batch order), the
 # steered ones' indices and the steered token rows -> metadata for those requests only, or None (not narrowable)
@@ -76,48 +84,70 @@ def narrower_for(meta) -> Narrower | None:
     return NARROWERS.get(f"{cls.__module__}:{cls.__qualname__}")
 
 
-@contextlib.contextmanager
-def steered_attention(layers: Sequence[torch.nn.Module], state: StepState) -> Iterator[bool]:
-    """While one flow call runs: the flow's attention `layers` (vLLM `Attention`) see the step's steered
-    requests only. Yields True if they do (then the flow's cores take the steered rows alone), False if the
-    step keeps the whole-step attention."""
-    from vllm.forward_context import get_forward_context  # lazy: the engine's runtime only
+def narrowed_entries(layers: Sequence[torch.nn.Module], state: StepState, metadata, slot_mapping) -> list | None:
+    """(layer name, narrowed metadata, narrowed slot mapping or None) for every layer, or None: keep the whole step.
 
-    context = get_forward_context()
-    metadata, slot_mapping = context.attn_metadata, context.slot_mapping
-    rows = state.rows
-    if (not layers or rows is None or state.steered_requests is None or not isinstance(metadata, dict)
+    All or nothing: one layer that cannot be narrowed keeps every layer on the whole step (the flow's cores
+    take one kind of rows)."""
+    if (not layers or state.rows is None or state.steered_requests is None or not isinstance(metadata, dict)
             or not isinstance(slot_mapping, dict)):
-        yield False
-        return
-    rows = rows[: state.steered_rows]
+        return None
+    rows = state.rows[: state.steered_rows]
     narrowed: dict[int, object] = {}  # by metadata object and by slot mapping: the flow's layers usually share one
-    swaps = []  # (layer name, its narrowed metadata, its narrowed slot mapping or None)
+    entries = []
     for layer in layers:
         name = layer.layer_name
         meta, mapping = metadata.get(name), slot_mapping.get(name)
         narrow = narrower_for(meta)
         if narrow is None:
-            break
+            return None
         if id(meta) not in narrowed:
             narrowed[id(meta)] = narrow(meta, layer, state.request_tokens, state.steered_requests, rows)
         if narrowed[id(meta)] is None:
-            break
+            return None
         if mapping is not None and id(mapping) not in narrowed:
             narrowed[id(mapping)] = mapping.index_select(0, rows)
-        swaps.append((name, narrowed[id(meta)], None if mapping is None else narrowed[id(mapping)]))
-    if len(swaps) < len(layers):
-        yield False
-        return
-    saved = [(name, metadata[name], slot_mapping.get(name)) for name, _, _ in swaps]
-    try:
-        for name, meta, mapping in swaps:
-            metadata[name] = meta
-            if mapping is not None:
-                slot_mapping[name] = mapping
-        yield True
-    finally:
-        for name, meta, mapping in saved:
-            metadata[name] = meta
-            if mapping is not None:
-                slot_mapping[name] = mapping
+        entries.append((name, narrowed[id(meta)], None if mapping is None else narrowed[id(mapping)]))
+    return entries
+
+
+class SteeredAttention:
+    """The flow's attention layers, narrowed per flow call where the step and the backend allow it."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        self.layers = list(layers)
+        self.enabled = True  # off for good after a narrower failed: the whole-step attention is always correct
+
+    @contextlib.contextmanager
+    def narrowed(self, state: StepState) -> Iterator[bool]:
+        """While one flow call runs: the layers see the step's steered requests only. Yields True if they do
+        (the flow's cores then take the steered rows alone), False if the step keeps the whole-step attention."""
+        from vllm.distributed.kv_transfer import has_kv_transfer_group  # lazy: the engine's runtime only
+        from vllm.forward_context import get_forward_context  # lazy, with the import above
+
+        context = get_forward_context()
+        metadata, slot_mapping = context.attn_metadata, context.slot_mapping
+        entries = None
+        # a KV connector saves each layer's KV with its metadata: it gets the whole step's
+        if self.enabled and state.rows is not None and not has_kv_transfer_group():
+            try:
+                entries = narrowed_entries(self.layers, state, metadata, slot_mapping)
+            except Exception:  # a vLLM change the narrower does not know: never worth a crashed engine
+                logger.exception("FLAS: narrowing the flow's attention to the steered requests failed; "
+                                 "the flow's attention covers whole steps from now on")
+                self.enabled = False
+        if entries is None:
+            yield False
+            return
+        saved = [(name, metadata[name], slot_mapping.get(name)) for name, _, _ in entries]
+        try:
+            for name, meta, mapping in entries:
+                metadata[name] = meta
+                if mapping is not None:
+                    slot_mapping[name] = mapping
+            yield True
+        finally:
+            for name, meta, mapping in saved:
+                metadata[name] = meta
+                if mapping is not None:
+                    slot_mapping[name] = mapping
