@@ -200,8 +200,9 @@ class FlasSteer(nn.Module):
         (or the final) norm adds them first, so that sum is the residual stream after layer L:
         a steered token continues as (0, flow output), any other as (hidden, residual), untouched.
         """
-        if self.eager_in_place and not torch.compiler.is_compiling() and steer_in_place(self.state, self.steer_into, positions, hidden, residual):
-            return hidden, residual
+        if self.eager_in_place and not torch.compiler.is_compiling():
+            if steer_in_place(self.state, self.steer_into, positions, hidden, residual):
+                return hidden, residual  # the steered rows written into the layer's outputs (flow_rows.py)
         stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
         if self.skip_unsteered:
             flowed = torch.empty_like(stream)
