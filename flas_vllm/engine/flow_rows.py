@@ -91,6 +91,11 @@ def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepSta
     return out.index_copy_(0, rows[:steered], rounded(h[:steered].to(stream.dtype)))
 
 
+def residual_stream(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The residual stream after layer L, as the next layer's fused add makes it from the layer's outputs."""
+    return rounded((hidden.float() + residual.float()).to(hidden.dtype))
+
+
 def steer_in_place(state: StepState, steer_into, positions: torch.Tensor, hidden: torch.Tensor,
                    residual: torch.Tensor) -> bool:
     """The model's selects (`FlasSteer.forward`) done in the layer's own outputs, touching only the steered rows:
@@ -110,7 +115,7 @@ def steer_in_place(state: StepState, steer_into, positions: torch.Tensor, hidden
         return False
     rows = None if every else state.rows[: state.steered_rows]
     pick = (lambda x: x) if every else (lambda x: x.index_select(0, rows))
-    steered = rounded((pick(hidden).float() + pick(residual).float()).to(hidden.dtype))  # the model's stream
+    steered = residual_stream(pick(hidden), pick(residual))
     stream = steered if every else torch.empty_like(hidden).index_copy_(0, rows, steered)  # other rows unread
     steer_into(positions, stream, residual)
     if every:

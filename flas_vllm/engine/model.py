@@ -38,9 +38,8 @@ from flas_vllm.core.concept_encoder import build_own_encoder
 from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
 from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, check_runner, flow_layer_indices
 from flas_vllm.core.families import text_config
-from flas_vllm.core.eager_numerics import rounded
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
-from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows, steer_in_place
+from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows, residual_stream, steer_in_place
 from flas_vllm.engine.graph_modes import (captured_flow_rows, captures_no_graphs, flow_runs_as_op,
                                           op_runs_between_pieces)
 from flas_vllm.engine.runtime import FlasRuntime
@@ -203,7 +202,7 @@ class FlasSteer(nn.Module):
         if self.eager_in_place and not torch.compiler.is_compiling():
             if steer_in_place(self.state, self.steer_into, positions, hidden, residual):
                 return hidden, residual  # the steered rows written into the layer's outputs (flow_rows.py)
-        stream = rounded((hidden.float() + residual.float()).to(hidden.dtype))  # what the next fused add makes
+        stream = residual_stream(hidden, residual)
         if self.skip_unsteered:
             flowed = torch.empty_like(stream)
             torch.ops.vllm.flas_steer(stream, positions, flowed, self.target)
