@@ -43,8 +43,7 @@ class FlasModelState(DefaultModelState):
         rid = new_req_data.req_id
         params = new_req_data.sampling_params
         resumed = self.removed.pop(rid, False) is None  # a preempted request, back: not a new steered request
-        steer, slot = self.runtime.admit(rid, getattr(params, "extra_args", None), resumed=resumed)
-        self.rows.put(req_index, self.runtime.row(steer, slot))
+        self.rows.put(req_index, self.runtime.admit(rid, getattr(params, "extra_args", None), resumed=resumed).row)
         self.owner[req_index] = rid
         self.row_of[rid] = req_index
 

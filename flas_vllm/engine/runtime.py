@@ -17,7 +17,7 @@ import collections
 import contextlib
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 FLOW_LOG_STEPS = 4096  # steps whose flow rows the runtime remembers (tests, debugging)
 
 
+class Admitted(NamedTuple):
+    """A request in flight: its steering, its concept's slot, and its row (made once: every step reads it)."""
+
+    steer: Steering | None
+    slot: int
+    row: RequestRow
+
+
 class FlasRuntime:
     """Request -> steering -> concept slot bookkeeping for one model instance (one worker)."""
 
@@ -47,6 +55,7 @@ class FlasRuntime:
         self.model = model  # the vLLM text decoder whose layers 0-1 encode concepts
         self.options = options
         self.flow = flow
+        self.flow_dtype = flow.dtype  # read per request row; weight reloads keep the checkpoint's dtype
         self.n_steps, self.max_n_steps = n_steps  # a request's default, and the most it may ask for
         self.concept_max_len = concept_max_len
         self.table = table
@@ -57,7 +66,7 @@ class FlasRuntime:
         self._tokenizer = None
         self.own_encoder = own_encoder  # a checkpoint's own concept encoder (`concept_enc`), if any
         self._stale = False  # concepts in the table were encoded with weights since replaced
-        self._req: dict[str, tuple[Steering | None, int]] = {}  # req_id -> (steering, slot)
+        self._req: dict[str, Admitted] = {}
         self.steered_requests = 0
         self.profile_flow_rows = 0  # tokens the flow ran on in dummy batches (counted on the skip path)
         # the skip path's real steps: rows the flow computed (bucket-padded), steered tokens, steps with flow work
@@ -170,8 +179,8 @@ class FlasRuntime:
     def finish(self, rid: str) -> None:
         """Drop a finished or aborted request and release its concept slot reference."""
         entry = self._req.pop(rid, None)
-        if entry is not None and entry[0] is not None:
-            self.slots.release(entry[1])
+        if entry is not None and entry.steer is not None:
+            self.slots.release(entry.slot)
 
     def prepare_step(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray,
                      requests: Mapping[str, Any]) -> None:
@@ -184,12 +193,11 @@ class FlasRuntime:
             if entry is None:
                 params = getattr(requests[rid], "sampling_params", None)
                 entry = self.admit(rid, getattr(params, "extra_args", None))
-            steer, slot = entry
-            if steer is not None and self.slots.slot_of(steer.concept) != slot:
+            if entry.steer is not None and self.slots.slot_of(entry.steer.concept) != entry.slot:
                 # evicted while preempted: encode again before it runs
-                slot = self._ensure_encoded(steer.concept)
-                self._req[rid] = (steer, slot)
-            rows.append(self.row(steer, slot))
+                entry = self._admitted(entry.steer, self._ensure_encoded(entry.steer.concept))
+                self._req[rid] = entry
+            rows.append(entry.row)
         self.publish(StepRows.of(rows, np.asarray(num_scheduled_tokens[: len(req_ids)])))
 
     def publish(self, rows: StepRows) -> None:
@@ -209,7 +217,10 @@ class FlasRuntime:
 
     def row(self, steer: Steering | None, slot: int) -> RequestRow:
         """A request's row: its Euler steps (or the engine's default), step size and concept slot."""
-        return request_row(steer, slot, self.n_steps, self.flow.dtype)
+        return request_row(steer, slot, self.n_steps, self.flow_dtype)
+
+    def _admitted(self, steer: Steering | None, slot: int) -> Admitted:
+        return Admitted(steer, slot, self.row(steer, slot))
 
     def profile_row(self) -> RequestRow:
         """What a dummy batch's tokens steer as: the null slot (no concept is touched), every Euler step
@@ -228,8 +239,7 @@ class FlasRuntime:
             self.state.profiling = False
             self.publish(StepRows.of([], []))  # nothing steered leaks into the next step
 
-    def admit(self, rid: str, extra_args: Mapping[str, Any] | None, *, resumed: bool = False
-              ) -> tuple[Steering | None, int]:
+    def admit(self, rid: str, extra_args: Mapping[str, Any] | None, *, resumed: bool = False) -> Admitted:
         """A request joins the batch: read its steering, hold a reference to its concept's slot.
 
         `resumed`: the request ran before (Model Runner V2 drops preempted requests and adds them
@@ -241,8 +251,8 @@ class FlasRuntime:
             slot = self._ensure_encoded(steer.concept)
             if not resumed:
                 self.steered_requests += 1
-        self._req[rid] = (steer, slot)
-        return steer, slot
+        self._req[rid] = entry = self._admitted(steer, slot)
+        return entry
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""The V1 runner's per-step bookkeeping (`FlasRuntime.prepare_step`), without an engine.
+
+A request's row is made once, when it joins: every later step reads it (a step of 256 decodes used to
+rebuild 256 rows, half of the runtime's host time per step). What must still hold: the published state
+follows each request's own steering; a request whose concept left the table meanwhile is encoded again
+(into a fresh slot) before it runs, its row following the slot; a finished request releases its slot.
+Encoding itself is the engine tests' subject: here it only records which concept went into which slot.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from flas_vllm.core.config import FlasEngineOptions
+from flas_vllm.core.flow import euler_dt
+from flas_vllm.core.steering import WIRE_KEY, parse_steering, steering
+from flas_vllm.engine.runtime import FlasRuntime
+from flas_vllm.engine.slot_table import SlotTableKV
+from flas_vllm.engine.step_state import StepState
+from tests.test_slot_table import G
+
+
+def _runtime() -> tuple[FlasRuntime, list]:
+    state = StepState.allocate(64, torch.float32, "cpu")
+    table = SlotTableKV(G, num_blocks=1, capacity=4, max_len=16, dtype=torch.float32, device="cpu", state=state)
+    runtime = FlasRuntime(None, FlasEngineOptions(checkpoint="c", max_concepts=2), SimpleNamespace(dtype=torch.float32),
+                          (3, 4), 16, table, state, "tokenizer", {})
+    encoded = []
+    runtime._encode_into = lambda slot, concept: encoded.append((concept, slot))  # the encoder: not this test's
+    return runtime, encoded
+
+
+def _request(concept: str | None, flowtime: float = 0.5, n_steps: int | None = None):
+    extra = None
+    if concept is not None:  # what the front end attaches (patches/admission.py)
+        extra = {WIRE_KEY: parse_steering(steering(concept, flowtime, n_steps)).to_wire()}
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+
+
+def _columns(runtime: FlasRuntime) -> dict[str, np.ndarray]:
+    n = runtime.state.n_tokens
+    buffers = runtime.state.buffers
+    return {name: getattr(buffers, name)[:n].numpy() for name in buffers.columns}
+
+
+def test_each_step_publishes_each_request_s_own_steering_from_rows_made_once():
+    runtime, encoded = _runtime()
+    made = []
+    row = runtime.row
+    runtime.row = lambda steer, slot: made.append(slot) or row(steer, slot)
+    requests = {"a": _request("pirates", 0.5), "u": _request(None), "b": _request("cats", 1.0, n_steps=4)}
+    runtime.prepare_step(["a", "u", "b"], np.array([3, 1, 2]), requests)
+    (_, slot_a), (_, slot_b) = encoded
+    cols = _columns(runtime)
+    assert cols["steered"].tolist() == [True] * 3 + [False] + [True] * 2
+    assert cols["slot"].tolist() == [slot_a] * 3 + [0] + [slot_b] * 2
+    assert cols["euler_steps"].tolist() == [3] * 3 + [0] + [4] * 2  # the engine's default 3; b asked for 4
+    dt = [float(euler_dt(t, n, torch.float32)) for t, n in ((0.5, 3), (1.0, 4))]
+    assert cols["dt"].tolist() == [dt[0]] * 3 + [0.0] + [dt[1]] * 2
+    for _ in range(3):  # decode steps, another batch order
+        runtime.prepare_step(["b", "a", "u"], np.array([1, 1, 1]), requests)
+        assert _columns(runtime)["slot"].tolist() == [slot_b, slot_a, 0]
+    assert len(made) == 3, "a request's row is made when it joins, not on every step"
+
+
+def test_a_request_whose_concept_left_the_table_is_encoded_again_before_it_runs():
+    runtime, encoded = _runtime()
+    requests = {"a": _request("pirates")}
+    runtime.prepare_step(["a"], np.array([2]), requests)
+    old = encoded[-1][1]
+    # its concept's slot is taken from under it (as a preemption that released it would leave it) ...
+    runtime.slots.release(old)
+    assert runtime.slots.evict("pirates")
+    runtime.slots.acquire("cats")  # ... and reused by another concept
+    runtime.prepare_step(["a"], np.array([1]), requests)
+    concept, slot = encoded[-1]
+    assert concept == "pirates" and slot != old and runtime.slots.slot_of("pirates") == slot
+    assert _columns(runtime)["slot"].tolist() == [slot], "the row follows the concept to its new slot"
+
+
+def test_a_finished_request_releases_its_concept():
+    runtime, encoded = _runtime()
+    requests = {"a": _request("pirates"), "b": _request("pirates")}
+    runtime.prepare_step(["a", "b"], np.array([1, 1]), requests)
+    assert len(encoded) == 1 and runtime.slots.entries()[0]["refs"] == 2  # one concept, encoded once
+    runtime.finish("a")
+    del requests["a"]
+    runtime.prepare_step(["b"], np.array([1]), requests)
+    assert runtime.slots.entries()[0]["refs"] == 1
+    runtime.prepare_step([], np.array([], dtype=np.int64), {})  # b left the runner without its hook
+    assert runtime.slots.entries()[0]["refs"] == 0 and runtime.evict(["pirates"]) == [True]
