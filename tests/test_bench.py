@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -23,6 +24,7 @@ def test_bench_smoke_on_fixture(tmp_path, tiny_model):
 
     cfg = BenchConfig(model="fixture", ks=[1, 2], num_prompts=4, output_len=4, out_dir=tmp_path,
                       kv_cache_memory_bytes=256 * 1024 * 1024, encode_probe_concepts=2)
+    before_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     report = run_benchmark(cfg, log=lambda s: None)
 
     on_disk = json.loads((tmp_path / "bench_fixture.json").read_text())
@@ -32,8 +34,21 @@ def test_bench_smoke_on_fixture(tmp_path, tiny_model):
     assert on_disk["runs"] == report["runs"]
 
     kinds = [r["kind"] for r in on_disk["runs"]]
-    assert kinds == ["vanilla", "flas-unsteered", "flas-steered", "flas-steered", "flas-mixed", "flas-mixed",
-                     "hf", "hf"]
+    assert kinds == ["vanilla", "vanilla-equal-kv", "flas-unsteered", "flas-steered", "flas-steered", "flas-mixed",
+                     "flas-mixed", "hf", "hf"]
+    # vanilla again at the FLAS engine's KV capacity (less: the flow's paged layers share the same memory),
+    # within one block of it
+    engines, kv = on_disk["engines"], on_disk["kv_capacity"]
+    tokens = {name: engines[name]["kv"]["group_aware_tokens"] for name in ("vanilla", "flas", "vanilla_at_flas_kv")}
+    assert tokens["flas"] < tokens["vanilla"]
+    assert abs(tokens["vanilla_at_flas_kv"] - tokens["flas"]) <= engines["vanilla"]["kv"]["block_size"], tokens
+    assert engines["vanilla_at_flas_kv"]["kv_cache_memory_bytes"] < cfg.kv_cache_memory_bytes
+    assert kv["vanilla_at_flas_kv"]["group_aware_tokens"] == tokens["vanilla_at_flas_kv"]
+    by_kind = {r["kind"]: r for r in on_disk["runs"]}
+    assert kv["unsteered_x_vanilla_at_flas_kv"] == round(
+        by_kind["flas-unsteered"]["output_tok_s"] / by_kind["vanilla-equal-kv"]["output_tok_s"], 4)
+    assert on_disk["environment"]["engine_process"] == "inline"  # auto, on CPU
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == before_env  # restored
     for r in on_disk["runs"]:
         what = r["name"]
         assert r["num_requests"] == 4 and r["output_tokens"] == 4 * 4, what

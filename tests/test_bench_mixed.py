@@ -132,3 +132,56 @@ def test_readme_table_adds_the_graph_path_run_found_next_to_the_default_one(tmp_
         readme_table(bucketed)
     with pytest.raises(ValueError, match="not 'bench-2b-shape'"):
         readme_table(report, dict(graph, config=dict(graph["config"], model="fixture")))
+
+
+@pytest.mark.parametrize("page", [1_704_329, 4096 + 7, 123_457])
+@pytest.mark.parametrize("block_tokens", [64, 128])  # tokens a block adds to the group-aware size
+@pytest.mark.parametrize("budget_mib", [16, 512])
+def test_vanilla_kv_bytes_land_within_a_block_of_the_flas_capacity(page, block_tokens, budget_mib):
+    from flas_vllm.bench.runners import vanilla_kv_bytes_for_tokens
+
+    cfg = BenchConfig(kv_cache_memory_bytes=budget_mib << 20)
+    capacity = lambda nbytes: nbytes // page * block_tokens  # what vLLM makes of a budget: whole blocks
+    vanilla = capacity(cfg.kv_cache_memory_bytes)
+    for tokens in sorted({1, vanilla // 2, vanilla * 81 // 100 + 17, vanilla * 515 // 1000, vanilla - 1}):
+        got = capacity(vanilla_kv_bytes_for_tokens(cfg, vanilla, tokens))
+        assert tokens - block_tokens < got <= tokens + block_tokens, (tokens, got)
+
+
+def test_engine_process_sets_vllm_s_variable_and_restores_it(monkeypatch):
+    from vllm import envs
+
+    from flas_vllm.bench.runners import MULTIPROCESSING_ENV, engine_process
+
+    monkeypatch.setenv(MULTIPROCESSING_ENV, "1")
+    with engine_process(BenchConfig(engine_process="auto")) as mode:  # auto on CPU: inline
+        assert mode == "inline" and not envs.VLLM_ENABLE_V1_MULTIPROCESSING
+        envs.enable_envs_cache()  # as an inline engine core does when it starts
+    assert envs.VLLM_ENABLE_V1_MULTIPROCESSING  # the variable is back, and read afresh
+    monkeypatch.delenv(MULTIPROCESSING_ENV)
+    with engine_process(BenchConfig(engine_process="separate")) as mode:
+        assert mode == "separate" and envs.VLLM_ENABLE_V1_MULTIPROCESSING
+    assert MULTIPROCESSING_ENV not in __import__("os").environ
+
+
+def test_engine_process_and_equal_kv_flags_reach_the_config(monkeypatch, tmp_path):
+    default = _bench_config(monkeypatch, "--out", str(tmp_path))
+    assert (default.engine_process, default.equal_kv_vanilla) == ("auto", True)
+    other = _bench_config(monkeypatch, "--out", str(tmp_path), "--engine-process", "separate", "--no-equal-kv")
+    assert (other.engine_process, other.equal_kv_vanilla) == ("separate", False)
+    assert default == dataclasses.replace(other, engine_process="auto", equal_kv_vanilla=True)
+    result = CliRunner().invoke(app, ["bench", "--model", "fixture", "--ks", "1", "--no-hf", "--engine-process", "x"])
+    assert result.exit_code != 0 and "engine_process must be one of auto, inline, separate, got 'x'" in result.output
+
+
+def test_readme_table_shows_vanilla_at_the_flas_blocks_when_the_report_has_it():
+    report = _report()
+    runs = report["runs"]
+    runs.insert(1, {**runs[0], "name": "vanilla vLLM at flas-vllm's KV capacity", "kind": "vanilla-equal-kv",
+                    "output_tok_s": 880.0, "ratio_output_to_vanilla": 0.88})
+    report["kv_capacity"]["unsteered_x_vanilla_at_flas_kv"] = 0.9765
+    table = readme_table(report)
+    lines = table.splitlines()
+    at = lines.index("| vanilla vLLM at flas-vllm's KV capacity | 880.0 | 0.880 |")
+    assert lines[at - 1].startswith("| vanilla vLLM |") and lines[at + 1].startswith("| flas-vllm unsteered |")
+    assert "flas-vllm unsteered x vanilla at the same KV capacity 0.977" in table

@@ -3,7 +3,9 @@
 One run measures, on the SAME model, prompts and output lengths (greedy,
 `ignore_eos=True`, fixed `max_tokens`):
 
-1. vanilla vLLM Gemma-2 (`vllm.LLM` on the same model directory);
+1. vanilla vLLM Gemma-2 (`vllm.LLM` on the same model directory), and again
+   at the KV capacity (tokens) the FLAS engine gets from the same KV memory
+   (its flow's paged layers take the rest), which separates capacity from the rest;
 2. flas-vllm with every request unsteered;
 3. flas-vllm with every request steered, K distinct concepts for each K
    (requests assigned round-robin, flowtimes mixed in [0.5, 2]);
@@ -36,7 +38,7 @@ from flas_vllm.bench.flops import flops_section
 from flas_vllm.bench.models import MODELS, prepare_model
 from flas_vllm.bench.report import run_environment, plot, render_markdown, summary_lines
 from flas_vllm.bench.results import RunResult
-from flas_vllm.bench.runners import run_flas, run_hf, run_vanilla
+from flas_vllm.bench.runners import engine_process, run_flas, run_hf, run_vanilla, vanilla_kv_bytes_for_tokens
 from flas_vllm.bench.workload import build_workload, make_concepts, make_flowtimes
 
 __all__ = ["MODELS", "BenchConfig", "parse_ks", "prepare_model", "build_workload", "make_concepts",
@@ -45,6 +47,25 @@ __all__ = ["MODELS", "BenchConfig", "parse_ks", "prepare_model", "build_workload
 
 # ---------------------------------------------------------------------------
 # the whole run
+
+ENGINE_PROCESS_NOTES = {
+    "inline": "in the bench's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): each run times the engine's work "
+              "and, one after the other, the front end's",
+    "separate": "in its own process beside the front end (vLLM's default); on a machine with few cores the two "
+                "share them, which adds the same front-end time to every run and pulls every ratio toward 1",
+}
+
+
+def _vanilla_at_flas_kv(cfg: BenchConfig, model, wl, log, vinfo: dict, finfo: dict) -> tuple[list[RunResult], dict]:
+    """Vanilla vLLM again, with the KV capacity the FLAS engine got (vLLM's group-aware KV cache size in tokens;
+    block counts do not compare across engines whose layers group differently): the unsteered run's cost
+    without the capacity the flow's paged layers take. None when asked not to, or when FLAS has no less."""
+    vtokens, ftokens = vinfo["kv"].get("group_aware_tokens"), finfo["kv"].get("group_aware_tokens")
+    if not cfg.equal_kv_vanilla or not vtokens or not ftokens or ftokens >= vtokens:
+        return [], {}
+    log(f"[2/3] vanilla vLLM at flas-vllm's KV capacity ({ftokens} tokens) ...")
+    run, info = run_vanilla(cfg, model, wl, log, kv_bytes=vanilla_kv_bytes_for_tokens(cfg, vtokens, ftokens))
+    return [run], info
 
 
 def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> dict:
@@ -80,10 +101,14 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     if max(cfg.ks) > cfg.num_prompts:
         notes.append(f"num_prompts={cfg.num_prompts} < max K={max(cfg.ks)}: larger K have fewer concepts in flight")
 
-    log("[1/3] vanilla vLLM ...")
-    vanilla, vinfo = run_vanilla(cfg, model, wl, log)
-    log("[2/3] flas-vllm (unsteered, then K concepts) ...")
-    flas_runs, finfo = run_flas(cfg, model, wl, log)
+    with engine_process(cfg) as env["engine_process"]:
+        notes.append(f"each vLLM engine's core runs {env['engine_process']} (--engine-process "
+                     f"{cfg.engine_process}): " + ENGINE_PROCESS_NOTES[env["engine_process"]])
+        log("[1/3] vanilla vLLM ...")
+        vanilla, vinfo = run_vanilla(cfg, model, wl, log)
+        log("[2/3] flas-vllm (unsteered, then K concepts) ...")
+        flas_runs, finfo = run_flas(cfg, model, wl, log)
+        equal_kv, einfo = _vanilla_at_flas_kv(cfg, model, wl, log, vinfo, finfo)
     hf_runs: list[RunResult] = []
     hinfo: dict = {}
     if cfg.hf:
@@ -97,7 +122,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     else:
         not_measured.append("transformers path: skipped (--no-hf)")
 
-    runs = [vanilla, *flas_runs, *hf_runs]
+    runs = [vanilla, *equal_kv, *flas_runs, *hf_runs]
     unsteered = next((r for r in flas_runs if r.kind == "flas-unsteered"), None)
     for r in runs:
         r.ratio_output_to_vanilla = round(r.output_tok_s / vanilla.output_tok_s, 4)
@@ -118,6 +143,10 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
         if a and b:
             ratio[key] = round(b / a, 4)
     kv["ratio_flas_to_vanilla"] = ratio
+    if equal_kv:
+        kv["vanilla_at_flas_kv"] = {**einfo["kv"], "kv_cache_memory_bytes": einfo["kv_cache_memory_bytes"]}
+        if unsteered is not None:  # what the unsteered run costs with the KV capacity taken out
+            kv["unsteered_x_vanilla_at_flas_kv"] = round(unsteered.output_tok_s / equal_kv[0].output_tok_s, 4)
     encoding = dict(finfo.get("concept_encoding", {}))
     if hinfo.get("encode_one_concept_ms"):
         encoding["hf_encode_one_concept_ms"] = hinfo["encode_one_concept_ms"]
@@ -133,7 +162,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
                      "output_len": cfg.output_len, "flowtime_range": [0.5, 2.0], "assignment": "round-robin",
                      "mixed_fractions": list(cfg.mixed_fractions)},
         "engines": {"vanilla": vinfo, "flas": {k: v for k, v in finfo.items() if k != "concept_encoding"},
-                    "hf": hinfo},
+                    "hf": hinfo, **({"vanilla_at_flas_kv": einfo} if equal_kv else {})},
         "runs": [r.as_dict() for r in runs],
         "ratios": {r.name: {"output_tok_s": r.ratio_output_to_vanilla, "total_tok_s": r.ratio_total_to_vanilla}
                    for r in runs if r is not vanilla},

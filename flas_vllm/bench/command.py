@@ -33,6 +33,11 @@ def bench(
                                      help="what FULL CUDA graphs (and --graph-path steps) run of the flow: traced "
                                           "(every token) or bucketed (each step's steered bucket); bucketed results "
                                           "go to bench_<model>[-graph-path]-bucketed.*"),
+    engine_process: str = typer.Option("auto", "--engine-process",
+                                        help="where each vLLM engine's core runs: inline (this process), separate "
+                                             "(vLLM's default) or auto (inline on CPU, separate on GPUs)"),
+    equal_kv: bool = typer.Option(True, "--equal-kv/--no-equal-kv",
+                                  help="also run vanilla vLLM at the FLAS engine's KV capacity"),
 ) -> None:
     """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
     if model not in MODELS:
@@ -48,7 +53,8 @@ def bench(
     cfg = BenchConfig(model=model, ks=k_list, num_prompts=num_prompts, output_len=output_len, out_dir=out,
                       enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
                       max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts, mixed_fractions=fractions,
-                      graph_path=graph_path, flow_graphs=flow_graphs)
+                      graph_path=graph_path, flow_graphs=flow_graphs, engine_process=engine_process,
+                      equal_kv_vanilla=equal_kv)
     try:
         cfg = cfg.resolved()
     except ValueError as exc:

@@ -15,6 +15,8 @@ from flas_vllm.core.config import FLOW_GRAPHS_CHOICES
 # ---------------------------------------------------------------------------
 # configuration
 
+ENGINE_PROCESS_CHOICES = ("auto", "inline", "separate")
+
 
 @dataclass
 class BenchConfig:
@@ -45,6 +47,12 @@ class BenchConfig:
     graph_path: bool = False
     # what FULL CUDA graphs (and, with graph_path, every step) run of the flow (FlasEngineOptions.flow_graphs)
     flow_graphs: str = "traced"
+    # where each vLLM engine's core runs: "inline" (in this process, VLLM_ENABLE_V1_MULTIPROCESSING=0),
+    # "separate" (vLLM's default: its own process beside the front end) or "auto" (inline on CPU, where the two
+    # processes would share the few cores the CPU worker leaves free; separate elsewhere)
+    engine_process: str = "auto"
+    # also run vanilla vLLM with the KV capacity the FLAS engine gets: what the unsteered run costs beyond it
+    equal_kv_vanilla: bool = True
     seed: int = 0
     plot: bool = True
 
@@ -62,6 +70,9 @@ class BenchConfig:
             raise ValueError(f"mixed fractions must lie strictly between 0 and 1, got {list(self.mixed_fractions)}")
         if self.flow_graphs not in FLOW_GRAPHS_CHOICES:
             raise ValueError(f"flow_graphs must be one of {', '.join(FLOW_GRAPHS_CHOICES)}, got {self.flow_graphs!r}")
+        if self.engine_process not in ENGINE_PROCESS_CHOICES:
+            raise ValueError(f"engine_process must be one of {', '.join(ENGINE_PROCESS_CHOICES)}, "
+                             f"got {self.engine_process!r}")
         if fractions and n < 2:
             raise ValueError("a mixed-traffic run needs num_prompts >= 2 (one steered, one unsteered)")
         return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir), mixed_fractions=fractions)

@@ -158,6 +158,9 @@ def plot(report: dict, path: Path) -> str | None:
     ceiling = report["flops"]["at_mean_context"]["throughput_ceiling"]
     ax.axhline(van["output_tok_s"] * ceiling, color="gray", ls=":", lw=1.2,
                label=f"FLOPs ceiling ({ceiling:.2f} x vanilla)")
+    equal = next((r for r in runs if r["kind"] == "vanilla-equal-kv"), None)
+    if equal:
+        ax.axhline(equal["output_tok_s"], color="black", ls="--", lw=1.0, label="vanilla vLLM, flas-vllm's KV capacity")
     if uns:
         ax.axhline(uns["output_tok_s"], color="tab:green", ls="--", lw=1.2, label="flas-vllm, unsteered")
     if steered:
@@ -226,6 +229,9 @@ def summary_lines(report: dict) -> list[str]:
     if kv:
         k = "group_aware_tokens" if "group_aware_tokens" in kv else "blocks_x_block_size_tokens"
         out.append(f"  KV capacity, flas / vanilla ({k}): x{kv[k]:.3f}")
+    equal = report["kv_capacity"].get("unsteered_x_vanilla_at_flas_kv")
+    if equal is not None:
+        out.append(f"  flas-vllm unsteered x vanilla at the same KV capacity: x{equal:.3f}")
     return out
 
 
@@ -245,6 +251,9 @@ def readme_table(report: dict, graph_report: dict | None = None, bucketed_report
     ceiling = report["flops"]["at_mean_context"]["throughput_ceiling"]
     kv = report["kv_capacity"]["ratio_flas_to_vanilla"].get("group_aware_tokens")
     tail = f"FLOPs ceiling {ceiling:.3f}" + (f"; KV capacity with the flow's paged layers {kv:.2f} of vanilla's" if kv else "")
+    equal = report["kv_capacity"].get("unsteered_x_vanilla_at_flas_kv")
+    if equal is not None:
+        tail += f"; flas-vllm unsteered x vanilla at the same KV capacity {equal:.3f}"
     lines = [README_BEGIN, "", _readme_head(report), "", *_readme_rows(report), "", tail + ".", ""]
     extra = ((graph_report, "**Forced graph path** (`flas-vllm bench --graph-path`): the flow runs on every token and "
                             "`torch.where` keeps unsteered ones untouched, as in a captured CUDA graph"),
@@ -265,7 +274,8 @@ def _readme_head(report: dict) -> str:
     cfg, env = report["config"], report["environment"]
     return (f"`{report['model']['name']}`, {report['workload']['num_prompts']} prompts x "
             f"{report['workload']['output_len']} tokens, {cfg['dtype']}, {'compiled' if env.get('compile') else 'eager'}; "
-            f"{env.get('machine', '')} {env.get('cpus', '')} CPUs, vLLM {env.get('vllm', '')}, {env.get('time', '')}")
+            f"{env.get('machine', '')} {env.get('cpus', '')} CPUs, vLLM {env.get('vllm', '')}, "
+            + (f"engine {env['engine_process']}, " if env.get("engine_process") else "") + f"{env.get('time', '')}")
 
 
 def _readme_rows(report: dict, kinds=("flas-steered", "hf")) -> list[str]:
@@ -274,7 +284,7 @@ def _readme_rows(report: dict, kinds=("flas-steered", "hf")) -> list[str]:
     for r in report["runs"]:
         by_kind.setdefault(r["kind"], []).append(r)
     rows = ["| run | output tok/s | x vanilla |", "|---|---:|---:|"]
-    for r in by_kind.get("vanilla", []) + by_kind.get("flas-unsteered", []):
+    for r in by_kind.get("vanilla", []) + by_kind.get("vanilla-equal-kv", []) + by_kind.get("flas-unsteered", []):
         rows.append(f"| {r['name']} | {r['output_tok_s']:.1f} | {r['ratio_output_to_vanilla']:.3f} |")
     for kind in kinds:
         rs = [r for r in by_kind.get(kind, []) if "(=" not in r["name"]]
