@@ -47,6 +47,10 @@ def test_bench_smoke_on_fixture(tmp_path, tiny_model):
     by_kind = {r["kind"]: r for r in on_disk["runs"]}
     assert kv["unsteered_x_vanilla_at_flas_kv"] == round(
         by_kind["flas-unsteered"]["output_tok_s"] / by_kind["vanilla-equal-kv"]["output_tok_s"], 4)
+    for r in on_disk["runs"]:
+        if r["kind"] == "flas-mixed":  # like for like: vanilla's decode speed at the same concurrency
+            assert r["ratio_unsteered_speed_to_vanilla_at_flas_kv"] == round(
+                by_kind["vanilla-equal-kv"]["tpot_ms"]["p50"] / r["unsteered_tpot_ms"]["p50"], 4)
     assert on_disk["environment"]["engine_process"] == "inline"  # auto, on CPU
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == before_env  # restored
     for r in on_disk["runs"]:

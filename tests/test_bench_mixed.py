@@ -185,3 +185,7 @@ def test_readme_table_shows_vanilla_at_the_flas_blocks_when_the_report_has_it():
     at = lines.index("| vanilla vLLM at flas-vllm's KV capacity | 880.0 | 0.880 |")
     assert lines[at - 1].startswith("| vanilla vLLM |") and lines[at + 1].startswith("| flas-vllm unsteered |")
     assert "flas-vllm unsteered x vanilla at the same KV capacity 0.977" in table
+    assert "at flas-vllm's KV capacity | |" not in table  # no mixed runs with the ratio: no row
+    for r, equal in zip(_add_mixed(report)["runs"][-2:], (0.93, 0.88)):
+        r["ratio_unsteered_speed_to_vanilla_at_flas_kv"] = equal
+    assert "| the same, x vanilla vLLM at flas-vllm's KV capacity | | 0.93 / 0.88 |" in readme_table(report)

@@ -131,6 +131,9 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
             r.ratio_unsteered_speed_to_vanilla = round(vanilla.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
         if r.unsteered_tpot_ms and unsteered is not None and unsteered.tpot_ms:
             r.ratio_unsteered_speed_to_unsteered_run = round(unsteered.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
+        if r.unsteered_tpot_ms and equal_kv and equal_kv[0].tpot_ms:
+            r.ratio_unsteered_speed_to_vanilla_at_flas_kv = round(
+                equal_kv[0].tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
     if any(r.tpot_ms is None for r in runs) and cfg.output_len < 2:
         not_measured.append("TPOT needs output_len >= 2")
     if any(r.kind != "hf" and r.ttft_ms is None for r in runs):

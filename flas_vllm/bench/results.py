@@ -32,7 +32,7 @@ def to_ms(p: dict[str, float] | None) -> dict[str, float] | None:
 @dataclass
 class RunResult:
     name: str
-    kind: str  # vanilla | flas-unsteered | flas-steered | flas-mixed | hf
+    kind: str  # vanilla | vanilla-equal-kv | flas-unsteered | flas-steered | flas-mixed | hf
     k: int | None
     concepts_used: int
     num_requests: int
@@ -53,6 +53,9 @@ class RunResult:
     # the same, against the FLAS engine's own all-unsteered run: same engine, KV capacity and concurrency,
     # so only the steered neighbours differ (vanilla's larger KV cache runs more requests at once, each slower)
     ratio_unsteered_speed_to_unsteered_run: float | None = None
+    # the same, against vanilla vLLM run at the FLAS engine's KV capacity (the same concurrency): the
+    # like-for-like "unsteered requests in a mixed batch x vanilla"
+    ratio_unsteered_speed_to_vanilla_at_flas_kv: float | None = None
     ratio_output_to_vanilla: float | None = None
     ratio_total_to_vanilla: float | None = None
 
