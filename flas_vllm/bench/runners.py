@@ -22,7 +22,7 @@ from flas_vllm.bench.workload import Workload, assign_round_robin, make_concepts
 # engines
 
 
-def _engine_kwargs(cfg: BenchConfig) -> dict:
+def bench_engine_kwargs(cfg: BenchConfig) -> dict:
     return dict(
         dtype=cfg.dtype,
         enforce_eager=cfg.enforce_eager,
@@ -154,7 +154,7 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log, *, 
     from vllm import LLM  # lazy: vllm is heavy
 
     name, kind = ("vanilla vLLM", "vanilla") if kv_bytes is None else (VANILLA_AT_FLAS_KV, "vanilla-equal-kv")
-    kwargs = _engine_kwargs(cfg)
+    kwargs = bench_engine_kwargs(cfg)
     if kv_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_bytes
     t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log, *, 
 def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tuple[list[RunResult], dict]:
     t0 = time.perf_counter()
     llm = FlasLLM(str(model.model_dir), str(model.checkpoint_dir), max_concepts=cfg.max_concepts,
-                  graph_path=cfg.graph_path, flow_graphs=cfg.flow_graphs, **_engine_kwargs(cfg))
+                  graph_path=cfg.graph_path, flow_graphs=cfg.flow_graphs, **bench_engine_kwargs(cfg))
     startup = time.perf_counter() - t0
     results: list[RunResult] = []
     try:
