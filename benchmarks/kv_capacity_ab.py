@@ -1,11 +1,12 @@
 """Is flas-vllm, every request unsteered, slower than vanilla vLLM with the same KV capacity? An interleaved A/B.
 
 `flas-vllm bench` runs vanilla at the FLAS engine's KV capacity once, minutes after the unsteered run, so
-drift on a shared machine moves that one ratio by several percent. Here the two engines take turns,
-each in a fresh process built as the bench builds it (same workload, KV memory, stats, warm-up), for
---rounds rounds of --runs timed runs each, and the script prints every wall time and the ratio of the
-medians. Vanilla gets the KV memory that gives it the FLAS engine's capacity (vLLM's group-aware KV
-cache size in tokens), found by starting each engine once first.
+drift on a shared machine moves that one ratio by several percent. Here the two engines take turns, each in
+a fresh process built as the bench builds it (same workload, KV memory, stats, warm-up), for --rounds rounds
+of --runs timed runs each, and the script prints every wall time and the ratio of the medians (a FLAS
+engine's warm-up steers half its requests, as the bench's does). Vanilla gets the KV memory that gives it
+the FLAS engine's capacity (vLLM's group-aware KV cache size in tokens), found by starting each engine once
+first.
 
     python benchmarks/kv_capacity_ab.py                                  # bench-2b-shape, 256 prompts, 2 rounds x 3 runs
     python benchmarks/kv_capacity_ab.py --model fixture --num-prompts 8 --rounds 1 --runs 1 --json out.json
@@ -29,11 +30,13 @@ def _engine(role: str, args, kv_bytes: int):
     from flas_vllm.bench.runners import bench_engine_kwargs  # one definition of the bench's engine settings
     from flas_vllm.engine.llm import FlasLLM
 
-    cfg = BenchConfig(model=args.model, num_prompts=args.num_prompts, ks=[1], kv_cache_memory_bytes=kv_bytes)
+    cfg = BenchConfig(model=args.model, num_prompts=args.num_prompts, output_len=args.output_len, ks=[1],
+                      kv_cache_memory_bytes=kv_bytes).resolved()
     model = bench.prepare_model(args.model)
     kwargs = bench_engine_kwargs(cfg)
     if role == "flas":
-        return FlasLLM(str(model.model_dir), str(model.checkpoint_dir), max_concepts=8, **kwargs), model, cfg
+        return (FlasLLM(str(model.model_dir), str(model.checkpoint_dir), max_concepts=cfg.max_concepts, **kwargs),
+                model, cfg)
     from vllm import LLM  # lazy: vllm is heavy
 
     return LLM(model=str(model.model_dir), **kwargs), model, cfg
@@ -43,23 +46,20 @@ def child(args) -> None:
     """One engine in this process: its KV capacity and, unless probing, the wall time of each timed run."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine inline, as the bench runs it on CPU
     # lazy: after the variable above is set
-    from vllm import SamplingParams
-
     from flas_vllm import bench
+    from flas_vllm.bench.runners import kv_capacity, timed_sampling, warm_up
 
     llm, model, cfg = _engine(args.role, args, args.kv_bytes)
     inner = getattr(llm, "llm", llm)
-    out = {"role": args.role, "kv_bytes": args.kv_bytes,
-           "kv_tokens": int(inner.llm_engine.vllm_config.cache_config.kv_cache_size_tokens), "walls": []}
+    out = {"role": args.role, "kv_bytes": args.kv_bytes, "kv_tokens": kv_capacity(inner)["group_aware_tokens"],
+           "walls": []}
     if not args.probe:
-        prompts = [{"prompt_token_ids": p} for p in bench.build_workload(model.model_dir, args.num_prompts,
-                                                                          cfg.max_prompt_tokens).prompts]
-        timed = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-        llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(prompts),
-                     use_tqdm=False)  # warm-up, as the bench's
+        wl = bench.build_workload(model.model_dir, cfg.num_prompts, cfg.max_prompt_tokens)
+        warm_up(llm, cfg, wl, steered=args.role == "flas")  # as the bench's
+        prompts = [{"prompt_token_ids": p} for p in wl.prompts]
         for _ in range(args.runs):
             t = time.perf_counter()
-            llm.generate(prompts, [timed] * len(prompts), use_tqdm=False)
+            llm.generate(prompts, [timed_sampling(cfg)] * len(prompts), use_tqdm=False)
             out["walls"].append(round(time.perf_counter() - t, 4))
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -78,7 +78,7 @@ def vanilla_kv_bytes_for_tokens(cfg: BenchConfig, vanilla_tokens: int, tokens: i
     return -(-tokens * cfg.kv_cache_memory_bytes // vanilla_tokens)
 
 
-def _kv_capacity(llm) -> dict:
+def kv_capacity(llm) -> dict:
     vc = llm.llm_engine.vllm_config
     cc = vc.cache_config
     blocks = int(cc.num_gpu_blocks or 0)
@@ -107,7 +107,7 @@ def _timed_generate(llm, prompts: list[list[int]], params: list) -> tuple[list, 
     return outs, time.perf_counter() - t0
 
 
-def _sampling(cfg: BenchConfig, extra=None):
+def timed_sampling(cfg: BenchConfig, extra=None):
     from vllm import SamplingParams  # lazy: vllm is heavy
 
     return SamplingParams(temperature=0.0, max_tokens=cfg.output_len, ignore_eos=True, extra_args=extra)
@@ -121,6 +121,17 @@ def _warm_sampling(cfg: BenchConfig, extra=None):
     from vllm import SamplingParams  # lazy: vllm is heavy
 
     return SamplingParams(temperature=0.0, max_tokens=min(2, cfg.output_len), ignore_eos=True, extra_args=extra)
+
+
+def warm_up(llm, cfg: BenchConfig, wl: Workload, *, steered: bool = False) -> None:
+    """The untimed warm-up batch every engine runs first (2 output tokens each); on a FLAS engine (`steered`)
+    both code paths: every other request steered toward one of two concepts no timed run uses."""
+    warm = _warm_prompts(cfg, wl)
+    if not warm:
+        return
+    concepts = make_concepts(2, "warmup")
+    _timed_generate(llm, warm, [_warm_sampling(cfg, steering(concepts[i % 2], 1.0) if steered and i % 2 else None)
+                                for i in range(len(warm))])
 
 
 def _vllm_run(name, kind, k, concepts_used, llm, wl: Workload, params, encode_s_fn=None,
@@ -161,13 +172,11 @@ def run_vanilla(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log, *, 
     llm = LLM(model=str(model.model_dir), **kwargs)
     startup = time.perf_counter() - t0
     try:
-        info = {"startup_s": round(startup, 2), "kv": _kv_capacity(llm), "scheduler": _sched_info(llm),
+        info = {"startup_s": round(startup, 2), "kv": kv_capacity(llm), "scheduler": _sched_info(llm),
                 "kv_cache_memory_bytes": kwargs["kv_cache_memory_bytes"]}
-        warm = _warm_prompts(cfg, wl)
-        if warm:
-            _timed_generate(llm, warm, [_warm_sampling(cfg)] * len(warm))
+        warm_up(llm, cfg, wl)
         log(f"{name}: timed run ...")
-        res = _vllm_run(name, kind, None, 0, llm, wl, [_sampling(cfg)] * len(wl.prompts))
+        res = _vllm_run(name, kind, None, 0, llm, wl, [timed_sampling(cfg)] * len(wl.prompts))
     finally:
         shutdown_engine(llm)
     return res, info
@@ -180,7 +189,7 @@ def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tup
     startup = time.perf_counter() - t0
     results: list[RunResult] = []
     try:
-        info = {"startup_s": round(startup, 2), "kv": _kv_capacity(llm), "scheduler": _sched_info(llm),
+        info = {"startup_s": round(startup, 2), "kv": kv_capacity(llm), "scheduler": _sched_info(llm),
                 "max_concepts": cfg.max_concepts, "graph_path": llm.options.graph_path,
                 "flow_graphs": llm.options.flow_graphs}
 
@@ -189,19 +198,14 @@ def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tup
 
         n = len(wl.prompts)
         flowtimes = make_flowtimes(n, cfg.seed)
-        # warm-up: both code paths (unsteered and steered), concepts never used again
-        warm = _warm_prompts(cfg, wl)
-        if warm:
-            wc = make_concepts(2, "warmup")
-            params = [_warm_sampling(cfg, steering(wc[i % 2], 1.0) if i % 2 else None) for i in range(len(warm))]
-            _timed_generate(llm, warm, params)
+        warm_up(llm, cfg, wl, steered=True)  # both code paths, concepts never used again
 
         log("flas-vllm unsteered: timed run ...")
         results.append(_vllm_run("flas-vllm unsteered", "flas-unsteered", 0, 0, llm, wl,
-                                 [_sampling(cfg)] * n, encode_s))
+                                 [timed_sampling(cfg)] * n, encode_s))
         for k in cfg.ks:
             concepts = assign_round_robin(n, make_concepts(k, f"k{k}"))
-            params = [_sampling(cfg, steering(c, t)) for c, t in zip(concepts, flowtimes)]
+            params = [timed_sampling(cfg, steering(c, t)) for c, t in zip(concepts, flowtimes)]
             log(f"flas-vllm steered, K={k}: timed run ...")
             r = _vllm_run(f"flas-vllm K={k}", "flas-steered", k, len(set(concepts)), llm, wl, params, encode_s)
             if k > n:
@@ -214,7 +218,7 @@ def run_flas(cfg: BenchConfig, model: BenchModel, wl: Workload, log: Log) -> tup
             mask = steered_mask(n, fraction)
             k = min(max(cfg.ks), sum(mask))
             concepts = iter(assign_round_robin(sum(mask), make_concepts(k, f"mix{fraction}")))
-            params = [_sampling(cfg, steering(next(concepts), t) if s else None) for s, t in zip(mask, flowtimes)]
+            params = [timed_sampling(cfg, steering(next(concepts), t) if s else None) for s, t in zip(mask, flowtimes)]
             name = f"flas-vllm mixed {round(100 * fraction)}% steered"
             log(f"{name} (K={k}): timed run ...")
             results.append(_vllm_run(name, "flas-mixed", k, k, llm, wl, params, encode_s, steered=mask))
