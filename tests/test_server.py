@@ -92,11 +92,14 @@ def _model_id(client) -> str:
     return client.models.list().data[0].id
 
 
-def test_startup_log_names_checkpoint_layer_steps_slots_and_url(server, ckpt):
+def test_startup_logs_name_checkpoint_layer_steps_slots_and_url(server, ckpt):
     text = server["log"].read_text()
     line = next(line for line in text.splitlines() if "FLAS server:" in line)
     assert str(ckpt) in line and "layer 2" in line and "n_steps 3" in line
     assert "16 concept slots" in line and server["base"] in line
+    # the engine core's own INFO line, shown by vLLM's handler (engine/log_routing.py)
+    engine = next(line for line in text.splitlines() if "FLAS: " in line and "fingerprint" in line)
+    assert " INFO " in engine and str(ckpt) in engine and "extra KV layers" in engine
 
 
 def test_concurrent_multi_tenant_requests_equal_offline(server, offline_results):

@@ -6,6 +6,7 @@ import logging
 
 from flas_vllm.core.families import FAMILIES
 from flas_vllm.engine import patches
+from flas_vllm.engine.log_routing import route_flas_logs_to_vllm
 
 logger = logging.getLogger("flas_vllm")
 
@@ -31,6 +32,7 @@ def register() -> None:
     # choice for FLAS engines alone lives in patches/engine_config.py.
     from vllm import ModelRegistry  # lazy: vllm is heavy
 
+    route_flas_logs_to_vllm()
     supported = ModelRegistry.get_supported_archs()
     for arch, location in steered_classes().items():
         if arch not in supported:

@@ -125,8 +125,7 @@ def serve(argv: list[str]) -> None:
     from vllm.logger import configure_logging_from_args
 
     configure_logging_from_args(args)
-    line = describe(args)
-    logger.warning(line)
+    logger.info(describe(args))
     uvloop.run(run_server(args))
 
 
