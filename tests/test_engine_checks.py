@@ -191,3 +191,17 @@ def test_a_bad_concept_attention_setting_is_refused_before_anything_starts(tiny_
         _config(tiny_model, ckpt)
     monkeypatch.setenv("FLAS_VLLM_CONCEPT_ATTENTION", "flex")
     _config(tiny_model, ckpt)  # a valid choice starts (on CPU the gather is used whatever it says)
+
+
+def test_serve_passes_flow_graphs_to_the_engine_and_refuses_other_values(tiny_model, ckpt, monkeypatch, capsys):
+    from flas_vllm.serve.server import build_args
+
+    monkeypatch.setenv("VLLM_PLUGINS", "")  # build_args names FLAS's plugins there; restored after the test
+    base = [str(tiny_model), "--flas-checkpoint", str(ckpt), "--port", "0"]
+    assert build_args([*base, "--flow-graphs", "bucketed"]).hf_overrides["flas"]["flow_graphs"] == "bucketed"
+    assert "flow_graphs" not in build_args(base).hf_overrides["flas"]  # the engine's default
+    with pytest.raises(SystemExit) as exit_:
+        build_args([*base, "--flow-graphs", "fast"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --flow-graphs: invalid choice: 'fast'" in err and "traced" in err and "bucketed" in err

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D, FlasEngineOptions
+from flas_vllm.core.config import ENGINE_OPTION_DEFAULTS as D, FLOW_GRAPHS_CHOICES, FlasEngineOptions
 from flas_vllm.core.prompts import ALPACA_CHAT_TEMPLATE, chat_template_kwargs
 from flas_vllm.engine.llm import flas_engine_kwargs
 from flas_vllm.engine.plugin import register
@@ -35,6 +35,9 @@ def _flas_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concepts", type=int, default=None, help=f"concept slots held at once (default {D['max_concepts']})")
     p.add_argument("--max-flowtime", type=float, default=None, help=f"largest flowtime accepted (default {D['max_flowtime']})")
     p.add_argument("--max-pinned", type=int, default=None, help=f"preloaded (pinned) concept slots (default {D['max_pinned']})")
+    p.add_argument("--flow-graphs", choices=FLOW_GRAPHS_CHOICES, default=None,
+                   help=f"what FULL CUDA graphs hold of the flow: traced (every token pays it) or bucketed (graphs "
+                        f"keyed by the steered bucket, opt-in, not yet run on a GPU); default {D['flow_graphs']}")
     return p
 
 
@@ -52,7 +55,7 @@ def build_args(argv: list[str]):
     kwargs = flas_engine_kwargs(
         flas_args.model, flas_args.flas_checkpoint, n_steps=flas_args.n_steps, max_n_steps=flas_args.max_n_steps,
         max_concepts=flas_args.max_concepts, max_flowtime=flas_args.max_flowtime,
-        max_pinned=flas_args.max_pinned, hf_overrides=user_overrides,
+        max_pinned=flas_args.max_pinned, flow_graphs=flas_args.flow_graphs, hf_overrides=user_overrides,
     )
     if args.kv_cache_memory_bytes is None and "kv_cache_memory_bytes" in kwargs and not any(
             a.startswith("--gpu-memory-utilization") for a in rest):
