@@ -52,7 +52,7 @@ def test_a_bucketed_engine_plans_the_steered_rows_only_when_the_eager_path_asks(
     """Bucketed FULL graphs replay without the skip path's rows and groups: build_step leaves them to the op."""
     eager = _build()
     state = StepState.allocate(32, torch.float32, "cpu")
-    state.plan_lazily = True
+    state.plan_rows_lazily()
     build_step(state, StepRows.of([r for r, _ in STEP], [n for _, n in STEP]), BUCKET_LEN)
     assert state.rows is None and state.groups is None and state.pending_plan is not None
     state.plan_steered_rows()
@@ -63,6 +63,24 @@ def test_a_bucketed_engine_plans_the_steered_rows_only_when_the_eager_path_asks(
     state.plan_steered_rows()  # once per step
     build_step(state, StepRows.of([RequestRow()], [4]), BUCKET_LEN)  # a step with nothing steered: nothing pending
     assert state.pending_plan is None
+
+
+def test_lazily_planned_rows_are_staged_where_the_next_step_does_not_write():
+    """The op stages a bucketed engine's rows during the forward pass, after vLLM V1's input-preparation
+    event is recorded; the next step waits only on that event. Its staging must leave this step's host
+    rows alone (a GPU copy may still be queued to read them): on CPU the copies are done at once, so the
+    host memory itself is checked."""
+    state = StepState.allocate(32, torch.float32, "cpu")
+    state.plan_rows_lazily()
+    steps = [STEP, [(_steered(4), 2), (RequestRow(), 6), (_steered(2, 1, 3.0), 3), (RequestRow(), 3)]]
+    build_step(state, StepRows.of([r for r, _ in steps[0]], [n for _, n in steps[0]]), BUCKET_LEN)
+    state.plan_steered_rows()
+    first = state.rows.tolist()
+    staged = [i for i, host in enumerate(state.buffers.staging) if host.rows[: len(first)].tolist() == first]
+    build_step(state, StepRows.of([r for r, _ in steps[1]], [n for _, n in steps[1]]), BUCKET_LEN)
+    state.plan_steered_rows()
+    assert state.rows.tolist() == [0, 1, 8, 9, 10, 10, 10, 10] != first  # the second step's rows, staged
+    assert any(state.buffers.staging[i].rows[: len(first)].tolist() == first for i in staged)  # the first's kept
 
 
 def test_compaction_needs_the_skip_path_and_fewer_rows_than_tokens():

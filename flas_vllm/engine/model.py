@@ -185,7 +185,8 @@ class FlasSteer(nn.Module):
             self.runtime.group_by_length = True
             self.runtime.flow_path = "bucketed" if self.bucketed else "skip"
         self.state.graph_rows_wanted = self.bucketed
-        self.state.plan_lazily = self.bucketed  # a replayed FULL graph needs no skip-path plan
+        if self.bucketed:
+            self.state.plan_rows_lazily()  # a replayed FULL graph needs no skip-path plan
         logger.info(
             "FLAS: %s base, checkpoint %s (fingerprint %s), layer %d, %d block(s), n_steps %d (max %d), "
             "%d concept slots, %d extra KV layers", geometry.model_type, ckpt.path, ckpt.fingerprint, self.layer,

@@ -10,7 +10,9 @@ source must not be rewritten until then. vLLM's V1 runner waits on its own
 input-preparation event before the next step's preparation; its V2 runner has
 no such event and instead rotates host buffers round-robin, as many as there
 are batches in flight (`vllm/v1/worker/gpu/buffer_utils.py`). `set_staging_sets`
-does the same here.
+does the same here. What a step stages after V1's event is recorded (a bucketed
+engine's rows, planned by the op during the forward pass) is covered by the event
+of the step after: two sets (`StepState.plan_rows_lazily`).
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ class RowTable:
 
 
 Groups = list[tuple[int, "torch.Tensor | None", torch.Tensor]]
+LAZY_PLAN_STAGING_SETS = 2  # a step's lazily staged rows, and the next step's staging (StepState.plan_rows_lazily)
 FLOW_ROW_BUCKET = 16  # the skip path pads its steered rows to a power of two up to this, then a multiple of it
 
 
@@ -140,6 +141,16 @@ class StepState:
     def slots(self, n: int) -> torch.Tensor:
         """The concept slot of each of the flow's `n` rows: its compacted rows' slots, or the first n tokens'."""
         return self.buffers.slot[:n] if self.rows is None else self.row_slots
+
+    def plan_rows_lazily(self) -> None:
+        """Leave the skip path's rows and groups to the eager op (bucketed FULL graphs replay without them).
+
+        The op stages them during the forward pass, after vLLM V1's input-preparation event is recorded, so
+        the next step, which waits only on that event, must stage into other host memory while this step's
+        copy may still be queued on the device: at least LAZY_PLAN_STAGING_SETS sets (step_buffers.py)."""
+        self.plan_lazily = True
+        if len(self.buffers.staging) < LAZY_PLAN_STAGING_SETS:
+            self.buffers.set_staging_sets(LAZY_PLAN_STAGING_SETS)
 
     def plan_steered_rows(self) -> None:
         """Plan the skip path's rows and groups now, if `build_step` left them for later (`plan_lazily`)."""
