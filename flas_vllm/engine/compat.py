@@ -153,6 +153,9 @@ ANCHORS: tuple[Anchor, ...] = (
            contains=("self.prepare_inputs_event.synchronize()", "self.prepare_inputs_event.record()")),
     *(Anchor(f"vllm.forward_context:BatchDescriptor.{name}", "patches/graph_dispatch.py")
       for name in ("num_tokens", "num_active_loras")),
+    # a FULL graph is found by its whole descriptor, the steered bucket included (not by its token count)
+    Anchor("vllm.compilation.cuda_graph:CUDAGraphWrapper.__call__", "patches/graph_dispatch.py",
+           contains=("self.concrete_cudagraph_entries[batch_descriptor]",)),
     Anchor("vllm.v1.worker.gpu.cudagraph_utils:ModelCudaGraphManager.capture", "patches/graph_dispatch.py (V2)",
            ("self", "model"), contains=("super().capture(",)),
     Anchor("vllm.v1.worker.gpu.cudagraph_utils:CudaGraphManager.capture", "patches/graph_dispatch.py (V2)",
