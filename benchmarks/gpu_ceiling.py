@@ -344,6 +344,8 @@ def main(argv=None) -> list[dict]:
                                                 g.attn_logit_softcapping, device, dynamic=on_cuda,
                                                 num_kv_heads=g.num_kv_heads)
         case.table.state = StepState.allocate(max(tokens), dtype, device)  # the engine's per-step state
+        if case.table.flex is not None:  # as the engine's table does when built: never grown in a trace or capture
+            case.table.flex.reserve(max(tokens))
         case.prepare(mode)
         for n in tokens:
             row = measure(case, n, args.seq_len, args.concepts, warmup, reps, mode)

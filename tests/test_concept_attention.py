@@ -209,3 +209,36 @@ def test_flex_refuses_uneven_head_sharing_and_keys_of_another_head_count():
     expanded = t.keys[0].repeat_interleave(2, dim=1)  # query-head layout: not what the table holds
     with pytest.raises(ValueError, match="keys have 4 heads, planned for 2"):
         flex(_queries(2, t, torch.float32), torch.tensor([1, 1]), expanded, expanded, t.valid)
+
+
+
+def test_the_engines_table_reserves_flex_buffers_when_built_and_a_trace_allocates_none(monkeypatch):
+    """vLLM traces the graph path once and never re-guards it: buffers grown inside the trace would be made
+    anew at every forward, while captured CUDA graphs kept reading the freed ones. The engine's table
+    (built with its step state) reserves them up front; the traced graph holds the opaque op alone."""
+    from flas_vllm.engine import slot_table
+
+    monkeypatch.setattr(slot_table, "use_flex", lambda device: True)  # what a CUDA table does
+    slots = np.array([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
+    g = _geometry(4, 16)
+    t = SlotTableKV(g, 2, 6, 64, torch.float32, "cpu", state=step_state(slots, max_tokens=300))
+    assert t.flex is not None and t.flex.rows == 1280  # 300 tokens x 4 heads, in whole 128-row blocks: at once
+    gen = torch.Generator().manual_seed(0)
+    for slot, n in SMALL.items():
+        t.write(slot, [(torch.randn(n, 2, 16, generator=gen), torch.randn(n, 2, 16, generator=gen))] * 2)
+    buffers = (t.flex.row_key, t.flex.hits, t.flex.indices, t.flex.num_blocks)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    q = _queries(len(slots), t, torch.float32)
+    compiled = torch.compile(lambda x: t.attend(0, x), backend=backend, fullgraph=True)
+    compiled(q)
+    got = compiled(q)
+    calls = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("attend_slots_flex" in c for c in calls)
+    assert not any(name in c for c in calls for name in ("full", "zeros", "arange", "empty")), calls
+    assert all(a is b for a, b in zip(buffers, (t.flex.row_key, t.flex.hits, t.flex.indices, t.flex.num_blocks)))
+    torch.testing.assert_close(got, _exact(t, 0, q, torch.from_numpy(slots)), atol=2e-6, rtol=2e-6)

@@ -193,6 +193,19 @@ def test_a_bad_concept_attention_setting_is_refused_before_anything_starts(tiny_
     _config(tiny_model, ckpt)  # a valid choice starts (on CPU the gather is used whatever it says)
 
 
+def test_compile_cache_key_follows_the_concept_attention_choice(tiny_model, ckpt, monkeypatch):
+    """The choice decides which op a traced graph holds: a graph cached under the other one must not load."""
+    from vllm.compilation.caching import aot_compile_hash_factors
+
+    configs = {}
+    for choice in ("gather", "flex"):
+        monkeypatch.setenv("FLAS_VLLM_CONCEPT_ATTENTION", choice)
+        configs[choice] = _config(tiny_model, ckpt)
+        assert configs[choice].model_config.hf_config.flas_concept_attention == choice
+    assert configs["gather"].compute_hash() != configs["flex"].compute_hash()
+    assert aot_compile_hash_factors(configs["gather"]) != aot_compile_hash_factors(configs["flex"])
+
+
 def test_serve_passes_flow_graphs_to_the_engine_and_refuses_other_values(tiny_model, ckpt, monkeypatch, capsys):
     from flas_vllm.serve.server import build_args
 

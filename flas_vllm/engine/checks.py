@@ -23,6 +23,7 @@ from flas_vllm.engine.graph_modes import split_piecewise_graphs_at_the_flow
 
 V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 FINGERPRINT_ATTR = "flas_fingerprint"  # on the HF config, which vLLM hashes into its compile-cache key
+CONCEPT_ATTENTION_ATTR = "flas_concept_attention"  # likewise: the concept attention a traced graph holds
 
 
 def overrides_are_flas(hf_overrides: Any) -> bool:
@@ -132,14 +133,20 @@ def stamp_fingerprint(hf_config: Any) -> str:
     return fingerprint
 
 
-def check_concept_attention() -> None:
-    """FLAS_VLLM_CONCEPT_ATTENTION is read in the worker; a bad value is refused here, before anything starts."""
+def check_concept_attention(hf_config: Any) -> str:
+    """FLAS_VLLM_CONCEPT_ATTENTION is read in the worker; a bad value is refused here, before anything starts.
+
+    The choice is recorded on the HF config: it decides which op a traced graph holds (the gather's or
+    FlexAttention's), so it must be part of vLLM's compile-cache key, or a cached graph compiled with the
+    other choice would be loaded (a KeyError for a table without FlexAttention, or flex silently unused)."""
     from flas_vllm.engine.concept_attention import requested_concept_attention  # lazy: imports torch
 
     try:
-        requested_concept_attention()
+        choice = requested_concept_attention()
     except ValueError as exc:
         raise FlasConfigError(str(exc)) from None
+    setattr(hf_config, CONCEPT_ATTENTION_ATTR, choice)
+    return choice
 
 
 def check_vllm_config(vllm_config: Any) -> None:
@@ -151,7 +158,7 @@ def check_vllm_config(vllm_config: Any) -> None:
                       enable_dbo=bool(pc.enable_dbo), ubatch_size=int(pc.ubatch_size or 0))
     check_speculative(vllm_config.speculative_config)
     check_runner(vllm_config)
-    check_concept_attention()
+    check_concept_attention(vllm_config.model_config.hf_config)
     stamp_fingerprint(vllm_config.model_config.hf_config)
     keep_flow_kv_unquantized(vllm_config.cache_config, vllm_config.model_config.hf_config)
     options = FlasEngineOptions.from_hf_config(vllm_config.model_config.hf_config)

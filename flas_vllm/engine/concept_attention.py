@@ -126,8 +126,9 @@ class FlexSlotAttention:
         _BY_HANDLE[self.handle] = self
 
     def reserve(self, tokens: int) -> None:
-        """Buffers for `tokens` tokens at least. The engine reserves its max batched tokens before its
-        first step, so no buffer a captured CUDA graph reads is ever reallocated."""
+        """Buffers for `tokens` tokens at least. The engine's table reserves its max batched tokens when it is
+        built (slot_table.py), before any trace or capture, so no buffer a captured CUDA graph reads is ever
+        reallocated."""
         if tokens * self.num_heads > self.rows:
             self._grow(tokens * self.num_heads)
 

@@ -171,6 +171,8 @@ class SlotTableKV(nn.Module):
         if use_flex(device):
             self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device,
                                           num_kv_heads=g.num_kv_heads)
+            if state is not None:  # the engine's max batched tokens, now: no trace or capture ever grows them
+                self.flex.reserve(state.buffers.max_tokens)
 
     def attend(self, block: int, q: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
@@ -230,10 +232,13 @@ class SlotTableKV(nn.Module):
         return self._reused
 
     def attend_flex(self, block: int, q: torch.Tensor) -> torch.Tensor:
-        self.flex.reserve(self.state.buffers.slot.shape[0])  # the engine's buffer: max batched tokens
         args = (q, self.state.slots(q.shape[0]), self.keys[block], self.values[block], self.valid)
         if torch.compiler.is_compiling():
+            # Never grown here: a trace would record the allocations, and the graph (which vLLM never
+            # re-guards) would make new buffers at every forward while captured CUDA graphs read the freed
+            # old ones. The engine's table reserved them when it was built.
             return attend_slots_flex_op(*args, self.flex.handle)
+        self.flex.reserve(self.state.buffers.slot.shape[0])  # the engine's buffer: max batched tokens
         return self.flex(*args)
 
     def chunk_tokens(self, length: int, itemsize: int) -> int:
