@@ -72,3 +72,16 @@ def test_a_capture_that_fails_is_recorded_and_the_other_buckets_still_run(monkey
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["capture_error"] == "RuntimeError: operation not permitted when stream is capturing"
     assert not rows[0]["passed"] and all(r["passed"] for r in rows[1:]) and len(rows) == 3
+
+
+def test_the_prepared_gpu_session_runs_both_scripts_and_keeps_their_outputs(tmp_path):
+    """benchmarks/gpu_session.sh, the one command a lent GPU machine runs, in its CPU smoke form."""
+    script = SCRIPT.parent / "gpu_session.sh"
+    env = {"PATH": "/usr/bin:/bin", "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(script)], cwd=SCRIPT.parents[1], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_bucketed_graphs exit 0, gpu_ceiling exit 0" in proc.stdout
+    assert json.loads((tmp_path / "bucketed.json").read_text())["rows"]
+    assert json.loads((tmp_path / "ceiling.json").read_text())["rows"]
+    assert "torch " in (tmp_path / "machine.txt").read_text()
