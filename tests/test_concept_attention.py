@@ -242,3 +242,31 @@ def test_the_engines_table_reserves_flex_buffers_when_built_and_a_trace_allocate
     assert not any(name in c for c in calls for name in ("full", "zeros", "arange", "empty")), calls
     assert all(a is b for a, b in zip(buffers, (t.flex.row_key, t.flex.hits, t.flex.indices, t.flex.num_blocks)))
     torch.testing.assert_close(got, _exact(t, 0, q, torch.from_numpy(slots)), atol=2e-6, rtol=2e-6)
+
+
+def test_the_traced_op_finds_its_table_by_name_in_the_engines_forward_context(monkeypatch):
+    """A graph from vLLM's compile cache (compiled by another engine, or another process) names the flex
+    attention by its layer's name: inside an engine's forward the op takes that engine's, registered in its
+    forward context; outside one (torch-only use), the latest made under the name."""
+    from vllm.forward_context import ForwardContext, override_forward_context
+
+    from flas_vllm.engine.concept_attention import flex_by_handle
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)  # each instance's mods: one more compile
+    t = _table(4, 16, SMALL, torch.float32)
+    mine, other = (FlexSlotAttention(t.valid.shape[0], 4, t.max_len, t.cap, "cpu", dynamic=False, num_kv_heads=2,
+                                     name="model.flas.concept_attention") for _ in range(2))
+    assert mine.handle == other.handle == "model.flas.concept_attention"
+    assert flex_by_handle(mine.handle) is other  # no forward context: the latest under the name
+    context = ForwardContext(no_compile_layers={mine.handle: mine}, attn_metadata={}, slot_mapping={})
+    with override_forward_context(context):
+        assert flex_by_handle(mine.handle) is mine
+        slots = torch.tensor([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
+        q = _queries(11, t, torch.float32)
+        calls = []
+        real = mine.plan
+        mine.plan = lambda *a: calls.append(1) or real(*a)
+        got = torch.ops.flas.attend_slots_flex(q, slots, t.keys[0], t.values[0], t.valid, mine.handle)
+        assert calls == [1]  # this engine's buffers, not the other's
+    torch.testing.assert_close(got, _exact(t, 0, q, slots), atol=2e-6, rtol=2e-6)
+    assert FlexSlotAttention(7, 4, 64, None, "cpu", dynamic=False).handle.startswith("flas.concept_attention.")

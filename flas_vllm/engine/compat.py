@@ -146,15 +146,13 @@ ANCHORS: tuple[Anchor, ...] = (
            contains=("self.cudagraph_dispatcher.dispatch(",)),
     Anchor(f"{_RUNNER}.execute_model", "patches/graph_dispatch.py (a step publishes before it dispatches)",
            contains=("self._prepare_inputs(", "self._determine_batch_execution_and_padding(")),
-    # engine/step_buffers.py: V1 waits on its input-preparation event before a step's staging is rewritten
-    Anchor(f"{_RUNNER}.execute_model", "engine/step_buffers.py (a step is published inside the event's window)",
+    Anchor(f"{_RUNNER}.execute_model", "engine/step_buffers.py (a step is published inside V1's input-prep event)",
            contains=("self.synchronize_input_prep(),", "self._prepare_inputs(")),
     Anchor(f"{_RUNNER}.synchronize_input_prep", "engine/step_buffers.py", ("self",),
            contains=("self.prepare_inputs_event.synchronize()", "self.prepare_inputs_event.record()")),
     *(Anchor(f"vllm.forward_context:BatchDescriptor.{name}", "patches/graph_dispatch.py")
       for name in ("num_tokens", "num_active_loras")),
-    # a FULL graph is found by its whole descriptor, the steered bucket included (not by its token count)
-    Anchor("vllm.compilation.cuda_graph:CUDAGraphWrapper.__call__", "patches/graph_dispatch.py",
+    Anchor("vllm.compilation.cuda_graph:CUDAGraphWrapper.__call__", "patches/graph_dispatch.py (keyed by bucket)",
            contains=("self.concrete_cudagraph_entries[batch_descriptor]",)),
     Anchor("vllm.v1.worker.gpu.cudagraph_utils:ModelCudaGraphManager.capture", "patches/graph_dispatch.py (V2)",
            ("self", "model"), contains=("super().capture(",)),

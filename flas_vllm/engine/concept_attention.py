@@ -92,7 +92,20 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 _HANDLES = itertools.count()
-_BY_HANDLE: dict[int, "FlexSlotAttention"] = {}
+_BY_HANDLE: dict[str, "FlexSlotAttention"] = {}  # the latest made under each name (torch-only use)
+
+
+def flex_by_handle(handle: str) -> "FlexSlotAttention":
+    """The FlexSlotAttention a traced graph's op names. In an engine's forward, the engine's own (registered in
+    its forward context under its layer's name), so a graph compiled by another engine or process and loaded
+    from vLLM's compile cache finds this engine's buffers; elsewhere the latest one made under that name."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available  # optional: vllm
+    except ImportError:  # a torch-only machine (benchmarks/gpu_ceiling.py)
+        found = None
+    else:
+        found = get_forward_context().no_compile_layers.get(handle) if is_forward_context_available() else None
+    return found if found is not None else _BY_HANDLE[handle]
 
 
 class FlexSlotAttention:
@@ -104,7 +117,8 @@ class FlexSlotAttention:
     """
 
     def __init__(self, num_slots: int, num_heads: int, max_len: int, cap: float | None, device,
-                 max_tokens: int = BLOCK, dynamic: bool | None = None, num_kv_heads: int | None = None):
+                 max_tokens: int = BLOCK, dynamic: bool | None = None, num_kv_heads: int | None = None,
+                 name: str | None = None):
         self.num_slots, self.num_heads, self.max_len = num_slots, num_heads, max_len
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
@@ -122,7 +136,7 @@ class FlexSlotAttention:
         self.cap = None if cap is None else torch.tensor(float(cap), dtype=torch.float32, device=self.device)
         self.rows = 0
         self._grow(max_tokens * num_heads)
-        self.handle = next(_HANDLES)
+        self.handle = name or f"flas.concept_attention.{next(_HANDLES)}"  # what a traced graph's op names
         _BY_HANDLE[self.handle] = self
 
     def reserve(self, tokens: int) -> None:
@@ -202,10 +216,10 @@ class FlexSlotAttention:
 
 @torch.library.custom_op("flas::attend_slots_flex", mutates_args=())
 def attend_slots_flex_op(q: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         valid: torch.Tensor, handle: int) -> torch.Tensor:
+                         valid: torch.Tensor, handle: str) -> torch.Tensor:
     """`FlexSlotAttention` as one opaque op inside traced graphs (vLLM's own FlexAttention backend also
     calls a compiled flex_attention from inside an opaque op): its block-mask buffers are its workspace."""
-    return _BY_HANDLE[handle](q, slots, keys, values, valid)
+    return flex_by_handle(handle)(q, slots, keys, values, valid)
 
 
 @attend_slots_flex_op.register_fake

@@ -151,8 +151,10 @@ class FlasSteer(nn.Module):
         concept_len = inference_concept_len(ckpt.config.concept_max_len)
         self.table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
-            concept_len, ckpt.dtype, device, state=self.state,
+            concept_len, ckpt.dtype, device, state=self.state, flex_name=f"{prefix}.flas.concept_attention",
         )
+        if self.table.flex is not None:  # its traced op finds this engine's by name (concept_attention.flex_by_handle)
+            vllm_config.compilation_config.static_forward_context[self.table.flex.handle] = self.table.flex
         mc = vllm_config.model_config
         self._hf_config = config
         # a checkpoint's own concept encoder: a submodule, so its weights are part of the model's state
