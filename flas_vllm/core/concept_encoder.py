@@ -67,6 +67,17 @@ def _layer_rope(decoder, h: torch.Tensor, pos: torch.Tensor, index: int):
     return decoder.rotary_emb(h, pos)
 
 
+def token_ids_on(device: torch.device | str, ids: Sequence[int]) -> torch.Tensor:
+    """A concept's token ids [Lc] on `device`, without waiting for the device. On a GPU a blocking copy from
+    pageable memory waits for every kernel already queued (the previous engine step's, under vLLM's async
+    scheduling); a non-blocking one from pinned memory does not, and PyTorch's pinned-memory cache keeps
+    the block until the copy has run."""
+    host = torch.tensor(list(ids), dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @torch.inference_mode()
 def encode_with_decoder(decoder, ids: Sequence[int]) -> torch.Tensor:
     """Embedding + layers 0-1 with a plain causal mask (no window) + final norm -> [Lc, H].
@@ -75,8 +86,7 @@ def encode_with_decoder(decoder, ids: Sequence[int]) -> torch.Tensor:
     its embedding applies Gemma's sqrt(H) scale.
     """
     device = decoder.embed_tokens.weight.device
-    x = torch.tensor([list(ids)], device=device)
-    h = decoder.embed_tokens(x)
+    h = decoder.embed_tokens(token_ids_on(device, ids)[None])
     pos = torch.arange(len(ids), device=device)[None]
     n = len(ids)
     mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=device).triu(1)

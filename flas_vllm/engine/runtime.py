@@ -26,7 +26,7 @@ from torch import nn
 from flas_vllm.core.concept import tokenize_concept
 from flas_vllm.engine.concept_cache import ConceptSlots
 from flas_vllm.engine.graph_buckets import graph_flow_rows, min_bucket
-from flas_vllm.core.concept_encoder import encode_with_decoder
+from flas_vllm.core.concept_encoder import encode_with_decoder, token_ids_on
 from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.flow import FlowFunction, dense_causal_attention
 from flas_vllm.core.steering import Steering
@@ -294,7 +294,7 @@ def _dense_attention(layers, cap: float | None):
 def encode_concept(model, ids: Sequence[int]) -> torch.Tensor:
     """Embedding + decoder layers 0-1 (plain causal, softcap on) + final norm -> [Lc, H], model dtype."""
     device = model.embed_tokens.weight.device
-    x = torch.tensor(list(ids), dtype=torch.long, device=device)
+    x = token_ids_on(device, ids)
     positions = torch.arange(len(ids), device=device)
     layers = [model.layers[0], model.layers[1]]
     hidden, residual = model.embed_input_ids(x), None
