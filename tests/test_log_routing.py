@@ -17,15 +17,18 @@ SCRIPT = textwrap.dedent("""
         app = logging.StreamHandler(sys.stderr)
         app.setFormatter(logging.Formatter("APP %(message)s"))
         logging.getLogger("flas_vllm").addHandler(app)
-    if "root" in sys.argv:  # the application configured logging for every library
+    if "root" in sys.argv:  # the application configured logging for every library, at WARNING
         logging.basicConfig(stream=sys.stderr, format="ROOT %(message)s")
+    if "root-info" in sys.argv:  # ... at INFO
+        logging.basicConfig(stream=sys.stderr, format="ROOT %(message)s", level=logging.INFO)
+    level = "DEBUG" if "vllm-debug" in sys.argv else None  # the level a server's --log-level gives vLLM
     register()
     log = logging.getLogger("flas_vllm.engine.model")
     log.info("flas info before vllm")
     log.warning("flas warning before vllm")
     from vllm.config.logging import LoggingConfig
     from vllm.logger import configure_logging
-    configure_logging(LoggingConfig())  # what an engine does when it starts
+    configure_logging(LoggingConfig(**({"log_level": level} if level else {})))  # what an engine does at start
     log.info("flas info after vllm")
     log.debug("flas debug after vllm")
     logging.getLogger("vllm.x").info("vllm info")
@@ -35,9 +38,9 @@ SCRIPT = textwrap.dedent("""
 def _run(*args: str, **env: str) -> tuple[list[str], list[str]]:
     """(stdout lines, stderr lines) that mention a message of SCRIPT."""
     environ = {**os.environ, "VLLM_LOGGING_COLOR": "0", **env}
-    for name in ("VLLM_LOGGING_LEVEL", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_STREAM"):
+    for name in [n for n in environ if n.startswith("VLLM_LOGGING") or n == "VLLM_CONFIGURE_LOGGING"]:
         if name not in env:
-            environ.pop(name, None)
+            environ.pop(name)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=environ,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,6 +75,12 @@ def test_vllm_logging_level_applies_to_flas_records():
     assert not any("info" in line for line in out + err)
 
 
+def test_the_level_vllm_is_configured_with_applies_when_a_record_is_emitted():
+    """A server's --log-level reaches vLLM through its LoggingConfig, after the plugin loaded."""
+    out, _ = _run("vllm-debug")
+    assert any("flas debug after vllm" in line for line in out)
+
+
 def test_logging_left_to_the_application():
     """VLLM_CONFIGURE_LOGGING=0: Python's defaults (WARNING and up). A flas_vllm logger the application
     configured keeps its own handler, and is not routed."""
@@ -83,10 +92,13 @@ def test_logging_left_to_the_application():
     assert not any("flas info after vllm" in line for line in out)
 
 
-def test_an_application_logging_setup_shows_flas_records_once():
-    """Root handlers (logging.basicConfig, pytest's capture): FLAS's records reach them, at vLLM's level,
+def test_an_application_logging_setup_shows_flas_records_once_at_its_level():
+    """Root handlers (logging.basicConfig, pytest's capture): FLAS's records reach them at the root's level,
     and are not also shown by vLLM's handler."""
     out, err = _run("root")
-    assert "ROOT flas info after vllm" in err and "ROOT flas warning before vllm" in err
+    assert "ROOT flas warning before vllm" in err and not any("info" in line for line in err)  # WARNING
     assert not any("flas" in line for line in out)
     assert any("vllm info" in line for line in out)  # vLLM's own records keep vLLM's handler
+    out, err = _run("root-info")
+    assert "ROOT flas info after vllm" in err and "ROOT flas info before vllm" in err
+    assert not any("flas" in line for line in out)

@@ -15,24 +15,24 @@ VLLM_LOGGER = "vllm"
 
 
 class ToVllmHandlers(logging.Handler):
-    """Shows a record with the `vllm` logger's handlers, as they are when it is emitted (vLLM configures
-    them when an engine starts, and again from the server's arguments), where nothing else would.
-
-    The record still propagates: where the application gave the root logger handlers (its logging
-    setup, pytest's capture), they show it and this handler does nothing. Where neither has any (no
-    engine yet in this process), it goes where Python would send it: the last-resort handler."""
+    """Passes each record on, at the level of where it goes, decided when it is emitted (vLLM configures
+    its logger when an engine starts, again from the server's arguments, and `--log-level` changes it):
+    - the root logger, where the application gave it handlers (its logging setup, pytest's capture);
+    - else the `vllm` logger, once vLLM has configured it;
+    - else Python's last-resort handler (WARNING and up), as if nothing had been routed."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers:
-            return
-        handlers = logging.getLogger(VLLM_LOGGER).handlers or [logging.lastResort]
-        for handler in handlers:
-            if handler is not None and record.levelno >= handler.level:
-                handler.handle(record)
+        root, vllm_logger = logging.getLogger(), logging.getLogger(VLLM_LOGGER)
+        target = root if root.handlers else vllm_logger if vllm_logger.handlers else None
+        if target is not None:
+            if target.isEnabledFor(record.levelno):
+                target.handle(record)
+        elif logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
 
 
 def route_flas_logs_to_vllm() -> bool:
-    """Route the `flas_vllm` logger as above, at VLLM_LOGGING_LEVEL; returns whether it did.
+    """Route the `flas_vllm` logger as above; returns whether it did.
 
     Left alone where vLLM leaves logging alone (VLLM_CONFIGURE_LOGGING=0) and where the logger already
     has a handler (routed before, or configured by the application)."""
@@ -42,5 +42,6 @@ def route_flas_logs_to_vllm() -> bool:
     if not envs.VLLM_CONFIGURE_LOGGING or flas_logger.handlers:
         return False
     flas_logger.addHandler(ToVllmHandlers())
-    flas_logger.setLevel(envs.VLLM_LOGGING_LEVEL)
+    flas_logger.setLevel(logging.DEBUG)  # every record reaches the handler, which applies its target's level
+    flas_logger.propagate = False  # the handler has passed it on
     return True
