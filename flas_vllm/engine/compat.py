@@ -49,7 +49,6 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor(f"{_V2_RUNNER}.profile_run", "patches/dummy_runs.py", ("self",), contains=("self._dummy_run(",)),
     Anchor(f"{_V2_RUNNER}.execute_model", "patches/dummy_runs.py, engine/model_state.py",
            ("self", "scheduler_output"), contains=("InputBatch.make_dummy(", "self.model_state.prepare_inputs(")),
-    # engine/patches/cpu_seeded_rewind.py
     Anchor(f"{_RUNNER}._sample", "patches/cpu_seeded_rewind.py", ("self", "logits", "spec_decode_metadata")),
     Anchor(f"{_RUNNER}._bookkeeping_sync", "patches/cpu_seeded_rewind.py", ("self",),
            contains=("discard_request_mask", "gen.set_offset(gen.get_offset() - 4)")),
@@ -167,8 +166,10 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("vllm.v1.worker.gpu.cudagraph_utils:BatchExecutionDescriptor.num_tokens", "patches/graph_dispatch.py (V2)"),
     Anchor(f"{_V2_RUNNER}.execute_model", "patches/graph_dispatch.py (V2 publishes a step before it replays)",
            contains=("self.model_state.prepare_inputs(", "self.cudagraph_manager.run_fullgraph(")),
-    *(Anchor(f"vllm.forward_context:ForwardContext.{name}", "engine/model.py (FlasSteer._graph_flow_rows)")
-      for name in ("cudagraph_runtime_mode", "batch_descriptor")),
+    *(Anchor(f"vllm.forward_context:ForwardContext.{name}", "engine/model.py, engine/concept_attention.py")
+      for name in ("cudagraph_runtime_mode", "batch_descriptor", "no_compile_layers")),
+    *(Anchor(target, "engine/model.py, engine/concept_attention.py (ops find their layers by name)") for target in (
+        "vllm.forward_context:is_forward_context_available", "vllm.config.compilation:CompilationConfig.static_forward_context")),
     # engine/model_state.py (Model Runner V2)
     Anchor("vllm.v1.worker.gpu.model_states:resolve_model_state_cls", "engine/model.py (get_model_state_cls)",
            ("vllm_config", "model"), contains=('hasattr(model, "get_model_state_cls")', "model.get_model_state_cls()")),

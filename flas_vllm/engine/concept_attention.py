@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import torch
 
@@ -99,12 +100,10 @@ def flex_by_handle(handle: str) -> "FlexSlotAttention":
     """The FlexSlotAttention a traced graph's op names. In an engine's forward, the engine's own (registered in
     its forward context under its layer's name), so a graph compiled by another engine or process and loaded
     from vLLM's compile cache finds this engine's buffers; elsewhere the latest one made under that name."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available  # optional: vllm
-    except ImportError:  # a torch-only machine (benchmarks/gpu_ceiling.py)
-        found = None
-    else:
-        found = get_forward_context().no_compile_layers.get(handle) if is_forward_context_available() else None
+    context = sys.modules.get("vllm.forward_context")  # not imported: no engine forward is running (torch-only use)
+    found = None
+    if context is not None and context.is_forward_context_available():
+        found = context.get_forward_context().no_compile_layers.get(handle)
     return found if found is not None else _BY_HANDLE[handle]
 
 
