@@ -64,6 +64,9 @@ def test_flex_only_on_cuda_and_only_when_asked_for(monkeypatch):
     assert _table(4, 16, {1: 3}, torch.float32).flex is None  # CPU tables keep the exact gather
     monkeypatch.setenv(CONCEPT_ATTENTION_ENV, "gather")
     assert not use_flex("cuda")
+    assert use_flex("cuda", requested="flex")  # the engine's recorded choice wins over the worker's environment
+    monkeypatch.setenv(CONCEPT_ATTENTION_ENV, "flex")
+    assert not use_flex("cuda", requested="gather")
     monkeypatch.setenv(CONCEPT_ATTENTION_ENV, "fast")
     with pytest.raises(ValueError, match="FLAS_VLLM_CONCEPT_ATTENTION='fast': expected one of gather, flex"):
         use_flex("cuda")
@@ -218,7 +221,7 @@ def test_the_engines_table_reserves_flex_buffers_when_built_and_a_trace_allocate
     (built with its step state) reserves them up front; the traced graph holds the opaque op alone."""
     from flas_vllm.engine import slot_table
 
-    monkeypatch.setattr(slot_table, "use_flex", lambda device: True)  # what a CUDA table does
+    monkeypatch.setattr(slot_table, "use_flex", lambda device, requested=None: True)  # what a CUDA table does
     slots = np.array([3, 0, 2, 6, 4, 1, 2, 4, 3, 1, 6])
     g = _geometry(4, 16)
     t = SlotTableKV(g, 2, 6, 64, torch.float32, "cpu", state=step_state(slots, max_tokens=300))

@@ -203,6 +203,7 @@ def test_compile_cache_key_follows_the_concept_attention_choice(tiny_model, ckpt
         configs[choice] = _config(tiny_model, ckpt)
         assert configs[choice].model_config.hf_config.flas_concept_attention == choice
     assert configs["gather"].compute_hash() != configs["flex"].compute_hash()
+    assert _config(tiny_model, ckpt).compute_hash() == configs["flex"].compute_hash()  # the same choice: the same key
     assert aot_compile_hash_factors(configs["gather"]) != aot_compile_hash_factors(configs["flex"])
 
 

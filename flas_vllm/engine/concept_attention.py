@@ -70,10 +70,12 @@ def requested_concept_attention() -> str:
     return value
 
 
-def use_flex(device) -> bool:
-    """The flex path where it was asked for and the table lives on a CUDA device; the exact gather elsewhere."""
-    return (torch.device(device).type == "cuda" and requested_concept_attention() == "flex"
-            and flex_available())
+def use_flex(device, requested: str | None = None) -> bool:
+    """The flex path where it was asked for and the table lives on a CUDA device; the exact gather elsewhere.
+    `requested`: the engine's choice as the front end recorded it for the compile-cache key (a worker's
+    environment may differ); None: the environment's."""
+    choice = requested or requested_concept_attention()
+    return torch.device(device).type == "cuda" and choice == "flex" and flex_available()
 
 
 _COMPILED: dict[bool, object] = {}

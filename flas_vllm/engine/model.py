@@ -36,7 +36,8 @@ from flas_vllm.core.concept import inference_concept_len
 from flas_vllm.core.errors import FlasCheckpointError
 from flas_vllm.core.concept_encoder import build_own_encoder
 from flas_vllm.core.config import FlasEngineOptions, FlowGeometry
-from flas_vllm.engine.checks import check_fingerprint, check_flow_kv_dtype, check_runner, flow_layer_indices
+from flas_vllm.engine.checks import (CONCEPT_ATTENTION_ATTR, check_fingerprint, check_flow_kv_dtype, check_runner,
+                                     flow_layer_indices)
 from flas_vllm.core.families import text_config
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.flow_rows import integrate_graph_rows, integrate_rows, residual_stream, steer_in_place
@@ -152,6 +153,7 @@ class FlasSteer(nn.Module):
         self.table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,
             concept_len, ckpt.dtype, device, state=self.state, flex_name=f"{prefix}.flas.concept_attention",
+            concept_attention=getattr(config, CONCEPT_ATTENTION_ATTR, None),  # the front end's, in the cache key
         )
         if self.table.flex is not None:  # its traced op finds this engine's by name (concept_attention.flex_by_handle)
             vllm_config.compilation_config.static_forward_context[self.table.flex.handle] = self.table.flex

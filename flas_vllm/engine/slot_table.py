@@ -147,7 +147,8 @@ class SlotTableKV(nn.Module):
     """
 
     def __init__(self, g: FlowGeometry, num_blocks: int, capacity: int, max_len: int, dtype, device,
-                 state: "StepState | None" = None, flex_name: str | None = None):
+                 state: "StepState | None" = None, flex_name: str | None = None,
+                 concept_attention: str | None = None):
         super().__init__()
         shape = (num_blocks, capacity + 1, g.num_kv_heads, max_len, g.head_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -168,7 +169,7 @@ class SlotTableKV(nn.Module):
         # inside `gathers_reused`: the call's gathers by (block, group), or False where they do not fit
         self._reused: dict[tuple[int, int], tuple[torch.Tensor, ...]] | bool | None = None
         self.flex: FlexSlotAttention | None = None
-        if use_flex(device):
+        if use_flex(device, concept_attention):
             self.flex = FlexSlotAttention(capacity + 1, g.num_heads, max_len, self.cap, device,
                                           num_kv_heads=g.num_kv_heads, name=flex_name)
             if state is not None:  # the engine's max batched tokens, now: no trace or capture ever grows them
