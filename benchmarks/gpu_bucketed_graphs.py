@@ -8,14 +8,14 @@ row order and steering read from the engine's persistent `StepState` buffers, st
 captured once in a CUDA graph, after the warm-up runs the engine also makes. Then several steps with other
 steered tokens, concepts, flowtimes and Euler steps are staged and the graph replayed:
 - checks: the capture succeeds (nothing reads the device on the host), and every replay gives the steered
-  tokens what the same step run eagerly gives them (bit for bit expected: the same kernels), which a graph
-  reading stale buffers would not;
+  tokens what the same step run eagerly gives them (bit for bit expected, as the same kernels; passed within
+  1% of how far the flow moved them), which a graph reading stale buffers would not;
 - times: each bucket's replay against the traced flow (compiled, captured, every token at max Euler steps),
   what FULL graphs run by default (`flow_graphs="traced"`), and the eager flow's cost before capture.
 The flow's paged self-attention is torch's SDPA over requests of --seq-len tokens (vLLM's attention is not here);
 Gemma-2-2B geometry, bf16, 1 block, 3 Euler steps, 64 concepts.
 
-    python benchmarks/gpu_bucketed_graphs.py --json bucketed.json   # one GPU: one prepared run, ~2 minutes
+    python benchmarks/gpu_bucketed_graphs.py --json bucketed.json   # one GPU: one prepared run (~2 min, estimated)
     python benchmarks/gpu_bucketed_graphs.py --quick                # tiny geometry on CPU, no capture: a smoke test
 """
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_ceiling.py beside this script
-from gpu_ceiling import (FLOW, GEOMETRIES, QUICK_GEOMETRIES, CausalSDPA, build, capture,  # noqa: E402
-                         compile_for, timed)
+from gpu_ceiling import (FLOW, GEOMETRIES, QUICK_GEOMETRIES, CausalSDPA, attach_step_state, build,  # noqa: E402
+                         capture, compile_for, timed)
 
 from flas_vllm.core.flow import integrate  # noqa: E402
 from flas_vllm.core.steering import Steering  # noqa: E402
@@ -43,6 +43,9 @@ TOKENS = (64, 256, 512)
 QUICK_TOKENS = (16, 32)
 QUICK_SMALLEST = 4  # the quick run's smallest bucket (the engine's is 64: graph_buckets.min_bucket)
 STEPS_CHECKED = 3
+# A replay passes within this fraction of how far the flow moved the steered tokens: bit-equal is expected (the
+# same kernels) and recorded, but a graph's kernels may round apart from eager's; stale steering moves them far.
+REPLAY_TOLERANCE = 0.01
 
 
 class SegmentCausalSDPA:
@@ -120,13 +123,15 @@ def measure(case, state: StepState, n: int, seq_len: int, concepts: int, mode: s
             want_out = torch.empty_like(stream)
             flow_on(b, want_out)()
             want = want_out.index_select(0, steered)
-            moved = not torch.equal(want, stream.index_select(0, steered))
+            moved = float((want.float() - stream.index_select(0, steered).float()).abs().max())
+            diff = float((got.float() - want.float()).abs().max())
             checks.append({"steered_tokens": int(steered.numel()), "equal": bool(torch.equal(got, want)),
-                           "max_abs_diff": float((got.float() - want.float()).abs().max()), "flow_moved_them": moved})
+                           "max_abs_diff": diff, "flow_moved_max_abs": moved,
+                           "passed": moved > 0 and diff <= REPLAY_TOLERANCE * moved})
         replay_ms = timed(replay, dev, warmup, reps)
         out_rows.append({"tokens": n, "bucket": b, "replay_ms": replay_ms, "eager_ms": eager_ms,
                          "traced_every_token_ms": traced_ms, "replay_over_traced": replay_ms / traced_ms,
-                         "checks": checks, "passed": all(c["equal"] and c["flow_moved_them"] for c in checks)})
+                         "checks": checks, "passed": all(c["passed"] for c in checks)})
     return out_rows
 
 
@@ -139,12 +144,19 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--concepts", type=int, default=64, help="distinct concepts in the slot table (default 64)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    args.seq_len = args.seq_len or (4 if args.quick else 16)
+    if args.seq_len is None:
+        args.seq_len = 4 if args.quick else 16
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(QUICK_TOKENS if args.quick else TOKENS)
+    except ValueError:
+        p.error(f"--tokens {args.tokens!r}: expected comma-separated integers")
+    if args.seq_len < 1 or args.concepts < 1:
+        p.error(f"--seq-len {args.seq_len} and --concepts {args.concepts}: each must be >= 1")
+    for t in tokens:
+        if t < 1 or t % min(args.seq_len, t):
+            p.error(f"--tokens {t}: must be >= 1 and a multiple of --seq-len {args.seq_len} (or below it)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = "graphs" if device.type == "cuda" else "eager"
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(QUICK_TOKENS if args.quick else TOKENS)
-    if args.seq_len < 1 or args.concepts < 1 or any(t < 1 or t % min(args.seq_len, t) for t in tokens):
-        p.error("--seq-len and --concepts must be >= 1, and each of --tokens a multiple of --seq-len (or below it)")
     geometries = QUICK_GEOMETRIES if args.quick else {"gemma-2-2b": GEOMETRIES["gemma-2-2b"]}
     smallest = QUICK_SMALLEST if args.quick else None
     warmup, reps = (1, 2) if args.quick else (3, 10)
@@ -157,7 +169,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name, (g, layers) in geometries.items():
         case = build(name, g, layers, device, dtype, args.concepts)
-        state = StepState.allocate(max(tokens), dtype, device)
+        state = attach_step_state(case, max(tokens))
         state.graph_rows_wanted = True  # stage the graph row order, as a bucketed engine does
         for n in tokens:
             for row in measure(case, state, n, args.seq_len, args.concepts, mode, smallest, warmup, reps, seed=n):

@@ -127,6 +127,15 @@ class Case:
         )
 
 
+def attach_step_state(case: Case, max_tokens: int) -> StepState:
+    """The engine's per-step state on the case's table, its FlexAttention buffers (if any) reserved for it, as
+    the engine's table does when built: never grown inside a trace or a capture."""
+    state = case.table.state = StepState.allocate(max_tokens, case.dtype, case.device)
+    if case.table.flex is not None:
+        case.table.flex.reserve(max_tokens)
+    return state
+
+
 def build(name: str, g: FlowGeometry, layers: int, device, dtype, concepts: int) -> Case:
     torch.manual_seed(0)
     with torch.device(device):
@@ -343,9 +352,7 @@ def main(argv=None) -> list[dict]:
             case.table.flex = FlexSlotAttention(args.concepts + 1, g.num_heads, FLOW.concept_max_len,
                                                 g.attn_logit_softcapping, device, dynamic=on_cuda,
                                                 num_kv_heads=g.num_kv_heads)
-        case.table.state = StepState.allocate(max(tokens), dtype, device)  # the engine's per-step state
-        if case.table.flex is not None:  # as the engine's table does when built: never grown in a trace or capture
-            case.table.flex.reserve(max(tokens))
+        attach_step_state(case, max(tokens))
         case.prepare(mode)
         for n in tokens:
             row = measure(case, n, args.seq_len, args.concepts, warmup, reps, mode)
