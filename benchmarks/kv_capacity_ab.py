@@ -67,7 +67,12 @@ def child(args) -> None:
 def _run_child(args, role: str, kv_bytes: int, probe: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", role, "--kv-bytes", str(kv_bytes), "--model", args.model,
            "--num-prompts", str(args.num_prompts), "--output-len", str(args.output_len), "--runs", str(args.runs)]
-    proc = subprocess.run(cmd + (["--probe"] if probe else []), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd + (["--probe"] if probe else []), capture_output=True, text=True,
+                              timeout=args.child_timeout)
+    except subprocess.TimeoutExpired as err:  # a hung engine fails the run by name, not the whole session
+        raise RuntimeError(f"{role} engine did not finish within --child-timeout={args.child_timeout} s "
+                           f"(killed):\n{(err.stderr or b'')[-3000:]!r}") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{role} engine failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -82,12 +87,13 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-cache-mib", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="timed runs per engine per round")
+    p.add_argument("--child-timeout", type=int, default=1800, help="seconds an engine process may take")
     p.add_argument("--json", default=None)
     p.add_argument("--child", dest="role", choices=("flas", "vanilla"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--kv-bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("num_prompts", "output_len", "kv_cache_mib", "rounds", "runs"):
+    for name in ("num_prompts", "output_len", "kv_cache_mib", "rounds", "runs", "child_timeout"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.role is not None:

@@ -36,6 +36,14 @@ def test_interleaved_runs_at_the_same_kv_capacity(tmp_path, tiny_model):
     assert "x vanilla at the same KV capacity" in proc.stdout
 
 
-def test_counts_must_be_positive():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--rounds must be >= 1" in proc.stderr
+@pytest.mark.parametrize("flag", ["--rounds", "--child-timeout"])
+def test_counts_must_be_positive(flag):
+    proc = subprocess.run([sys.executable, str(SCRIPT), flag, "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"{flag} must be >= 1" in proc.stderr
+
+
+def test_an_engine_that_does_not_finish_in_time_fails_the_run_by_name(tiny_model):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "fixture", "--num-prompts", "4", "--child-timeout",
+                           "1"], capture_output=True, text=True, timeout=120)  # no engine starts within 1 s
+    assert proc.returncode != 0
+    assert "vanilla engine did not finish within --child-timeout=1 s" in proc.stderr

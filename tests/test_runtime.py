@@ -9,9 +9,11 @@ Encoding itself is the engine tests' subject: here it only records which concept
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from flas_vllm.core.config import FlasEngineOptions
@@ -23,11 +25,11 @@ from flas_vllm.engine.step_state import StepState
 from tests.test_slot_table import G
 
 
-def _runtime() -> tuple[FlasRuntime, list]:
+def _runtime(tokenizer: str = "tokenizer") -> tuple[FlasRuntime, list]:
     state = StepState.allocate(64, torch.float32, "cpu")
     table = SlotTableKV(G, num_blocks=1, capacity=4, max_len=16, dtype=torch.float32, device="cpu", state=state)
     runtime = FlasRuntime(None, FlasEngineOptions(checkpoint="c", max_concepts=2), SimpleNamespace(dtype=torch.float32),
-                          (3, 4), 16, table, state, "tokenizer", {})
+                          (3, 4), 16, table, state, tokenizer, {})
     encoded = []
     runtime._encode_into = lambda slot, concept: encoded.append((concept, slot))  # the encoder: not this test's
     return runtime, encoded
@@ -92,3 +94,22 @@ def test_a_finished_request_releases_its_concept():
     assert runtime.slots.entries()[0]["refs"] == 1
     runtime.prepare_step([], np.array([], dtype=np.int64), {})  # b left the runner without its hook
     assert runtime.slots.entries()[0]["refs"] == 0 and runtime.evict(["pirates"]) == [True]
+
+
+def test_the_concept_tokenizer_loads_with_the_weights_not_in_the_first_steered_step(tiny_model):
+    runtime, _ = _runtime(str(tiny_model))
+    assert not runtime.stats()["tokenizer_loaded"]
+    runtime.weights_loaded()  # what the model's load_weights calls once the weights are in
+    assert runtime.stats()["tokenizer_loaded"]
+    assert runtime.tokenizer("pirates")["input_ids"]
+
+
+def test_a_tokenizer_that_cannot_load_is_logged_at_load_and_raised_by_the_first_concept(tmp_path, caplog):
+    missing = str(tmp_path / "no-tokenizer-here")
+    runtime, _ = _runtime(missing)
+    with caplog.at_level(logging.WARNING, logger="flas_vllm.engine.runtime"):
+        runtime.weights_loaded()  # an engine that may serve unsteered traffic only still starts
+    assert not runtime.stats()["tokenizer_loaded"]
+    assert any(missing in r.getMessage() and "steered requests will fail" in r.getMessage() for r in caplog.records)
+    with pytest.raises(Exception, match="no-tokenizer-here"):
+        runtime.tokenizer
