@@ -22,6 +22,7 @@ Gemma-2-2B geometry, bf16, 1 block, 3 Euler steps, 64 concepts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -60,16 +61,21 @@ class SegmentCausalSDPA:
         return self.inner(q.view(b, s, -1), k.view(b, s, -1), v.view(b, s, -1)).reshape(n, -1)
 
 
-def step_rows(rng: np.random.Generator, n_requests: int, steered: int, concepts: int, flow_dtype) -> list[RequestRow]:
-    """`steered` requests (chosen at random) with random concepts, flowtimes and Euler steps; the rest unsteered."""
+FLOWTIMES = (0.5, 1.0, 2.0, 4.0)  # a few step sizes: each holds a row of the time table for the whole run
+
+
+def step_rows(rng: np.random.Generator, n_requests: int, steered: int, concepts: int, case) -> list[RequestRow]:
+    """`steered` requests (chosen at random) with random concepts, flowtimes and Euler steps, each holding its
+    step size's row of the time table as the engine's requests do; the rest unsteered."""
     chosen = set(rng.choice(n_requests, size=steered, replace=False).tolist())
     rows = []
     for i in range(n_requests):
         if i not in chosen:
             rows.append(RequestRow())
             continue
-        steer = Steering(f"c{i}", float(rng.uniform(0.5, 4.0)), int(rng.integers(1, FLOW.n_steps + 1)))
-        rows.append(request_row(steer, int(rng.integers(1, concepts + 1)), FLOW.n_steps, flow_dtype))
+        steer = Steering(f"c{i}", float(rng.choice(FLOWTIMES)), int(rng.integers(1, FLOW.n_steps + 1)))
+        row = request_row(steer, int(rng.integers(1, concepts + 1)), FLOW.n_steps, case.dtype)
+        rows.append(dataclasses.replace(row, time_row=case.times.acquire(row.dt, case.flow)))
     return rows
 
 
@@ -88,14 +94,15 @@ def measure(case, state: StepState, n: int, seq_len: int, concepts: int, mode: s
     rng = np.random.default_rng(seed)
 
     def stage(steered_requests: int) -> StepState:
-        rows = step_rows(rng, n_requests, steered_requests, concepts, dt)
+        rows = step_rows(rng, n_requests, steered_requests, concepts, case)
         return build_step(state, StepRows.of(rows, [s] * n_requests))
 
     def flow_on(b: int, out: torch.Tensor):
         return lambda: integrate_graph_rows(case.flow, case.table, cores, state, positions, stream, FLOW.n_steps, b, out)
 
-    traced = compile_for(lambda h, dts, pos: integrate(case.flow, h, dts, FLOW.n_steps, pos, case.table, cores,
-                                                       token_steps=state.buffers.euler_steps[:n]), mode)
+    traced = compile_for(lambda h, dts, pos: integrate(
+        case.flow, h, dts, FLOW.n_steps, pos, case.table, cores, token_steps=state.buffers.euler_steps[:n],
+        time_embedding=lambda k: case.times.at(state.buffers.time_row[:n], k)), mode)  # as integrate_rows reads it
     stage(n_requests)
     with state.flow_on_rows(None, None):  # the traced flow: every token's slot, full length
         traced_ms = timed(capture(lambda: traced(stream, state.buffers.dt[:n], positions), mode, dev), dev,

@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from flas_vllm.core.config import FlasConfig, FlowGeometry
-from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, integrate
+from flas_vllm.core.flow import FlowFunction, RMSNorm, activation, euler_dt, integrate
 from flas_vllm.engine.concept_attention import FlexSlotAttention
 from flas_vllm.engine.flow_linears import prepare_engine_linears, use_engine_linears
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.step_state import StepState
+from flas_vllm.engine.time_table import TimeTable
 
 
 def _gemma2(hidden, inter, heads, kv_heads, layers) -> tuple[FlowGeometry, int]:
@@ -114,6 +115,7 @@ class Case:
     device: torch.device
     dtype: torch.dtype
     compiled: tuple = ()  # (flow(h, dts, positions), layer(h, cos, sin)) as the mode runs them
+    times: TimeTable | None = None  # the engine's time embeddings: row 1 holds the step size every token runs
     flex_in_flow: bool = True  # False: the flow's concept attention is the gather even on CUDA
 
     def prepare(self, mode: str) -> None:
@@ -122,15 +124,26 @@ class Case:
         cores = [[core] * FLOW.num_blocks for _ in range(FLOW.n_steps)]
         concept = _LabelledConcept(self.table)
         self.compiled = (
-            compile_for(lambda h, dts, pos: integrate(self.flow, h, dts, FLOW.n_steps, pos, concept, cores), mode),
+            compile_for(lambda h, dts, pos: integrate(self.flow, h, dts, FLOW.n_steps, pos, concept, cores,
+                                                      time_embedding=self._time_embedding(pos)), mode),
             compile_for(lambda h, cos, sin: self.layer(h, cos, sin, core), mode),
         )
 
 
+    def _time_embedding(self, positions: torch.Tensor):
+        """As the engine reads it: every token's row of the table (one step size here: row 1)."""
+        rows = torch.ones_like(positions)
+        return lambda k: self.times.at(rows, k)
+
+
+TIME_ROWS = 16  # step sizes the cases' requests may hold at once (gpu_bucketed_graphs: 4 flowtimes x Euler steps)
+
+
 def attach_step_state(case: Case, max_tokens: int) -> StepState:
-    """The engine's per-step state on the case's table, its FlexAttention buffers (if any) reserved for it, as
-    the engine's table does when built: never grown inside a trace or a capture."""
+    """The engine's per-step state on the case's table, with the case's time table; its FlexAttention buffers (if
+    any) reserved for it, as the engine's table does when built: never grown inside a trace or a capture."""
     state = case.table.state = StepState.allocate(max_tokens, case.dtype, case.device)
+    state.times = case.times
     if case.table.flex is not None:
         case.table.flex.reserve(max_tokens)
     return state
@@ -151,7 +164,9 @@ def build(name: str, g: FlowGeometry, layers: int, device, dtype, concepts: int)
         for slot in range(1, concepts + 1):
             c = torch.randn(FLOW.concept_max_len, g.hidden_size, device=device, dtype=dtype)
             table.write(slot, flow.project_concept(c))
-    return Case(name, g, layers, flow, layer, table, torch.device(device), dtype)
+    times = TimeTable(TIME_ROWS, FLOW.n_steps, g.hidden_size, dtype, device)
+    times.acquire(float(euler_dt(1.0, FLOW.n_steps, dtype)), flow)  # the dts `measure` runs: row 1
+    return Case(name, g, layers, flow, layer, table, torch.device(device), dtype, times=times)
 
 
 def _shape(n: int, seq_len: int) -> tuple[int, int]:

@@ -113,3 +113,35 @@ def test_a_tokenizer_that_cannot_load_is_logged_at_load_and_raised_by_the_first_
     assert any(missing in r.getMessage() and "steered requests will fail" in r.getMessage() for r in caplog.records)
     with pytest.raises(Exception, match="no-tokenizer-here"):
         runtime.tokenizer
+
+
+def test_requests_hold_their_step_size_s_time_embeddings_while_in_flight(tiny_model):
+    """Each steered request's row points at its step size's time embeddings (engine/time_table.py): shared by
+    requests of one step size, kept when its concept is encoded again, released when it finishes, and filled
+    again in place when the weights are reloaded."""
+    from flas_vllm.core.flow import TimeEmbedding  # the table's embedder: only this test builds one
+    from flas_vllm.engine.time_table import TimeTable
+
+    runtime, _ = _runtime(str(tiny_model))  # a tokenizer that loads with the weights (no hub lookup)
+    torch.manual_seed(0)
+    runtime.flow = SimpleNamespace(dtype=torch.float32, time_embed=TimeEmbedding(16).eval())
+    times = runtime.state.times = TimeTable(4, 4, 16, torch.float32, "cpu")
+    requests = {"a": _request("pirates", 0.5), "b": _request("cats", 0.5), "c": _request("cats", 2.0),
+                "u": _request(None)}
+    runtime.prepare_step(["a", "b", "c", "u"], np.array([2, 1, 1, 1]), requests)
+    rows = _columns(runtime)["time_row"].tolist()
+    assert rows[0] == rows[1] == rows[2] != rows[3] != 0 and rows[4] == 0  # a and b share dt = 0.5 / 3
+    assert times.rows_in_use() == 2
+    runtime.slots.release(runtime.slots.slot_of("pirates"))  # a's concept leaves the table under it ...
+    assert runtime.slots.evict("pirates")
+    runtime.prepare_step(["a"], np.array([1]), requests)  # ... and is encoded again: same row
+    assert _columns(runtime)["time_row"].tolist() == [rows[0]] and times.rows_in_use() == 2
+    before = times.embeddings[rows[3]].clone()
+    with torch.no_grad():
+        runtime.flow.time_embed.mlp[2].bias.add_(1.0)  # a weight reload ...
+    runtime.weights_loaded()
+    runtime.prepare_step(["c"], np.array([1]), requests)  # ... refills the live rows, in place, before the step
+    assert _columns(runtime)["time_row"].tolist() == [rows[3]]
+    torch.testing.assert_close(times.embeddings[rows[3]], before + 1.0)
+    runtime.prepare_step([], np.array([], dtype=np.int64), {})
+    assert times.rows_in_use() == 0  # every request left: each released its row

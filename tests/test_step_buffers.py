@@ -35,7 +35,8 @@ def test_model_runner_v2_staging_rotates_so_a_pending_copy_keeps_its_source():
     def step(slot_value: int):
         n = 5
         buffers.publish({"steered": np.ones(n, dtype=bool), "dt": torch.full((n,), 0.25),
-                         "slot": np.full(n, slot_value, dtype=np.int64), "euler_steps": np.full(n, 3, dtype=np.int32)})
+                         "slot": np.full(n, slot_value, dtype=np.int64), "euler_steps": np.full(n, 3, dtype=np.int32),
+                         "time_row": np.full(n, 1, dtype=np.int64)})
         buffers.stage_order(np.arange(n)[::-1].copy())
 
     step(1)

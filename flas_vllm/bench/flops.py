@@ -53,10 +53,11 @@ def base_flops_per_token(base: Any, context: float) -> dict[str, float]:
 def flow_flops_per_token(base: Any, flas: Any, n_steps: int, context: float) -> dict[str, float]:
     """Forward FLOPs of the FLAS flow for one steered token.
 
-    n_steps x (time embedding + num_blocks x (cross-attention projections + attention
-    over concept_max_len concept keys + self-attention + MLP)). The slot table attends
-    over all concept_max_len (64) key slots, masked, whatever the concept's length.
-    The concept's own K/V projection runs once per concept and is amortized (not counted).
+    n_steps x num_blocks x (cross-attention projections + attention over concept_max_len
+    concept keys + self-attention + MLP). The slot table attends over all concept_max_len
+    (64) key slots, masked, whatever the concept's length. The concept's own K/V projection
+    runs once per concept, the time embedding once per step size in flight (engine/time_table.py):
+    both amortized, not counted (`time_embedding` is what it would cost per token).
     """
     from flas_vllm.core.flow import TIME_EMBED_DIM  # lazy: torch, via core.flow
 
@@ -75,7 +76,7 @@ def flow_flops_per_token(base: Any, flas: Any, n_steps: int, context: float) -> 
     per_block = cross + self_attn + mlp
     return {"time_embedding": n_steps * time_embed, "cross_attention": n_steps * blocks * cross,
             "self_attention": n_steps * blocks * self_attn, "mlp": n_steps * blocks * mlp,
-            "total": n_steps * (time_embed + blocks * per_block)}
+            "total": n_steps * blocks * per_block}
 
 
 def flops_ceiling(base: Any, flas: Any, n_steps: int, context: float) -> dict[str, Any]:

@@ -362,6 +362,7 @@ def integrate(
     concept: ConceptKV,
     cores: Sequence[Sequence[SelfAttentionCore | None]],
     token_steps: torch.Tensor | None = None,
+    time_embedding: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler-integrate the flow from t=0. h: [..., H] flow dtype; dt: [...] flow dtype.
 
@@ -370,10 +371,11 @@ def integrate(
     `token_steps` ([...], optional): each element's own number of Euler steps
     (its dt is T / its N); it keeps its h once its steps are done, so a batch that
     mixes step counts gives each element exactly what a run of its own N gives.
+    `time_embedding` (optional): k -> each element's time_embed(t_k), precomputed (engine/time_table.py).
     """
     dt = dt.to(h.dtype)
     for k in range(n_steps):
-        te = flow.time_embed(rounded(dt * k))  # t_k = dt * k in the flow dtype
+        te = flow.time_embed(rounded(dt * k)) if time_embedding is None else time_embedding(k)  # t_k = dt * k
         stepped = rounded(h + rounded(dt[..., None] * flow(h, te, positions, concept, cores[k])))
         del te  # neither alive through the next step's flow (memory)
         h = stepped if token_steps is None else torch.where((token_steps > k)[..., None], stepped, h)

@@ -80,15 +80,22 @@ def integrate_rows(flow: FlowFunction, concept: ConceptKV, cores, state: StepSta
     if rows is None:
         n = stream.shape[0]
         h = integrate(flow, stream.to(flow.dtype), buffers.dt[:n], euler_steps, positions, concept, cores,
-                      token_steps=buffers.euler_steps[:n])
+                      token_steps=buffers.euler_steps[:n], time_embedding=_time_embedding(state, buffers.time_row[:n]))
         h = rounded(h.to(stream.dtype))
         return h if out is None else out.copy_(h)
     steered = state.steered_rows if distinct is None else distinct
     h = integrate(flow, stream.index_select(0, rows).to(flow.dtype), buffers.dt.index_select(0, rows), euler_steps,
                   positions.index_select(0, rows), concept, rows_cores(cores, rows, steered, stream.shape[0], narrowed),
-                  token_steps=buffers.euler_steps.index_select(0, rows))
+                  token_steps=buffers.euler_steps.index_select(0, rows),
+                  time_embedding=_time_embedding(state, buffers.time_row.index_select(0, rows)))
     out = torch.empty_like(stream) if out is None else out
     return out.index_copy_(0, rows[:steered], rounded(h[:steered].to(stream.dtype)))
+
+
+def _time_embedding(state: StepState, time_rows: torch.Tensor):
+    """Euler step k -> the rows' time embeddings from the engine's table (time_table.py), if it has one."""
+    table = state.times
+    return None if table is None else (lambda k: table.at(time_rows, k))
 
 
 def residual_stream(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

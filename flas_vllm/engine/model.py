@@ -47,6 +47,7 @@ from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.steered_attention import SteeredAttention
 from flas_vllm.engine.step_state import StepState
+from flas_vllm.engine.time_table import TimeTable
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class FlasSteer(nn.Module):
         # the engine step's per-token steering (step_state.py): built by the runtime, read here and by the table
         self.state = StepState.allocate(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
         self.step_buffers = self.state.buffers  # registered here, so its buffers follow the module
+        self.time_table = self.state.times = TimeTable(  # a row per step size in flight (time_table.py)
+            vllm_config.scheduler_config.max_num_seqs, self.max_n_steps, geometry.hidden_size, ckpt.dtype, device)
         concept_len = inference_concept_len(ckpt.config.concept_max_len)
         self.table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -138,6 +139,8 @@ class FlasRuntime:
         self._stale = False
         for entry in self.slots.entries():
             self._encode_into(entry["slot"], entry["concept"])
+        if self.state.times is not None:
+            self.state.times.refill(self.flow)
 
     def preload(self, concepts: Sequence[str]) -> list[int]:
         """Encode and pin concepts; all or nothing when the pin budget (max_pinned) would overflow."""
@@ -197,6 +200,8 @@ class FlasRuntime:
         entry = self._req.pop(rid, None)
         if entry is not None and entry.steer is not None:
             self.slots.release(entry.slot)
+            if entry.row.time_row:
+                self.state.times.release(entry.row.time_row)
 
     def prepare_step(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray,
                      requests: Mapping[str, Any]) -> None:
@@ -211,7 +216,7 @@ class FlasRuntime:
                 entry = self.admit(rid, getattr(params, "extra_args", None))
             if entry.steer is not None and self.slots.slot_of(entry.steer.concept) != entry.slot:
                 # evicted while preempted: encode again before it runs
-                entry = self._admitted(entry.steer, self._ensure_encoded(entry.steer.concept))
+                entry = self._admitted(entry.steer, self._ensure_encoded(entry.steer.concept), entry.row.time_row)
                 self._req[rid] = entry
             rows.append(entry.row)
         self.publish(StepRows.of(rows, np.asarray(num_scheduled_tokens[: len(req_ids)])))
@@ -235,8 +240,14 @@ class FlasRuntime:
         """A request's row: its Euler steps (or the engine's default), step size and concept slot."""
         return request_row(steer, slot, self.n_steps, self.flow_dtype)
 
-    def _admitted(self, steer: Steering | None, slot: int) -> Admitted:
-        return Admitted(steer, slot, self.row(steer, slot))
+    def _admitted(self, steer: Steering | None, slot: int, time_row: int | None = None) -> Admitted:
+        """The entry of a request (its time-embedding row taken here, or the one it already holds)."""
+        row = self.row(steer, slot)
+        if steer is not None and self.state.times is not None:
+            if time_row is None:
+                time_row = self.state.times.acquire(row.dt, self.flow)
+            row = dataclasses.replace(row, time_row=time_row)
+        return Admitted(steer, slot, row)
 
     def profile_row(self) -> RequestRow:
         """What a dummy batch's tokens steer as: the null slot (no concept is touched), every Euler step

@@ -37,6 +37,7 @@ from flas_vllm.core.flow import euler_dt
 from flas_vllm.core.steering import Steering
 from flas_vllm.engine.graph_buckets import graph_row_order
 from flas_vllm.engine.step_buffers import FLOW_DTYPE, StepBuffers
+from flas_vllm.engine.time_table import TimeTable
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,12 @@ class RequestRow:
     slot: int = 0  # its concept's slot in the slot table (0: the null slot)
     euler_steps: int = 0  # the Euler steps its tokens take
     dt: float = 0.0  # the Euler step size, already rounded to the flow dtype
+    time_row: int = 0  # its step size's row in the time-embedding table (time_table.py; 0: none)
 
 
 # Each field's per-token dtype on the device (FLOW_DTYPE: the flow's; float64 on the host, exact).
-ROW_DTYPES = {"steered": torch.bool, "slot": torch.long, "euler_steps": torch.int32, "dt": FLOW_DTYPE}
+ROW_DTYPES = {"steered": torch.bool, "slot": torch.long, "euler_steps": torch.int32, "dt": FLOW_DTYPE,
+              "time_row": torch.long}
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(RequestRow))
 assert set(ROW_DTYPES) == set(ROW_FIELDS), "every RequestRow field needs its per-token dtype"
 
@@ -137,6 +140,7 @@ class StepState:
     # plan the skip path's rows and groups only when the eager op runs (bucketed FULL graphs replay without it)
     plan_lazily: bool = False
     pending_plan: Callable[[], None] | None = None
+    times: TimeTable | None = None  # the engine's time embeddings per step size (None: computed per token)
 
     def slots(self, n: int) -> torch.Tensor:
         """The concept slot of each of the flow's `n` rows: its compacted rows' slots, or the first n tokens'."""
