@@ -133,3 +133,52 @@ def test_cpu_seeded_rewind_restores_the_exact_generator_state():
     assert torch.equal(torch.rand(3, generator=gens[0]), torch.rand(3, generator=fresh0))  # rewound
     torch.rand(3, generator=fresh1)
     assert torch.equal(torch.rand(3, generator=gens[1]), torch.rand(3, generator=fresh1))  # advanced
+
+
+def _scheduler_with(inflight_steering, max_num_seqs: int, max_concepts: int = 8):
+    """A stand-in scheduler for the admission wrappers: its requests, one per steering, all running."""
+    from types import SimpleNamespace
+
+    from vllm.v1.request import RequestStatus
+
+    from flas_vllm.core.steering import WIRE_KEY, parse_steering
+
+    def request(rid, steer):
+        extra = {WIRE_KEY: parse_steering(steer).to_wire()} if steer else {WIRE_KEY: {}}
+        return SimpleNamespace(request_id=rid, status=RequestStatus.RUNNING, num_preemptions=0, num_computed_tokens=1,
+                               sampling_params=SimpleNamespace(extra_args=extra))
+
+    hf_config = SimpleNamespace(flas={"checkpoint": "c", "max_concepts": max_concepts})
+    scheduler = SimpleNamespace(
+        requests={f"r{i}": request(f"r{i}", s) for i, s in enumerate(inflight_steering)},
+        vllm_config=SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config),
+                                    scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs)),
+        grammar_compile_error_reqs=set())
+    return scheduler, request
+
+
+def test_a_request_with_a_new_step_size_waits_while_the_time_table_is_full():
+    """The worker's time table has max_num_seqs rows, one per step size in flight; preempted requests keep
+    theirs. A waiting request with a new (flowtime, n_steps) waits while they are all held (it would need a
+    row), one with a step size in flight or unsteered does not; concepts are limited as before."""
+    from flas_vllm.core.steering import steering
+    from flas_vllm.engine.patches.scheduler_admission import _make_gate, _make_schedule
+
+    schedule = _make_schedule(lambda self: "scheduled")
+    may_start = _make_gate(lambda self, request: True)
+    held = [steering("pirates", 1.0), steering("cats", 2.0, n_steps=2)]
+    scheduler, request = _scheduler_with(held, max_num_seqs=2)
+    assert schedule(scheduler) == "scheduled"
+    assert may_start(scheduler, request("same", steering("dogs", 1.0)))  # step size in flight, new concept
+    assert may_start(scheduler, request("plain", None))
+    assert not may_start(scheduler, request("new", steering("pirates", 3.0)))  # a third step size: no row
+    assert not may_start(scheduler, request("new-n", steering("pirates", 2.0)))  # (2.0, default) is not (2.0, 2)
+    assert scheduler._flas_deferred == 2
+    scheduler, request = _scheduler_with(held, max_num_seqs=3)  # a free row: it starts, and takes the row
+    schedule(scheduler)
+    assert may_start(scheduler, request("new", steering("pirates", 3.0)))
+    assert not may_start(scheduler, request("newer", steering("pirates", 4.0)))
+    scheduler, request = _scheduler_with(held, max_num_seqs=8, max_concepts=2)  # concepts: as before
+    schedule(scheduler)
+    assert not may_start(scheduler, request("third-concept", steering("dogs", 1.0)))
+    assert may_start(scheduler, request("known-concept", steering("cats", 4.0)))

@@ -47,7 +47,7 @@ from flas_vllm.engine.runtime import FlasRuntime
 from flas_vllm.engine.slot_table import SlotTableKV
 from flas_vllm.engine.steered_attention import SteeredAttention
 from flas_vllm.engine.step_state import StepState
-from flas_vllm.engine.time_table import TimeTable
+from flas_vllm.engine.time_table import TimeTable, time_table_rows
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class FlasSteer(nn.Module):
         self.state = StepState.allocate(vllm_config.scheduler_config.max_num_batched_tokens, ckpt.dtype, device)
         self.step_buffers = self.state.buffers  # registered here, so its buffers follow the module
         self.time_table = self.state.times = TimeTable(  # a row per step size in flight (time_table.py)
-            vllm_config.scheduler_config.max_num_seqs, self.max_n_steps, geometry.hidden_size, ckpt.dtype, device)
+            time_table_rows(vllm_config.scheduler_config), self.max_n_steps, geometry.hidden_size, ckpt.dtype, device)
         concept_len = inference_concept_len(ckpt.config.concept_max_len)
         self.table = SlotTableKV(
             geometry, num_blocks, self.flas_options.max_concepts + self.flas_options.max_pinned,

@@ -9,8 +9,10 @@ GEMMs and a dozen small ops per token and Euler step (~6% of the flow's FLOPs at
 persistent device buffer a captured CUDA graph can read: row r, Euler step k. A request takes a reference
 to its step size's row when it joins (`acquire`, filled by the flow's own `time_embed` the first time) and
 drops it when it finishes; its row index travels per token like its concept slot (`RequestRow.time_row`).
-Row 0 stays zero: unsteered tokens and dummy batches, whose flow results are never used. Requests in flight
-never outnumber vLLM's `max_num_seqs`, so neither do their step sizes: the table never evicts.
+Row 0 stays zero: unsteered tokens and dummy batches, whose flow results are never used. The table has a row
+per request vLLM runs at once (`max_num_seqs`); preempted requests keep theirs, so the scheduler admits a
+request with a new step size only while a row is free (patches/scheduler_admission.py), and the table never
+evicts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import torch
 from torch import nn
 
 from flas_vllm.core.eager_numerics import rounded
+
+
+def time_table_rows(scheduler_config) -> int:
+    """The step sizes a worker's table holds at once (the scheduler admits no more)."""
+    return int(scheduler_config.max_num_seqs)
 
 
 class TimeTable(nn.Module):

@@ -3,9 +3,12 @@
 Like `max_loras`, a waiting request whose concept is not among the in-flight
 ones waits while `max_concepts` distinct concepts are in flight (running or
 preempted). It never errors and never evicts a concept an in-flight request
-still needs. Wraps `Scheduler.schedule` (to snapshot in-flight concepts once
-per step) and `Scheduler._handle_blocked_waiting_request` (the per-request
-"may this one start now?" check).
+still needs. The same holds for step sizes and the worker's time table
+(engine/time_table.py, a row per step size in flight): a request with a new
+(flowtime, n_steps) waits while the table's rows are all held, which only
+preempted requests can bring about. Wraps `Scheduler.schedule` (to snapshot
+what is in flight once per step) and `Scheduler._handle_blocked_waiting_request`
+(the per-request "may this one start now?" check).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from . import wrap_once
 from flas_vllm.core.config import FlasEngineOptions
 from flas_vllm.core.errors import SteeringParamError
 from flas_vllm.core.steering import Steering
+from flas_vllm.engine.time_table import time_table_rows
 
 logger = logging.getLogger("flas_vllm")
 
@@ -35,20 +39,24 @@ def _limits(scheduler):
 _INVALID = object()
 
 
-def _concept(request, options):
-    """The request's concept (None if unsteered), decoded from the front end's wire form and
+def _steering(request):
+    """The request's steering (None if unsteered), decoded from the front end's wire form and
     remembered on the request; _INVALID if the request carries flas_* fields the front end never saw."""
-    cached = getattr(request, "_flas_concept", False)
+    cached = getattr(request, "_flas_steering", False)
     if cached is not False:
         return cached
     params = request.sampling_params
     try:
-        steer = Steering.from_request(params.extra_args if params else None)
-        request._flas_concept = steer.concept if steer is not None else None
+        request._flas_steering = Steering.from_request(params.extra_args if params else None)
     except SteeringParamError as exc:
         logger.error("request %s: %s; failing it", request.request_id, exc)
-        request._flas_concept = _INVALID
-    return request._flas_concept
+        request._flas_steering = _INVALID
+    return request._flas_steering
+
+
+def _step_size(steer: Steering) -> tuple:
+    """What the worker's time table keys on, or finer: two keys may share a step size, never the reverse."""
+    return steer.flowtime, steer.n_steps
 
 
 def _make_schedule(original):
@@ -58,13 +66,14 @@ def _make_schedule(original):
         if options is not None:
             from vllm.v1.request import RequestStatus  # lazy: vllm; patches install only inside vLLM
 
-            inflight = set()
+            inflight, steps = set(), set()
             for req in self.requests.values():
                 if req.status == RequestStatus.RUNNING or req.num_preemptions > 0 or req.num_computed_tokens > 0:
-                    concept = _concept(req, options)
-                    if concept is not None and concept is not _INVALID:
-                        inflight.add(concept)
-            self._flas_inflight = inflight
+                    steer = _steering(req)
+                    if steer is not None and steer is not _INVALID:
+                        inflight.add(steer.concept)
+                        steps.add(_step_size(steer))
+            self._flas_inflight, self._flas_inflight_steps = inflight, steps
         return original(self, *args, **kwargs)
 
     return schedule
@@ -92,18 +101,22 @@ def _make_gate(original):
         inflight = getattr(self, "_flas_inflight", None)
         if options is None or inflight is None:
             return True
-        concept = _concept(request, options)
-        if concept is _INVALID:
+        steer = _steering(request)
+        if steer is _INVALID:
             # vLLM's own per-request error path (as for a grammar that failed to compile): the request
             # finishes with finish_reason "error" at this step's output; nothing else is affected.
             _fail(self, request.request_id)
             return False
-        if concept is None or concept in inflight:
+        if steer is None:
             return True
-        if len(inflight) >= options.max_concepts:
+        steps, step = self._flas_inflight_steps, _step_size(steer)
+        new_concept, new_step = steer.concept not in inflight, step not in steps
+        if ((new_concept and len(inflight) >= options.max_concepts)
+                or (new_step and len(steps) >= time_table_rows(self.vllm_config.scheduler_config))):
             self._flas_deferred = getattr(self, "_flas_deferred", 0) + 1
             return False
-        inflight.add(concept)
+        inflight.add(steer.concept)
+        steps.add(step)
         return True
 
     return _handle_blocked_waiting_request
