@@ -48,3 +48,44 @@ def test_model_runner_v2_staging_rotates_so_a_pending_copy_keeps_its_source():
     assert buffers.steered.tolist() == [True] * 5 + [False] * 3  # padding tokens are unsteered
     step(3)
     assert first.columns["slot"][:5].tolist() == [3] * 5 and second.columns["slot"][:5].tolist() == [2] * 5  # round robin
+
+
+class _Event:
+    """Stands in for torch.cuda.Event: logs records and host waits (with what the staged slots held then)."""
+
+    def __init__(self, log, host):
+        self.log, self.host = log, host
+
+    def record(self):
+        self.log.append(("record", self.host.columns["slot"][0].item()))
+
+    def synchronize(self):
+        self.log.append(("wait", self.host.columns["slot"][0].item()))
+
+
+def test_a_step_rewrites_a_staging_set_only_after_its_earlier_copies_have_run():
+    """A dummy batch (a data-parallel rank without requests, warm-up) publishes without any runner event before
+    it: the set's own event, recorded after its copies, is waited on before the set is written again. The
+    step's own later copies (its token order, rows) record without waiting (the host never waits on the step it
+    is preparing). CPU copies are done when issued: no events there (`make_event` is None); here a stand-in."""
+    import numpy as np
+
+    buffers = StepBuffers(8, torch.float32, "cpu", ROW_DTYPES)
+    assert buffers.make_event is None
+    log = []
+    host = buffers.staging[0]
+    buffers.make_event = lambda: _Event(log, host)
+
+    def publish(slot_value: int):
+        n = 3
+        buffers.publish({"steered": np.ones(n, dtype=bool), "dt": torch.full((n,), 0.5),
+                         "slot": np.full(n, slot_value, dtype=np.int64), "euler_steps": np.full(n, 2, dtype=np.int32),
+                         "time_row": np.full(n, 1, dtype=np.int64)})
+
+    publish(7)
+    buffers.stage_order(np.arange(3))
+    buffers.stage_rows(np.arange(3))
+    assert log == [("record", 7)] * 3  # nothing to wait for yet; each copy re-records the set's event
+    log.clear()
+    publish(9)  # the next step (or a dummy batch) on the same set
+    assert log == [("wait", 7), ("record", 9)]  # waited while the set still held step 7's values

@@ -13,6 +13,12 @@ are batches in flight (`vllm/v1/worker/gpu/buffer_utils.py`). `set_staging_sets`
 does the same here. What a step stages after V1's event is recorded (a bucketed
 engine's rows, planned by the op during the forward pass) is covered by the event
 of the step after: two sets (`StepState.plan_rows_lazily`).
+
+Those runner events cover real steps only. A dummy batch (a data-parallel rank with
+no requests runs one each step; warm-up) publishes too, and vLLM waits on nothing
+before it. So each set also records a CUDA event after its copies, and a step that
+starts writing a set first waits on the host for that set's last copy from an earlier
+step (already done in the runners' normal course: the wait costs nothing there).
 """
 
 from __future__ import annotations
@@ -41,6 +47,24 @@ class HostStaging:
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # the flow's rows
         # the graph row order (steered tokens first): identity where a step does not write it
         self.graph_rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)
+        self.copied = None  # an event recorded after the latest device copy from this set (CUDA only)
+
+    def copies_enqueued(self, make_event) -> None:
+        """Mark the copies issued so far from this set (re-recorded after each, so it covers the latest)."""
+        if make_event is None or _capturing():
+            return
+        if self.copied is None:
+            self.copied = make_event()
+        self.copied.record()
+
+    def wait_for_copies(self) -> None:
+        """Block the host until the device has read this set's earlier copies: it may be rewritten after."""
+        if self.copied is not None and not _capturing():
+            self.copied.synchronize()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class StepBuffers(nn.Module):
@@ -65,6 +89,7 @@ class StepBuffers(nn.Module):
         self.register_buffer("graph_rows", torch.arange(max_tokens, dtype=torch.long, device=device), persistent=False)
         self._graph_rows_high = 0  # graph_rows past this are the identity
         self._pin = device is not None and torch.device(device).type == "cuda"
+        self.make_event = torch.cuda.Event if self._pin else None  # CPU copies are done when issued
         self._flow_dtype = flow_dtype
         self.max_tokens = max_tokens
         self.staging = [self._staging_set()]
@@ -90,12 +115,14 @@ class StepBuffers(nn.Module):
             raise RuntimeError(f"step has {n} tokens, more than max_num_batched_tokens={self.max_tokens}")
         host = self._current = self.staging[self._next]
         self._next = (self._next + 1) % len(self.staging)
+        host.wait_for_copies()  # an earlier step's copies from this set (a dummy batch's publish waits on nothing else)
         for name in self.columns:
             value = values[name]
             staged = host.columns[name]
             staged[:n] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
             staged[n:] = 0
             getattr(self, name).copy_(staged, non_blocking=True)
+        host.copies_enqueued(self.make_event)
 
     def stage_order(self, order: np.ndarray) -> torch.Tensor:
         """The step's token order (grouped by concept length) on the device, copied like the rest."""
@@ -114,6 +141,7 @@ class StepBuffers(nn.Module):
         staged[:n] = torch.from_numpy(order)
         staged[n:high] = torch.arange(n, high)
         self.graph_rows[:high].copy_(staged[:high], non_blocking=True)
+        self._current.copies_enqueued(self.make_event)
         self._graph_rows_high = n
 
     def _stage(self, name: str, values: np.ndarray) -> torch.Tensor:
@@ -121,4 +149,5 @@ class StepBuffers(nn.Module):
         staged, buffer = getattr(self._current, name), getattr(self, name)
         staged[:n] = torch.from_numpy(values)
         buffer[:n].copy_(staged[:n], non_blocking=True)
+        self._current.copies_enqueued(self.make_event)
         return buffer[:n]
