@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_ceiling.py beside this script
 from gpu_ceiling import (FLOW, GEOMETRIES, QUICK_GEOMETRIES, CausalSDPA, attach_step_state, build,  # noqa: E402
-                         capture, compile_for, timed)
+                         TIME_ROWS, capture, compile_for, timed)
 
 from flas_vllm.core.flow import integrate  # noqa: E402
 from flas_vllm.core.steering import Steering  # noqa: E402
@@ -62,6 +62,7 @@ class SegmentCausalSDPA:
 
 
 FLOWTIMES = (0.5, 1.0, 2.0, 4.0)  # a few step sizes: each holds a row of the time table for the whole run
+assert len(FLOWTIMES) * FLOW.n_steps < TIME_ROWS, "every (flowtime, Euler steps) needs its own row"
 
 
 def step_rows(rng: np.random.Generator, n_requests: int, steered: int, concepts: int, case) -> list[RequestRow]:

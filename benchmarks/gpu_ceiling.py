@@ -116,6 +116,7 @@ class Case:
     dtype: torch.dtype
     compiled: tuple = ()  # (flow(h, dts, positions), layer(h, cos, sin)) as the mode runs them
     times: TimeTable | None = None  # the engine's time embeddings: row 1 holds the step size every token runs
+    time_rows: torch.Tensor | None = None  # each token's row (all 1), persistent as the engine's per-token buffer
     flex_in_flow: bool = True  # False: the flow's concept attention is the gather even on CUDA
 
     def prepare(self, mode: str) -> None:
@@ -131,8 +132,8 @@ class Case:
 
 
     def _time_embedding(self, positions: torch.Tensor):
-        """As the engine reads it: every token's row of the table (one step size here: row 1)."""
-        rows = torch.ones_like(positions)
+        """As the engine reads it: every token's row of the table (one step size here: row 1), from a buffer."""
+        rows = self.time_rows[: positions.numel()].view(positions.shape)
         return lambda k: self.times.at(rows, k)
 
 
@@ -144,6 +145,7 @@ def attach_step_state(case: Case, max_tokens: int) -> StepState:
     any) reserved for it, as the engine's table does when built: never grown inside a trace or a capture."""
     state = case.table.state = StepState.allocate(max_tokens, case.dtype, case.device)
     state.times = case.times
+    case.time_rows = torch.ones(max_tokens, dtype=torch.long, device=case.device)
     if case.table.flex is not None:
         case.table.flex.reserve(max_tokens)
     return state

@@ -94,3 +94,14 @@ def test_the_flow_with_the_table_equals_the_flow_computing_them_per_token(flow_a
     got, want = results[False][STEERED_TOKENS], results[True][STEERED_TOKENS]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the embeddings' GEMM rounding, carried
     assert not torch.allclose(want, stream[STEERED_TOKENS], atol=1e-3)  # the flow did move them
+
+
+def test_the_table_embeds_the_same_times_as_integrate_beyond_256_euler_steps():
+    """t_k = dt * k as integrate computes it (a flow-dtype dt times a Python int k: one float32 product, one
+    rounding), for every k: bf16 holds integers exactly only up to 256, so k itself must not be rounded."""
+    times_of = SimpleNamespace(time_embed=lambda t: t[:, None].repeat(1, 2))  # the embedding's input, kept
+    table = TimeTable(capacity=1, max_n_steps=300, hidden=2, dtype=torch.bfloat16, device="cpu")
+    dt = euler_dt(0.9, 3, torch.bfloat16)  # 0.30078125 in bf16
+    row = table.acquire(float(dt), times_of)
+    want = torch.stack([rounded(dt.reshape(1) * k)[0] for k in range(300)])
+    assert torch.equal(table.embeddings[row, :, 0], want)

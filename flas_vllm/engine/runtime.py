@@ -137,10 +137,10 @@ class FlasRuntime:
         if not self._stale:
             return
         self._stale = False
+        if self.state.times is not None:  # first: it needs no tokenizer, so a concept that fails cannot skip it
+            self.state.times.refill(self.flow)
         for entry in self.slots.entries():
             self._encode_into(entry["slot"], entry["concept"])
-        if self.state.times is not None:
-            self.state.times.refill(self.flow)
 
     def preload(self, concepts: Sequence[str]) -> list[int]:
         """Encode and pin concepts; all or nothing when the pin budget (max_pinned) would overflow."""

@@ -44,8 +44,9 @@ class TimeTable(nn.Module):
             if not self._free:
                 raise RuntimeError(f"FLAS time table: more than {self.capacity} step sizes in flight "
                                    f"(its capacity is max_num_seqs)")
+            row = self._free[-1]
+            self._fill(row, dt, flow)  # filled before anyone can find it
             entry = self._rows[dt] = [self._free.pop(), 0]
-            self._fill(entry[0], dt, flow)
         entry[1] += 1
         return entry[0]
 
@@ -69,10 +70,13 @@ class TimeTable(nn.Module):
     def _fill(self, row: int, dt: float, flow) -> None:
         emb = self.embeddings
         with torch.inference_mode():
-            t = torch.tensor(dt, dtype=emb.dtype, device=emb.device)
-            k = torch.arange(self.max_n_steps, device=emb.device)
-            self.embeddings[row] = flow.time_embed(rounded(t * k))  # t_k = dt * k in the flow dtype, as integrate()
+            # t_k = dt * k: one float32 product rounded to the flow dtype, as integrate's `dt * k` with a Python k
+            # (a float32 k: bf16 holds integers exactly only up to 256); torch.full: no host-to-device copy
+            k = torch.arange(self.max_n_steps, dtype=torch.float32, device=emb.device)
+            t = rounded((torch.full((), dt, dtype=torch.float32, device=emb.device) * k).to(emb.dtype))
+            self.embeddings[row] = flow.time_embed(t)
 
     def at(self, rows: torch.Tensor, k: int) -> torch.Tensor:
         """Euler step k's embedding for each token whose row index is in `rows` [...] -> [..., hidden]."""
-        return self.embeddings.select(1, k).index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+        hidden = self.embeddings.shape[-1]
+        return self.embeddings.select(1, k).index_select(0, rows.reshape(-1)).view(*rows.shape, hidden)
