@@ -237,6 +237,11 @@ def test_mixed_batch_runs_the_flow_on_its_steered_tokens_only(main_llm, tiny_mod
     steps = MIXED_STATS["steps"]
     assert len(steps) == delta["flow_steps"] and any(rows < tokens for tokens, _, rows in steps)
     assert delta["flow_attention_tokens"] == sum(tokens if rows == tokens else steered for tokens, steered, rows in steps)
+    # the time embeddings come from the engine's table (time_table.py): rows filled as step sizes came in (at most
+    # one per steered request), every row released when its requests finished
+    filled = MIXED_STATS["after"]["time_rows_filled"] - MIXED_STATS["before"]["time_rows_filled"]
+    assert 1 <= filled <= sum(r.steered for r in MIXED)
+    assert MIXED_STATS["after"]["time_rows_in_use"] == 0
 
 
 def test_steering_changes_output(solo):

@@ -165,6 +165,9 @@ class FlasRuntime:
         out["flow_rows"], out["steered_tokens"], out["flow_steps"] = self.flow_rows, self.steered_tokens, self.flow_steps
         out["flow_attention_tokens"] = self.flow_attention_tokens
         out["tokenizer_loaded"] = self._tokenizer is not None
+        times = self.state.times
+        out["time_rows_in_use"] = times.rows_in_use() if times is not None else 0
+        out["time_rows_filled"] = times.fills if times is not None else 0
         return out
 
     # -- per step -----------------------------------------------------------------

@@ -36,6 +36,7 @@ class TimeTable(nn.Module):
                              persistent=False)
         self._rows: dict[float, list[int]] = {}  # step size -> [row, references]
         self._free = list(range(capacity, 0, -1))
+        self.fills = 0  # rows computed (stats: one per step size a request brought in)
 
     def acquire(self, dt: float, flow) -> int:
         """The row of step size `dt` (a flow-dtype value), filled with `flow`'s embeddings if new; one reference."""
@@ -75,6 +76,7 @@ class TimeTable(nn.Module):
             k = torch.arange(self.max_n_steps, dtype=torch.float32, device=emb.device)
             t = rounded((torch.full((), dt, dtype=torch.float32, device=emb.device) * k).to(emb.dtype))
             self.embeddings[row] = flow.time_embed(t)
+        self.fills += 1
 
     def at(self, rows: torch.Tensor, k: int) -> torch.Tensor:
         """Euler step k's embedding for each token whose row index is in `rows` [...] -> [..., hidden]."""
