@@ -60,8 +60,8 @@ def setup():
     cores = [[core] for _ in range(N_STEPS)]
     dt = euler_dt(2.0, N_STEPS, torch.bfloat16).expand(TOKENS)
 
-    def run(h, dt, positions):
-        return integrate(flow, h, dt, N_STEPS, positions, table, cores)
+    def run(h, dt, positions, time_embedding=None):
+        return integrate(flow, h, dt, N_STEPS, positions, table, cores, time_embedding=time_embedding)
 
     return flow, run, h, dt, torch.arange(TOKENS), c
 
@@ -139,3 +139,30 @@ def test_rope_table_reads_what_rope_cos_sin_computes():
     want = rope_cos_sin(positions, 256, 10000.0, torch.bfloat16)
     assert all(torch.equal(a, b) and torch.equal(a, w) for a, b, w in zip(read, computed, want))
     assert table(positions, torch.float32)[0].dtype == torch.float32  # another dtype: computed, not the table
+
+
+def test_the_time_table_flow_compiled_equals_eager_and_the_spec(setup, one_torch_thread):
+    """The engine's flow reads its time embeddings from the time table (engine/time_table.py): compiled with
+    Inductor it equals the eager flow bit for bit, and both match the spec's reference (head_dim 256, bf16)."""
+    from flas_vllm.engine.time_table import TimeTable
+
+    flow, run_flow, h, dt, positions, c = setup
+    times = TimeTable(1, N_STEPS, flow.g.hidden_size, torch.bfloat16, "cpu")
+    with torch.no_grad():
+        rows = torch.full((TOKENS,), times.acquire(float(dt[0]), flow))
+
+    def run(h, dt, positions):
+        return run_flow(h, dt, positions, time_embedding=lambda k: times.at(rows, k))
+
+    flow.rope.build(TOKENS, torch.bfloat16)
+    try:
+        with torch.no_grad():
+            eager = run(h, dt, positions)
+        compiled = _compiled(run, h, dt, positions)
+    finally:
+        flow.rope.cos = flow.rope.sin = None
+    assert (eager - h).abs().max() > 0.1
+    params = {k: v.to(torch.bfloat16) for k, v in state(flow).items()}
+    want = r_integrate(params, flow.g, h, 2.0, N_STEPS, positions, c)
+    assert _displacement_change(eager, want, h) < 0.02
+    assert torch.equal(compiled, eager), f"displacement moved by {_displacement_change(compiled, eager, h):.2%}"
