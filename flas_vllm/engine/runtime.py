@@ -119,19 +119,15 @@ class FlasRuntime:
         self._stale = True
         self.load_tokenizer()
 
-    def load_tokenizer(self) -> bool:
+    def load_tokenizer(self) -> None:
         """Load the concept tokenizer at start-up, not inside the first steered request's step (a stall of
         every request in that batch). A tokenizer that cannot load does not stop an engine that may serve
         unsteered traffic only: it is logged, and each steered request's encoding raises the error again."""
-        if self._tokenizer is not None:
-            return True
         try:
             self.tokenizer
         except Exception as err:  # noqa: BLE001 - surfaced again, unchanged, by the first concept encoding
             logger.warning("FLAS: concept tokenizer %r did not load (%s: %s); steered requests will fail until "
                            "it does", self._tokenizer_name, type(err).__name__, err)
-            return False
-        return True
 
     def _refresh_concepts(self) -> None:
         if not self._stale:

@@ -10,15 +10,15 @@ source must not be rewritten until then. vLLM's V1 runner waits on its own
 input-preparation event before the next step's preparation; its V2 runner has
 no such event and instead rotates host buffers round-robin, as many as there
 are batches in flight (`vllm/v1/worker/gpu/buffer_utils.py`). `set_staging_sets`
-does the same here. What a step stages after V1's event is recorded (a bucketed
-engine's rows, planned by the op during the forward pass) is covered by the event
-of the step after: two sets (`StepState.plan_rows_lazily`).
+does the same here.
 
-Those runner events cover real steps only. A dummy batch (a data-parallel rank with
-no requests runs one each step; warm-up) publishes too, and vLLM waits on nothing
-before it. So each set also records a CUDA event after its copies, and a step that
-starts writing a set first waits on the host for that set's last copy from an earlier
-step (already done in the runners' normal course: the wait costs nothing there).
+Those runner events do not cover everything: a dummy batch (a data-parallel rank with
+no requests runs one each step; warm-up) publishes with no event before it, and a
+bucketed engine's rows are staged by the op during the forward pass, after V1's event.
+So each set records a CUDA event after its copies, and a step that starts writing a
+set first waits on the host for that set's last copy from an earlier step. In the
+runners' normal course that copy is long done; a bucketed engine keeps it so with two
+sets in turn (`StepState.plan_rows_lazily`).
 """
 
 from __future__ import annotations

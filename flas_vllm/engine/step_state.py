@@ -150,8 +150,9 @@ class StepState:
         """Leave the skip path's rows and groups to the eager op (bucketed FULL graphs replay without them).
 
         The op stages them during the forward pass, after vLLM V1's input-preparation event is recorded, so
-        the next step, which waits only on that event, must stage into other host memory while this step's
-        copy may still be queued on the device: at least LAZY_PLAN_STAGING_SETS sets (step_buffers.py)."""
+        the next step must not rewrite that host memory until the device has read it. Each set waits for its
+        own earlier copies (step_buffers.py); with LAZY_PLAN_STAGING_SETS sets in turn that wait is for a step
+        already done, so the next step's preparation still overlaps this step's forward."""
         self.plan_lazily = True
         if len(self.buffers.staging) < LAZY_PLAN_STAGING_SETS:
             self.buffers.set_staging_sets(LAZY_PLAN_STAGING_SETS)

@@ -35,6 +35,7 @@ class TimeTable(nn.Module):
         self.register_buffer("embeddings", torch.zeros(capacity + 1, max_n_steps, hidden, dtype=dtype, device=device),
                              persistent=False)
         self._rows: dict[float, list[int]] = {}  # step size -> [row, references]
+        self._step_of: dict[int, float] = {}  # row -> its step size
         self._free = list(range(capacity, 0, -1))
         self.fills = 0  # rows computed (stats: one per step size a request brought in)
 
@@ -48,17 +49,19 @@ class TimeTable(nn.Module):
             row = self._free[-1]
             self._fill(row, dt, flow)  # filled before anyone can find it
             entry = self._rows[dt] = [self._free.pop(), 0]
+            self._step_of[row] = dt
         entry[1] += 1
         return entry[0]
 
     def release(self, row: int) -> None:
-        for dt, entry in self._rows.items():
-            if entry[0] == row:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._rows[dt]
-                    self._free.append(row)
-                return
+        dt = self._step_of.get(row)
+        if dt is None:
+            return
+        entry = self._rows[dt]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._rows[dt], self._step_of[row]
+            self._free.append(row)
 
     def refill(self, flow) -> None:
         """The flow's weights were (re)loaded: every live row again, in place (rows keep their indices)."""
