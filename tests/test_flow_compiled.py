@@ -72,6 +72,17 @@ def _compiled(run, *args):
         return torch.compile(run, backend="inductor", fullgraph=True)(*args)
 
 
+def _eager_and_compiled(flow, run, h, dt, positions):
+    """run's output eager and compiled with Inductor, the RoPE table built as the engine builds it at start-up."""
+    flow.rope.build(TOKENS, torch.bfloat16)
+    try:
+        with torch.no_grad():
+            eager = run(h, dt, positions)
+        return eager, _compiled(run, h, dt, positions)
+    finally:
+        flow.rope.cos = flow.rope.sin = None
+
+
 def _displacement_change(got, want, h):
     d, e = (got - h).float(), (want - h).float()
     return ((d - e).norm() / e.norm()).item()
@@ -79,13 +90,7 @@ def _displacement_change(got, want, h):
 
 def test_inductor_compiled_bf16_flow_equals_eager_bit_for_bit(setup, one_torch_thread):
     flow, run, h, dt, positions, c = setup
-    flow.rope.build(TOKENS, torch.bfloat16)  # as the engine does at start-up
-    try:
-        with torch.no_grad():
-            eager = run(h, dt, positions)
-        compiled = _compiled(run, h, dt, positions)
-    finally:
-        flow.rope.cos = flow.rope.sin = None
+    eager, compiled = _eager_and_compiled(flow, run, h, dt, positions)
     assert (eager - h).abs().max() > 0.1  # the flow moved the stream
     # and against the spec's reference (plain torch, no library code), as the eager flow is at head_dim 256
     # the checkpoint's bf16 values: on AMX CPUs vLLM's GEMM (sgl kernel) keeps a small layer's bias in fp32
@@ -154,13 +159,7 @@ def test_the_time_table_flow_compiled_equals_eager_and_the_spec(setup, one_torch
     def run(h, dt, positions):
         return run_flow(h, dt, positions, time_embedding=lambda k: times.at(rows, k))
 
-    flow.rope.build(TOKENS, torch.bfloat16)
-    try:
-        with torch.no_grad():
-            eager = run(h, dt, positions)
-        compiled = _compiled(run, h, dt, positions)
-    finally:
-        flow.rope.cos = flow.rope.sin = None
+    eager, compiled = _eager_and_compiled(flow, run, h, dt, positions)
     assert (eager - h).abs().max() > 0.1
     params = {k: v.to(torch.bfloat16) for k, v in state(flow).items()}
     want = r_integrate(params, flow.g, h, 2.0, N_STEPS, positions, c)
