@@ -15,8 +15,9 @@ from vllm import _custom_ops as ops, envs  # noqa: E402
 from vllm.v1.attention.backends import cpu_attn  # noqa: E402
 
 from flas_vllm.engine import steered_attention as sa  # noqa: E402
-from flas_vllm.engine.steered_attention import (NARROWERS, SteeredAttention, narrow_cpu_metadata,  # noqa: E402
-                                                narrower_for)
+from flas_vllm.engine.steered_attention import (NARROWERS, SteeredAttention, SteeredRequests,  # noqa: E402
+                                                narrow_cpu_metadata, narrower_for)
+from flas_vllm.engine.step_buffers import StepBuffers  # noqa: E402
 from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 32
@@ -81,8 +82,12 @@ def step():
                            value_cache=value_cache)
 
 
+def _steered(request_tokens, requests, rows) -> SteeredRequests:
+    return SteeredRequests(request_tokens, requests, rows, StepBuffers(64, torch.float32, "cpu"))
+
+
 def test_narrowed_attention_gives_the_steered_requests_what_the_whole_step_gives_them(step):
-    small = narrow_cpu_metadata(step.meta, step.layer, QUERY_LENS, STEERED, step.rows)
+    small = narrow_cpu_metadata(step.meta, step.layer, _steered(QUERY_LENS, STEERED, step.rows))
     assert small is not None and small.num_actual_tokens == len(step.rows) == 6
     assert small.query_start_loc.tolist() == [0, 3, 4, 6]
     assert small.seq_lens.tolist() == SEQ_LENS[STEERED].tolist()
@@ -95,15 +100,15 @@ def test_narrowed_attention_gives_the_steered_requests_what_the_whole_step_gives
     # long contexts; vLLM's kernel does the same between a request run alone and the whole step.
     torch.testing.assert_close(narrowed, whole[step.rows], rtol=0, atol=1e-6)
     starts = np.concatenate([[0], np.cumsum(QUERY_LENS)])
-    alone = narrow_cpu_metadata(step.meta, step.layer, QUERY_LENS, np.array([2]), torch.tensor([starts[2]]))
+    alone = narrow_cpu_metadata(step.meta, step.layer, _steered(QUERY_LENS, np.array([2]), torch.tensor([starts[2]])))
     solo = _attend(step.query[starts[2]: starts[2] + 1].contiguous(), step.key_cache, step.value_cache, alone)
     torch.testing.assert_close(solo, whole[starts[2]: starts[2] + 1], rtol=0, atol=1e-6)
 
 
 def test_a_step_laid_out_otherwise_keeps_the_whole_step_attention(step):
     """The request layout the step's rows were built from must be the metadata's, else no narrowing."""
-    assert narrow_cpu_metadata(step.meta, step.layer, QUERY_LENS[::-1].copy(), STEERED, step.rows) is None
-    assert narrow_cpu_metadata(step.meta, step.layer, QUERY_LENS[:4], STEERED, step.rows) is None
+    assert narrow_cpu_metadata(step.meta, step.layer, _steered(QUERY_LENS[::-1].copy(), STEERED, step.rows)) is None
+    assert narrow_cpu_metadata(step.meta, step.layer, _steered(QUERY_LENS[:4], STEERED, step.rows)) is None
 
 
 def test_only_known_metadata_classes_are_narrowed(step):

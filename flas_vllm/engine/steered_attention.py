@@ -10,7 +10,10 @@ are all steered, and the flow's rows list them in batch order), built once per s
 Not with a KV connector (it saves each layer's KV with that layer's metadata).
 
 Narrowing is backend-specific: a `Narrower` per metadata class, registered by qualified name (nothing is
-imported for backends that are not in use). vLLM's CPU backend has one. Any other backend, or a step the
+imported for backends that are not in use). vLLM's CPU backend has one; its FlashAttention and Triton
+backends (the GPU defaults: FlashAttention on Hopper) share one, which gathers on the device from request
+indices staged like the step's rows, so a step between CUDA-graph pieces never waits for the GPU (reviewed
+and CPU-tested, not run on a GPU). FlashInfer has none. Any other backend, or a step the
 narrower does not recognise (its request layout is not the one the step's rows were built from), keeps the
 whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct; a
 narrower that raises turns narrowing off for the process.
@@ -30,26 +33,52 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from flas_vllm.engine.step_buffers import StepBuffers
 from flas_vllm.engine.step_state import StepState
 
 logger = logging.getLogger(__name__)
 
-# metadata, one of the layers it serves, the step's requests (their scheduled tokens, batch order), the
-# steered ones' indices and the steered token rows -> metadata for those requests only, or None (not narrowable)
-Narrower = Callable[[object, torch.nn.Module, np.ndarray, np.ndarray, torch.Tensor], "object | None"]
+@dataclasses.dataclass
+class SteeredRequests:
+    """The step's steered requests, as a narrower reads them: host arrays, and their device copies staged
+    from pinned memory at first use (a narrower never reads device memory on the host: no sync)."""
+
+    request_tokens: np.ndarray  # every request's scheduled tokens, batch order
+    requests: np.ndarray  # the steered requests' batch indices
+    rows: torch.Tensor  # their tokens, in batch order (device)
+    buffers: StepBuffers
+    _staged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        return self.request_tokens[self.requests]
+
+    def on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steered request indices, their query_start_loc as int32), in the step buffers' device memory."""
+        if self._staged is None:
+            query_start = np.zeros(len(self.requests) + 1, dtype=np.int64)
+            np.cumsum(self.query_lens, out=query_start[1:])
+            self._staged = self.buffers.stage_steered_requests(self.requests, query_start)
+        return self._staged
+
+
+# metadata, one of the layers it serves, the step's steered requests -> metadata for those requests only, or
+# None (not narrowable)
+Narrower = Callable[[object, torch.nn.Module, SteeredRequests], "object | None"]
 NARROWERS: dict[str, Narrower] = {}
 
 
-def narrower(qualname: str):
-    """Register a narrower for the metadata class `module:Class`."""
+def narrower(*qualnames: str):
+    """Register a narrower for the metadata classes `module:Class`."""
     def register(fn: Narrower) -> Narrower:
-        NARROWERS[qualname] = fn
+        for qualname in qualnames:
+            NARROWERS[qualname] = fn
         return fn
     return register
 
 
 @narrower("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata")
-def narrow_cpu_metadata(meta, layer, request_tokens: np.ndarray, requests: np.ndarray, rows: torch.Tensor):
+def narrow_cpu_metadata(meta, layer, steered: SteeredRequests):
     """vLLM's CPU backend: the steered requests' rows of its per-request tensors, its work schedule rebuilt
     for them as its metadata builder builds it (the flow's layers have no sliding window)."""
     from vllm import _custom_ops as ops  # lazy: vLLM's compiled ops, only where this backend runs
@@ -59,24 +88,51 @@ def narrow_cpu_metadata(meta, layer, request_tokens: np.ndarray, requests: np.nd
             or meta.query_start_loc.device.type != "cpu"):
         return None
     query_start = meta.query_start_loc.numpy()
-    if len(query_start) != len(request_tokens) + 1 or not np.array_equal(np.diff(query_start), request_tokens):
+    if len(query_start) != len(steered.request_tokens) + 1 or not np.array_equal(np.diff(query_start),
+                                                                               steered.request_tokens):
         return None  # not the request layout the step's rows were built from
-    index = torch.from_numpy(requests)
-    query_lens = request_tokens[requests]
-    query_start_loc = torch.zeros(len(requests) + 1, dtype=meta.query_start_loc.dtype)
-    torch.cumsum(torch.from_numpy(query_lens).to(query_start_loc.dtype), 0, out=query_start_loc[1:])
+    index, query_start_loc = steered.on_device()
+    query_lens = steered.query_lens
     seq_lens = meta.seq_lens.index_select(0, index)
     impl = layer.impl
     schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(requests), num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
+        num_reqs=len(steered.requests), num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
         head_dim=layer.head_size, seq_lens=seq_lens, dtype=layer.dtype, query_start_loc=query_start_loc,
         causal=meta.causal, sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
         dynamic_causal=None, kv_cache_dtype=impl.kv_cache_dtype)
     return dataclasses.replace(
-        meta, num_actual_tokens=int(rows.shape[0]), max_query_len=int(query_lens.max()),
+        meta, num_actual_tokens=int(query_lens.sum()), max_query_len=int(query_lens.max()),
         query_start_loc=query_start_loc, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
-        block_table=meta.block_table.index_select(0, index), slot_mapping=meta.slot_mapping.index_select(0, rows),
+        block_table=meta.block_table.index_select(0, index), slot_mapping=meta.slot_mapping.index_select(0, steered.rows),
         scheduler_metadata=schedule)  # (the KV cache update reads the forward context's slot mapping, narrowed too)
+
+
+# Features of the GPU backends' metadata that narrowing does not carry over: set, the step keeps its whole metadata.
+_UNNARROWED_GPU_FEATURES = ("dcp_context_kv_lens", "mm_prefix_query_range_tensor", "mm_prefix_range",
+                            "mm_prefix_range_tensor", "rswa_prefix_lens")
+
+
+@narrower("vllm.v1.attention.backends.flash_attn:FlashAttentionMetadata",
+          "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata")
+def narrow_varlen_gpu_metadata(meta, layer, steered: SteeredRequests):
+    """vLLM's FlashAttention and Triton backends (varlen queries over a paged KV cache; the GPU defaults): the
+    steered requests' rows of the per-request tensors, gathered on the device from indices staged without a
+    sync. `max_seq_len` stays the step's, a bound on the steered requests' (the kernels read each request's
+    own length from `seq_lens`); the backend's ahead-of-time schedule, built for the whole step, is dropped
+    (FlashAttention then schedules the call itself; Triton does not use it). Reviewed against vLLM 0.32 and
+    0.33's source and tested on CPU tensors; not run on a GPU."""
+    if meta.causal is not True or any(getattr(meta, name, None) is not None for name in _UNNARROWED_GPU_FEATURES):
+        return None
+    if (meta.query_start_loc.shape[0] != len(steered.request_tokens) + 1
+            or meta.num_actual_tokens != int(steered.request_tokens.sum())):
+        return None  # padded for a graph, or not the request layout the step's rows were built from
+    index, query_start_loc = steered.on_device()
+    query_lens = steered.query_lens
+    return dataclasses.replace(
+        meta, num_actual_tokens=int(query_lens.sum()), max_query_len=int(query_lens.max()),
+        query_start_loc=query_start_loc, seq_lens=meta.seq_lens.index_select(0, index),
+        block_table=meta.block_table.index_select(0, index), slot_mapping=meta.slot_mapping.index_select(0, steered.rows),
+        scheduler_metadata=None)
 
 
 def narrower_for(meta) -> Narrower | None:
@@ -92,7 +148,8 @@ def narrowed_entries(layers: Sequence[torch.nn.Module], state: StepState, metada
     if (not layers or state.rows is None or state.steered_requests is None or not isinstance(metadata, dict)
             or not isinstance(slot_mapping, dict)):
         return None
-    rows = state.rows[: state.steered_rows]
+    steered = SteeredRequests(state.request_tokens, state.steered_requests, state.rows[: state.steered_rows],
+                              state.buffers)
     narrowed: dict[int, object] = {}  # by metadata object and by slot mapping: the flow's layers usually share one
     entries = []
     for layer in layers:
@@ -102,11 +159,11 @@ def narrowed_entries(layers: Sequence[torch.nn.Module], state: StepState, metada
         if narrow is None:
             return None
         if id(meta) not in narrowed:
-            narrowed[id(meta)] = narrow(meta, layer, state.request_tokens, state.steered_requests, rows)
+            narrowed[id(meta)] = narrow(meta, layer, steered)
         if narrowed[id(meta)] is None:
             return None
         if mapping is not None and id(mapping) not in narrowed:
-            narrowed[id(mapping)] = mapping.index_select(0, rows)
+            narrowed[id(mapping)] = mapping.index_select(0, steered.rows)
         entries.append((name, narrowed[id(meta)], None if mapping is None else narrowed[id(mapping)]))
     return entries
 

@@ -47,6 +47,9 @@ class HostStaging:
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)  # the flow's rows
         # the graph row order (steered tokens first): identity where a step does not write it
         self.graph_rows = torch.zeros(max_tokens, dtype=torch.long, device="cpu", pin_memory=pin)
+        # the steered requests' batch indices and their query_start_loc (steered_attention.py)
+        self.requests = torch.zeros(max_tokens + 1, dtype=torch.long, device="cpu", pin_memory=pin)
+        self.query_start = torch.zeros(max_tokens + 1, dtype=torch.int32, device="cpu", pin_memory=pin)
         self.copied = None  # an event recorded after the latest device copy from this set (CUDA only)
 
     def copies_enqueued(self, make_event) -> None:
@@ -75,7 +78,8 @@ class StepBuffers(nn.Module):
     (CUDA-graph padding) get zeros: unsteered, slot 0. `order` holds the token order by concept length,
     `rows` the tokens the flow computes when it runs on the steered tokens only (step_state.build_step),
     `graph_rows` every token with the steered ones first, a permutation of all `max_tokens` rows at all
-    times (graph_buckets.py: a FULL graph's flow reads its first b entries).
+    times (graph_buckets.py: a FULL graph's flow reads its first b entries), `requests` and `query_start`
+    the steered requests' indices and query offsets (steered_attention.py).
     """
 
     def __init__(self, max_tokens: int, flow_dtype, device, columns: Mapping[str, object] | None = None):
@@ -87,6 +91,9 @@ class StepBuffers(nn.Module):
         self.register_buffer("order", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("rows", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("graph_rows", torch.arange(max_tokens, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("requests", torch.zeros(max_tokens + 1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("query_start", torch.zeros(max_tokens + 1, dtype=torch.int32, device=device),
+                             persistent=False)
         self._graph_rows_high = 0  # graph_rows past this are the identity
         self._pin = device is not None and torch.device(device).type == "cuda"
         self.make_event = torch.cuda.Event if self._pin else None  # CPU copies are done when issued
@@ -131,6 +138,11 @@ class StepBuffers(nn.Module):
     def stage_rows(self, rows: np.ndarray) -> torch.Tensor:
         """The token indices the flow computes this step (its steered tokens, padded) on the device."""
         return self._stage("rows", rows)
+
+    def stage_steered_requests(self, requests: np.ndarray, query_start: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steered requests' batch indices and their `query_start_loc` (int32) on the device, for attention
+        metadata narrowed to them (steered_attention.py)."""
+        return self._stage("requests", requests), self._stage("query_start", query_start)
 
     def stage_graph_rows(self, order: np.ndarray) -> None:
         """The step's graph row order (a permutation of its tokens); the positions after it are the identity,
