@@ -18,7 +18,7 @@ from flas_vllm.engine import steered_attention as sa  # noqa: E402
 from flas_vllm.engine.steered_attention import (NARROWERS, SteeredAttention, SteeredRequests,  # noqa: E402
                                                 narrow_cpu_metadata, narrower_for)
 from flas_vllm.engine.step_buffers import StepBuffers  # noqa: E402
-from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step  # noqa: E402
+from flas_vllm.engine.step_state import RequestRow, StepRows, StepState, build_step, query_start  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 32
 # a prefill chunk, a decode over a long context, a decode over a longer one, a short chunk, an unsteered chunk:
@@ -83,7 +83,9 @@ def step():
 
 
 def _steered(request_tokens, requests, rows) -> SteeredRequests:
-    return SteeredRequests(request_tokens, requests, rows, StepBuffers(64, torch.float32, "cpu"))
+    staged = StepBuffers(64, torch.float32, "cpu").stage_steered_requests(requests,
+                                                                        query_start(request_tokens[requests]))
+    return SteeredRequests(request_tokens, requests, rows, *staged)
 
 
 def test_narrowed_attention_gives_the_steered_requests_what_the_whole_step_gives_them(step):
@@ -139,6 +141,9 @@ def test_the_flow_layers_see_narrowed_entries_for_one_flow_call_then_the_steps_o
     state = _state()
     assert state.rows is not None and state.steered_rows == len(step.rows)
     assert state.rows[: state.steered_rows].tolist() == step.rows.tolist()
+    # staged while the step was prepared, with its rows: the narrower only reads them (no copy in the forward)
+    index, query_start_loc = state.steered_layout
+    assert index.tolist() == STEERED.tolist() and query_start_loc.tolist() == [0, 3, 4, 6]
     names = ["flas_steps.26.attn", "flas_steps.27.attn"]
     context = _context(monkeypatch, names, step.meta, step.meta.slot_mapping)
     base = {"layers.0.attn": object()}  # a base model layer's entry: never touched
@@ -148,6 +153,7 @@ def test_the_flow_layers_see_narrowed_entries_for_one_flow_call_then_the_steps_o
         assert narrowed
         small = {id(context.attn_metadata[n]) for n in names}
         assert len(small) == 1 and context.attn_metadata[names[0]].num_actual_tokens == 6  # built once
+        assert context.attn_metadata[names[0]].query_start_loc.data_ptr() == query_start_loc.data_ptr()
         assert all(torch.equal(context.slot_mapping[n], step.meta.slot_mapping[step.rows]) for n in names)
         assert context.attn_metadata["layers.0.attn"] is base["layers.0.attn"]
     assert all(context.attn_metadata[n] is step.meta and context.slot_mapping[n] is step.meta.slot_mapping
@@ -189,7 +195,7 @@ def test_a_step_where_every_token_runs_the_flow_is_not_narrowed(step, monkeypatc
     state = StepState.allocate(64, torch.float32, "cpu")
     build_step(state, StepRows.of([RequestRow(steered=True, slot=1, euler_steps=3, dt=0.5)] * len(QUERY_LENS),
                                   QUERY_LENS), np.full(2, 16))
-    assert state.rows is None
+    assert state.rows is None and state.steered_layout is None
     names = ["flas_steps.26.attn"]
     _context(monkeypatch, names, step.meta, step.meta.slot_mapping)
     with SteeredAttention(_layers(step, names)).narrowed(state) as narrowed:

@@ -7,7 +7,8 @@ No GPU here: the kernels cannot run. What is checked instead:
   context, Gemma-2's softcap) gives the steered requests the same from the narrowed metadata as from the
   whole step's;
 - the narrower reads nothing of the device's memory on the host (run on the meta device, where any such read
-  raises), so a step between CUDA-graph pieces never waits for the GPU;
+  raises), and stages nothing during the forward (the step's preparation staged its request indices), so a
+  step between CUDA-graph pieces never waits for the GPU;
 - what it cannot narrow it leaves whole.
 """
 
@@ -23,6 +24,7 @@ triton_attn = pytest.importorskip("vllm.v1.attention.backends.triton_attn")
 from flas_vllm.engine.steered_attention import (SteeredRequests, narrow_varlen_gpu_metadata,  # noqa: E402
                                                 narrower_for)
 from flas_vllm.engine.step_buffers import StepBuffers  # noqa: E402
+from flas_vllm.engine.step_state import query_start  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 16
 QUERY_LENS = np.array([3, 1, 1, 2, 9])  # prefill chunks and decodes
@@ -71,8 +73,10 @@ def _rows(requests) -> torch.Tensor:
 
 
 def _steered(device="cpu", request_tokens=QUERY_LENS, requests=STEERED) -> SteeredRequests:
-    return SteeredRequests(request_tokens, requests, _rows(requests).to(device),
-                           StepBuffers(64, torch.float32, device))
+    """As build_step stages them while the step is prepared (pinned host memory to the device on a GPU)."""
+    staged = StepBuffers(64, torch.float32, device).stage_steered_requests(requests,
+                                                                          query_start(request_tokens[requests]))
+    return SteeredRequests(request_tokens, requests, _rows(requests).to(device), *staged)
 
 
 def paged_varlen_attention(query, key_cache, value_cache, meta):

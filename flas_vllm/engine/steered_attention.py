@@ -12,7 +12,7 @@ Not with a KV connector (it saves each layer's KV with that layer's metadata).
 Narrowing is backend-specific: a `Narrower` per metadata class, registered by qualified name (nothing is
 imported for backends that are not in use). vLLM's CPU backend has one; its FlashAttention and Triton
 backends (the GPU defaults: FlashAttention on Hopper) share one, which gathers on the device from request
-indices staged like the step's rows, so a step between CUDA-graph pieces never waits for the GPU (reviewed
+indices staged with the step's rows, so a step between CUDA-graph pieces never waits for the GPU (reviewed
 and CPU-tested, not run on a GPU). FlashInfer has none. Any other backend, or a step the
 narrower does not recognise (its request layout is not the one the step's rows were built from), keeps the
 whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct; a
@@ -33,33 +33,24 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from flas_vllm.engine.step_buffers import StepBuffers
 from flas_vllm.engine.step_state import StepState
 
 logger = logging.getLogger(__name__)
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SteeredRequests:
-    """The step's steered requests, as a narrower reads them: host arrays, and their device copies staged
-    from pinned memory at first use (a narrower never reads device memory on the host: no sync)."""
+    """The step's steered requests, as a narrower reads them: host arrays, and device copies staged while the
+    step was prepared (`StepState.steered_layout`; a narrower never reads device memory on the host: no sync)."""
 
     request_tokens: np.ndarray  # every request's scheduled tokens, batch order
     requests: np.ndarray  # the steered requests' batch indices
     rows: torch.Tensor  # their tokens, in batch order (device)
-    buffers: StepBuffers
-    _staged: tuple[torch.Tensor, torch.Tensor] | None = None
+    request_index: torch.Tensor  # `requests` on the device
+    query_start_loc: torch.Tensor  # their query_start_loc, int32, on the device
 
     @property
     def query_lens(self) -> np.ndarray:
         return self.request_tokens[self.requests]
-
-    def on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(steered request indices, their query_start_loc as int32), in the step buffers' device memory."""
-        if self._staged is None:
-            query_start = np.zeros(len(self.requests) + 1, dtype=np.int64)
-            np.cumsum(self.query_lens, out=query_start[1:])
-            self._staged = self.buffers.stage_steered_requests(self.requests, query_start)
-        return self._staged
 
 
 # metadata, one of the layers it serves, the step's steered requests -> metadata for those requests only, or
@@ -91,7 +82,7 @@ def narrow_cpu_metadata(meta, layer, steered: SteeredRequests):
     if len(query_start) != len(steered.request_tokens) + 1 or not np.array_equal(np.diff(query_start),
                                                                                steered.request_tokens):
         return None  # not the request layout the step's rows were built from
-    index, query_start_loc = steered.on_device()
+    index, query_start_loc = steered.request_index, steered.query_start_loc
     query_lens = steered.query_lens
     seq_lens = meta.seq_lens.index_select(0, index)
     impl = layer.impl
@@ -126,7 +117,7 @@ def narrow_varlen_gpu_metadata(meta, layer, steered: SteeredRequests):
     if (meta.query_start_loc.shape[0] != len(steered.request_tokens) + 1
             or meta.num_actual_tokens != int(steered.request_tokens.sum())):
         return None  # padded for a graph, or not the request layout the step's rows were built from
-    index, query_start_loc = steered.on_device()
+    index, query_start_loc = steered.request_index, steered.query_start_loc
     query_lens = steered.query_lens
     return dataclasses.replace(
         meta, num_actual_tokens=int(query_lens.sum()), max_query_len=int(query_lens.max()),
@@ -145,11 +136,11 @@ def narrowed_entries(layers: Sequence[torch.nn.Module], state: StepState, metada
 
     All or nothing: one layer that cannot be narrowed keeps every layer on the whole step (the flow's cores
     take one kind of rows)."""
-    if (not layers or state.rows is None or state.steered_requests is None or not isinstance(metadata, dict)
+    if (not layers or state.rows is None or state.steered_layout is None or not isinstance(metadata, dict)
             or not isinstance(slot_mapping, dict)):
         return None
     steered = SteeredRequests(state.request_tokens, state.steered_requests, state.rows[: state.steered_rows],
-                              state.buffers)
+                              *state.steered_layout)
     narrowed: dict[int, object] = {}  # by metadata object and by slot mapping: the flow's layers usually share one
     entries = []
     for layer in layers:

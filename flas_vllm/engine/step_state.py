@@ -136,6 +136,9 @@ class StepState:
     row_slots: torch.Tensor | None = None  # each of those rows' slot (the state's slots gathered by `rows`)
     request_tokens: np.ndarray | None = None  # host-side: each request's scheduled tokens, batch order
     steered_requests: np.ndarray | None = None  # host-side: the steered requests' batch indices (their tokens: `rows`)
+    # with `rows`: the steered requests' indices and query_start_loc (int32) on the device, staged with the rows
+    # while the step is prepared (steered_attention.py narrows the flow's attention metadata with them)
+    steered_layout: tuple[torch.Tensor, torch.Tensor] | None = None
     graph_rows_wanted: bool = False  # stage the graph row order each step (FULL graphs keyed by steered bucket)
     # plan the skip path's rows and groups only when the eager op runs (bucketed FULL graphs replay without it)
     plan_lazily: bool = False
@@ -197,7 +200,7 @@ def build_step(state: StepState, rows: StepRows, bucket_len: np.ndarray | None =
     state.steered_rows = len(token_rows)
     state.request_tokens, state.steered_requests = counts, np.flatnonzero(steered)
     state.flow_rows = state.n_tokens if state.any_steered else 0
-    state.groups = state.rows = state.row_slots = state.pending_plan = None
+    state.groups = state.rows = state.row_slots = state.pending_plan = state.steered_layout = None
     if state.graph_rows_wanted:  # read by a FULL graph's flow, whichever bucket the step replays
         state.buffers.stage_graph_rows(graph_row_order(np.repeat(steered, counts)))
     if bucket_len is None or not state.any_steered:
@@ -217,9 +220,18 @@ def _plan_steered_rows(state: StepState, lengths: np.ndarray, token_rows: np.nda
     if state.flow_rows < state.n_tokens:  # padding rows repeat the last steered token (results discarded)
         padded = np.concatenate([token_rows, np.full(state.flow_rows - len(token_rows), token_rows[-1])])
         state.rows = state.buffers.stage_rows(padded)
+        state.steered_layout = state.buffers.stage_steered_requests(
+            state.steered_requests, query_start(state.request_tokens[state.steered_requests]))
         slots = state.row_slots = state.buffers.slot.index_select(0, state.rows)
         lengths = lengths[padded]
     state.groups = plan_groups(lengths, slots, state.buffers.stage_order)
+
+
+def query_start(query_lens: np.ndarray) -> np.ndarray:
+    """Each request's first token in a step of these requests (vLLM's `query_start_loc`, one entry more)."""
+    starts = np.zeros(len(query_lens) + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=starts[1:])
+    return starts
 
 
 def flow_row_bucket(steered: int) -> int:
