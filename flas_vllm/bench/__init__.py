@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,7 @@ from flas_vllm.bench.flops import flops_section
 from flas_vllm.bench.models import MODELS, prepare_model
 from flas_vllm.bench.report import run_environment, plot, render_markdown, summary_lines
 from flas_vllm.bench.results import RunResult
+from flas_vllm.bench.rounds import median_runs, round_record, set_ratios
 from flas_vllm.bench.runners import engine_process, run_flas, run_hf, run_vanilla, vanilla_kv_bytes_for_tokens
 from flas_vllm.bench.workload import build_workload, make_concepts, make_flowtimes
 
@@ -101,14 +103,30 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     if max(cfg.ks) > cfg.num_prompts:
         notes.append(f"num_prompts={cfg.num_prompts} < max K={max(cfg.ks)}: larger K have fewer concepts in flight")
 
+    rounds, unsteered_x_equal_kv, round_records = [], [], []
     with engine_process(cfg) as env["engine_process"]:
         notes.append(f"each vLLM engine's core runs {env['engine_process']} (--engine-process "
                      f"{cfg.engine_process}): " + ENGINE_PROCESS_NOTES[env["engine_process"]])
-        log("[1/3] vanilla vLLM ...")
-        vanilla, vinfo = run_vanilla(cfg, model, wl, log)
-        log("[2/3] flas-vllm (unsteered, then K concepts) ...")
-        flas_runs, finfo = run_flas(cfg, model, wl, log)
-        equal_kv, einfo = _vanilla_at_flas_kv(cfg, model, wl, log, vinfo, finfo)
+        for i in range(cfg.rounds):
+            round_of = f" (round {i + 1} of {cfg.rounds})" if cfg.rounds > 1 else ""
+            log(f"[1/3] vanilla vLLM{round_of} ...")
+            started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            vanilla, vinfo = run_vanilla(cfg, model, wl, log)
+            log(f"[2/3] flas-vllm (unsteered, then K concepts){round_of} ...")
+            flas_runs, finfo = run_flas(cfg, model, wl, log)
+            equal_kv, einfo = _vanilla_at_flas_kv(cfg, model, wl, log, vinfo, finfo)
+            unsteered = next((r for r in flas_runs if r.kind == "flas-unsteered"), None)
+            set_ratios([vanilla, *equal_kv, *flas_runs], vanilla, unsteered, equal_kv[0] if equal_kv else None)
+            rounds.append([vanilla, *equal_kv, *flas_runs])
+            if equal_kv and unsteered is not None:  # what the unsteered run costs with the KV capacity taken out
+                unsteered_x_equal_kv.append(unsteered.output_tok_s / equal_kv[0].output_tok_s)
+            round_records.append(round_record(rounds[-1], started))
+    vanilla, *engine_runs = median_runs(rounds)
+    equal_kv, flas_runs = engine_runs[: len(equal_kv)], engine_runs[len(equal_kv):]
+    if cfg.rounds > 1:
+        notes.append(f"{cfg.rounds} rounds of the vLLM engines, one after another: each ratio is the median of the "
+                     "rounds' ratios (each round's own vanilla), tokens/s and latencies the round at the median "
+                     "throughput; 'rounds' has every round")
     hf_runs: list[RunResult] = []
     hinfo: dict = {}
     if cfg.hf:
@@ -124,16 +142,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
 
     runs = [vanilla, *equal_kv, *flas_runs, *hf_runs]
     unsteered = next((r for r in flas_runs if r.kind == "flas-unsteered"), None)
-    for r in runs:
-        r.ratio_output_to_vanilla = round(r.output_tok_s / vanilla.output_tok_s, 4)
-        r.ratio_total_to_vanilla = round(r.total_tok_s / vanilla.total_tok_s, 4)
-        if r.unsteered_tpot_ms and vanilla.tpot_ms:
-            r.ratio_unsteered_speed_to_vanilla = round(vanilla.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
-        if r.unsteered_tpot_ms and unsteered is not None and unsteered.tpot_ms:
-            r.ratio_unsteered_speed_to_unsteered_run = round(unsteered.tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
-        if r.unsteered_tpot_ms and equal_kv and equal_kv[0].tpot_ms:
-            r.ratio_unsteered_speed_to_vanilla_at_flas_kv = round(
-                equal_kv[0].tpot_ms["p50"] / r.unsteered_tpot_ms["p50"], 4)
+    set_ratios(hf_runs, vanilla, unsteered, equal_kv[0] if equal_kv else None)  # against the median round's
     if any(r.tpot_ms is None for r in runs) and cfg.output_len < 2:
         not_measured.append("TPOT needs output_len >= 2")
     if any(r.kind != "hf" and r.ttft_ms is None for r in runs):
@@ -148,8 +157,8 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
     kv["ratio_flas_to_vanilla"] = ratio
     if equal_kv:
         kv["vanilla_at_flas_kv"] = {**einfo["kv"], "kv_cache_memory_bytes": einfo["kv_cache_memory_bytes"]}
-        if unsteered is not None:  # what the unsteered run costs with the KV capacity taken out
-            kv["unsteered_x_vanilla_at_flas_kv"] = round(unsteered.output_tok_s / equal_kv[0].output_tok_s, 4)
+        if unsteered_x_equal_kv:  # the median of the rounds'
+            kv["unsteered_x_vanilla_at_flas_kv"] = round(statistics.median(unsteered_x_equal_kv), 4)
     encoding = dict(finfo.get("concept_encoding", {}))
     if hinfo.get("encode_one_concept_ms"):
         encoding["hf_encode_one_concept_ms"] = hinfo["encode_one_concept_ms"]
@@ -174,6 +183,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> di
         "concept_encoding": encoding,
         "not_measured": not_measured,
         "notes": notes,
+        **({"rounds": round_records} if cfg.rounds > 1 else {}),
     }
     try:
         env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

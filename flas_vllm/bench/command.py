@@ -38,6 +38,8 @@ def bench(
                                              "(vLLM's default) or auto (inline on CPU, separate on GPUs)"),
     equal_kv: bool = typer.Option(True, "--equal-kv/--no-equal-kv",
                                   help="also run vanilla vLLM at the FLAS engine's KV capacity"),
+    rounds: int = typer.Option(1, min=1, help="run the vLLM engines' whole sequence this many times, one round "
+                                              "after another; the report keeps each ratio's median and every round"),
 ) -> None:
     """Throughput and latency: vanilla vLLM vs flas-vllm (unsteered, K concepts) vs the transformers path."""
     if model not in MODELS:
@@ -54,7 +56,7 @@ def bench(
                       enforce_eager=not compile, dtype=dtype, kv_cache_memory_bytes=kv_cache_mib * 1024 * 1024,
                       max_model_len=max_model_len, hf=hf, hf_max_prompts=hf_max_prompts, mixed_fractions=fractions,
                       graph_path=graph_path, flow_graphs=flow_graphs, engine_process=engine_process,
-                      equal_kv_vanilla=equal_kv)
+                      equal_kv_vanilla=equal_kv, rounds=rounds)
     try:
         cfg = cfg.resolved()
     except ValueError as exc:

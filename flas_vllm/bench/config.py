@@ -53,6 +53,9 @@ class BenchConfig:
     engine_process: str = "auto"
     # also run vanilla vLLM with the KV capacity the FLAS engine gets: what the unsteered run costs beyond it
     equal_kv_vanilla: bool = True
+    # the vLLM engines' sequence run this many times, one round after another: each round's ratios are side
+    # by side, the report keeps their medians and every round (bench/rounds.py)
+    rounds: int = 1
     seed: int = 0
     plot: bool = True
 
@@ -73,6 +76,8 @@ class BenchConfig:
         if self.engine_process not in ENGINE_PROCESS_CHOICES:
             raise ValueError(f"engine_process must be one of {', '.join(ENGINE_PROCESS_CHOICES)}, "
                              f"got {self.engine_process!r}")
+        if int(self.rounds) < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if fractions and n < 2:
             raise ValueError("a mixed-traffic run needs num_prompts >= 2 (one steered, one unsteered)")
         return dataclasses.replace(self, ks=ks, num_prompts=n, out_dir=Path(self.out_dir), mixed_fractions=fractions)

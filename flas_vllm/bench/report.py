@@ -84,7 +84,7 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt(r['ratio_output_to_vanilla'], 3)} | {_fmt(r['ratio_total_to_vanilla'], 3)} "
             f"| {_pct(r['ttft_ms'])} | {_pct(r['tpot_ms'])} | {_fmt(r['encode_s'], 3)} |"
         )
-    lines += _mixed_section(runs)
+    lines += _mixed_section(runs) + _rounds_section(report)
     fl = report["flops"]
     a, w, ref = fl["at_mean_context"], fl["weights_only"], fl["reference_gemma_2_2b_dims"]
     lines += [
@@ -212,6 +212,20 @@ def _mixed_section(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _rounds_section(report: dict) -> list[str]:
+    """Each round's x vanilla (output tokens/s), run by run: the spread the medians above come from."""
+    rounds = report.get("rounds")
+    if not rounds:
+        return []
+    lines = ["", "## Rounds", "", f"The vLLM engines ran {len(rounds)} times, one round after another; the "
+             "ratios above are the medians of these (x each round's own vanilla, output tokens/s).", "",
+             "| run | " + " | ".join(r["time"] for r in rounds) + " |", "|---|" + "---:|" * len(rounds)]
+    for name in rounds[0]["runs"]:
+        lines.append(f"| {name} | " + " | ".join(_fmt(r["runs"][name]["ratio_output_to_vanilla"], 3)
+                                               for r in rounds) + " |")
+    return lines
+
+
 def summary_lines(report: dict) -> list[str]:
     out = [f"ratios to vanilla vLLM ({report['config']['model']}{_graph_path_label(report['config'])}, "
            "output tokens/s; total tokens/s):"]
@@ -227,6 +241,11 @@ def summary_lines(report: dict) -> list[str]:
             out.append(f"  {'':<28} unsteered requests' decode speed x{r['ratio_unsteered_speed_to_vanilla']:.3f}"
                        + ("" if own is None else f" (x{own:.3f} the all-unsteered run's)")
                        + ("" if equal is None else f" (x{equal:.3f} vanilla's at the same KV capacity)"))
+    if report.get("rounds"):
+        out.append(f"  medians of {len(report['rounds'])} rounds; x vanilla in each round:")
+        for name in report["rounds"][0]["runs"]:
+            ratios = " / ".join(f"{r['runs'][name]['ratio_output_to_vanilla']:.3f}" for r in report["rounds"])
+            out.append(f"  {name:<28} {ratios}")
     fl = report["flops"]["at_mean_context"]
     out.append(f"  FLOPs ceiling (all tokens through the flow): x{fl['throughput_ceiling']:.3f}")
     kv = report["kv_capacity"].get("ratio_flas_to_vanilla") or {}
@@ -279,7 +298,8 @@ def _readme_head(report: dict) -> str:
     return (f"`{report['model']['name']}`, {report['workload']['num_prompts']} prompts x "
             f"{report['workload']['output_len']} tokens, {cfg['dtype']}, {'compiled' if env.get('compile') else 'eager'}; "
             f"{env.get('machine', '')} {env.get('cpus', '')} CPUs, vLLM {env.get('vllm', '')}, "
-            + (f"engine {env['engine_process']}, " if env.get("engine_process") else "") + f"{env.get('time', '')}")
+            + (f"engine {env['engine_process']}, " if env.get("engine_process") else "") + f"{env.get('time', '')}"
+            + (f"; medians of {len(report['rounds'])} rounds" if report.get("rounds") else ""))
 
 
 def _readme_rows(report: dict, kinds=("flas-steered", "hf")) -> list[str]:
