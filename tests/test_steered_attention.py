@@ -149,11 +149,16 @@ def test_the_flow_layers_see_narrowed_entries_for_one_flow_call_then_the_steps_o
     base = {"layers.0.attn": object()}  # a base model layer's entry: never touched
     context.attn_metadata.update(base)
     attention = SteeredAttention(_layers(step, names))
+
+    def staged_in_the_forward(*args):  # on a GPU: an event re-recorded after vLLM's, the next step waits on it
+        raise AssertionError("the narrower staged the steered requests during the forward")
+
+    monkeypatch.setattr(state.buffers, "stage_steered_requests", staged_in_the_forward)
     with attention.narrowed(state) as narrowed:
         assert narrowed
         small = {id(context.attn_metadata[n]) for n in names}
         assert len(small) == 1 and context.attn_metadata[names[0]].num_actual_tokens == 6  # built once
-        assert context.attn_metadata[names[0]].query_start_loc.data_ptr() == query_start_loc.data_ptr()
+        assert torch.equal(context.attn_metadata[names[0]].query_start_loc, query_start_loc)
         assert all(torch.equal(context.slot_mapping[n], step.meta.slot_mapping[step.rows]) for n in names)
         assert context.attn_metadata["layers.0.attn"] is base["layers.0.attn"]
     assert all(context.attn_metadata[n] is step.meta and context.slot_mapping[n] is step.meta.slot_mapping
