@@ -43,16 +43,19 @@ def test_ratios_are_each_rounds_own_side_by_side():
 def test_the_report_keeps_the_median_of_the_rounds_ratios():
     rounds = [_round(1.0, 1.1, 1.2, 2.0, 16.0),  # a fast vanilla: the FLAS runs look slow next to it
               _round(1.5, 1.6, 1.55, 1.8, 12.0),
-              _round(1.2, 1.3, 1.4, 1.9, 14.0)]
+              _round(1.6, 1.3, 1.4, 1.9, 10.0)]  # the median-throughput round is not the median-ratio one
     vanilla, equal, unsteered, mixed = median_runs(rounds)
     assert mixed.ratio_output_to_vanilla == round(sorted(r[3].ratio_output_to_vanilla for r in rounds)[1], 4)
     assert mixed.ratio_unsteered_speed_to_vanilla_at_flas_kv == round(
         sorted(r[3].ratio_unsteered_speed_to_vanilla_at_flas_kv for r in rounds)[1], 4)
     assert unsteered.ratio_output_to_vanilla == round(sorted(r[2].ratio_output_to_vanilla for r in rounds)[1], 4)
     # tokens/s and latencies: the round at the median throughput, for that run
-    assert mixed.wall_s == 1.9 and vanilla.wall_s == 1.2 and equal.wall_s == 1.3
+    assert mixed.ratio_output_to_vanilla == round(1.5 / 1.8, 4)  # round 2's, while mixed's figures are round 3's
+    assert mixed.ratio_unsteered_speed_to_vanilla_at_flas_kv == round(11 / 12, 4)
+    assert unsteered.ratio_output_to_vanilla == round(1.5 / 1.55, 4)
+    assert mixed.wall_s == 1.9 and vanilla.wall_s == 1.5 and equal.wall_s == 1.3
     assert rounds[2][3] is not mixed  # a copy: the rounds' own records keep their ratios
-    assert rounds[2][3].ratio_output_to_vanilla == round(1.2 / 1.9, 4)
+    assert rounds[2][3].ratio_output_to_vanilla == round(1.6 / 1.9, 4)
     one = median_runs([rounds[0]])
     assert [r.ratio_output_to_vanilla for r in one] == [r.ratio_output_to_vanilla for r in rounds[0]]
 
