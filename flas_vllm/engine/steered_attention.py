@@ -12,8 +12,8 @@ Not with a KV connector (it saves each layer's KV with that layer's metadata).
 Narrowing is backend-specific: a `Narrower` per metadata class, registered by qualified name (nothing is
 imported for backends that are not in use). vLLM's CPU backend has one; its FlashAttention and Triton
 backends (the GPU defaults: FlashAttention on Hopper) share one, which gathers on the device from request
-indices staged with the step's rows, so a step between CUDA-graph pieces never waits for the GPU (reviewed
-and CPU-tested, not run on a GPU). FlashInfer has none. Any other backend, or a step the
+indices staged with the step's rows, so a step between CUDA-graph pieces never waits for the GPU (reviewed;
+on CPU, vLLM's Triton backend and kernels run it under Triton's interpreter; not run on a GPU). FlashInfer has none. Any other backend, or a step the
 narrower does not recognise (its request layout is not the one the step's rows were built from), keeps the
 whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct; a
 narrower that raises turns narrowing off for the process.
@@ -111,7 +111,8 @@ def narrow_varlen_gpu_metadata(meta, layer, steered: SteeredRequests):
     sync. `max_seq_len` stays the step's, a bound on the steered requests' (the kernels read each request's
     own length from `seq_lens`); the backend's ahead-of-time schedule, built for the whole step, is dropped
     (FlashAttention then schedules the call itself; Triton does not use it). Reviewed against vLLM 0.32 and
-    0.33's source and tested on CPU tensors; not run on a GPU."""
+    0.33's source; tested on CPU tensors and with vLLM's Triton kernels under Triton's interpreter; not run on
+    a GPU."""
     if meta.causal is not True or any(getattr(meta, name, None) is not None for name in _UNNARROWED_GPU_FEATURES):
         return None
     if (meta.query_start_loc.shape[0] != len(steered.request_tokens) + 1
