@@ -63,12 +63,15 @@ def _flash(device="cpu", **extra):
                                              max_num_splits=4, **extra)
 
 
-def _triton(device="cpu", **extra):
-    fields, _ = _tensors(device)
-    work = torch.zeros(1, device=device)
-    return triton_attn.TritonAttentionMetadata(**fields, seq_threshold_3D=8, num_par_softmax_segments=16,
-                                               softmax_segm_output=work, softmax_segm_max=work,
-                                               softmax_segm_expsum=work, causal=True, **extra)
+def _triton(device="cpu", query_lens=QUERY_LENS, seq_lens=SEQ_LENS, threshold_3d=8, **extra):
+    """With the scratch its builder allocates for the 3D (split-softmax) decode kernel."""
+    fields, _ = _tensors(device, query_lens, seq_lens)
+    segments = 16
+    scratch = dict(softmax_segm_output=torch.empty(threshold_3d, HEADS, segments, HEAD_DIM, device=device),
+                   softmax_segm_max=torch.empty(threshold_3d, HEADS, segments, device=device),
+                   softmax_segm_expsum=torch.empty(threshold_3d, HEADS, segments, device=device))
+    return triton_attn.TritonAttentionMetadata(**fields, seq_threshold_3D=threshold_3d,
+                                               num_par_softmax_segments=segments, causal=True, **scratch, **extra)
 
 
 BACKENDS = {"flash_attn": _flash, "triton_attn": _triton}

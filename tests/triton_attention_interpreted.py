@@ -29,7 +29,7 @@ from vllm.v1.attention.backends import triton_attn  # noqa: E402
 
 from flas_vllm.engine.steered_attention import narrow_varlen_gpu_metadata  # noqa: E402
 from tests.test_steered_attention_gpu import (BLOCK, HEAD_DIM, HEADS, KV_HEADS, QUERY_LENS, SCALE,  # noqa: E402
-                                              SEQ_LENS, SOFTCAP, STEERED, _rows, _steered, _tensors,
+                                              SEQ_LENS, SOFTCAP, STEERED, _rows, _steered, _tensors, _triton,
                                               paged_varlen_attention)
 
 
@@ -44,18 +44,6 @@ def backend():
                                               logits_soft_cap=SOFTCAP)
 
 
-def _triton_step(query_lens, seq_lens, threshold_3d):
-    """Triton metadata with the scratch its builder allocates for the 3D (split-softmax) decode kernel."""
-    fields, num_blocks = _tensors("cpu", query_lens, seq_lens)
-    segments = 16
-    scratch = dict(softmax_segm_output=torch.empty(threshold_3d, HEADS, segments, HEAD_DIM),
-                   softmax_segm_max=torch.empty(threshold_3d, HEADS, segments),
-                   softmax_segm_expsum=torch.empty(threshold_3d, HEADS, segments))
-    meta = triton_attn.TritonAttentionMetadata(**fields, seq_threshold_3D=threshold_3d,
-                                               num_par_softmax_segments=segments, causal=True, **scratch)
-    return meta, num_blocks
-
-
 LAYOUTS = {  # query lens, context lengths, steered requests
     "prefill chunks and decodes": (QUERY_LENS, SEQ_LENS, STEERED),
     # 10 decodes run vLLM's 2D kernel; the 3 steered ones alone, under the 3D threshold, its split-softmax one
@@ -66,7 +54,8 @@ LAYOUTS = {  # query lens, context lengths, steered requests
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_vllm_triton_backend_gives_the_steered_requests_what_the_whole_step_gives_them(backend, layout):
     query_lens, seq_lens, steered = LAYOUTS[layout]
-    whole, num_blocks = _triton_step(query_lens, seq_lens, threshold_3d=4)
+    whole = _triton("cpu", query_lens, seq_lens, threshold_3d=4)
+    _, num_blocks = _tensors("cpu", query_lens, seq_lens)
     small = narrow_varlen_gpu_metadata(whole, None, _steered(request_tokens=query_lens, requests=steered))
     rows = _rows(steered, query_lens)
     layer = SimpleNamespace(_k_scale=torch.ones(()), _v_scale=torch.ones(()), _q_scale=torch.ones(()))
