@@ -14,9 +14,9 @@ imported for backends that are not in use). vLLM's CPU backend has one; its Flas
 backends (the GPU defaults: FlashAttention on Hopper) share one, which gathers on the device from request
 indices staged with the step's rows, so a step between CUDA-graph pieces never waits for the GPU (reviewed;
 on CPU, vLLM's Triton backend and kernels run it under Triton's interpreter; not run on a GPU). FlashInfer
-has none. Any other backend, or a step the narrower does not recognise (its request layout is not the one the step's rows were built from), keeps the
-whole-step attention (`flow_rows.RowsCore` scatters the rows into a full step), which is always correct; a
-narrower that raises turns narrowing off for the process.
+has none. Any other backend, or a step the narrower does not recognise (its request layout is not the one
+the step's rows were built from), keeps the whole-step attention (`flow_rows.RowsCore` scatters the rows
+into a full step), which is always correct; a narrower that raises turns narrowing off for the process.
 Either way a request's attention is the backend's kernel over its own context. On CPU the kernel's work
 schedule splits long contexts by what else the batch holds (VLLM_CPU_ATTN_SPLIT_KV), for the base model's
 layers as for these, which moves last bits at long contexts; narrowed, a steered request's schedule
