@@ -13,8 +13,8 @@ Two things must still see the step's layout:
   steered requests (steered_attention.py: vLLM's CPU, FlashAttention and Triton backends), each core takes
   the steered rows as they are. Otherwise `RowsCore` wraps each core: the compacted q/k/v are scattered
   into zero tensors of the step's size, attention runs on all of them, and the flow's rows are gathered
-  back. A token not steered then writes zeros into the flow's KV at its own cache slots, which no request ever reads (unsteered
-  requests read no flow KV; the prefix cache is salted by steering).
+  back. A token not steered then writes zeros into the flow's KV at its own cache slots, which no request
+  ever reads (unsteered requests read no flow KV; the prefix cache is salted by steering).
 - the slot table: it reads the compacted rows' slots from the state (`StepState.slots`).
 
 The graph path (`graph_path`, CUDA graphs) passes `rows=None`: every token, as before.
